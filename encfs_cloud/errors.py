@@ -1,0 +1,187 @@
+"""Exception hierarchy, the one errno table and the one exit-code table of encfs-cloud."""
+
+from __future__ import annotations
+
+import errno
+
+
+class EncfsCloudError(Exception):
+    """Base of every error this package raises on purpose.
+
+    `exit_code` is what the command line exits with; `errno` is what a FUSE handler returns.
+    The message is one line a user can act on.
+    """
+
+    exit_code = 1
+    errno = errno.EIO
+
+
+# --- user-facing setup errors (each its own exit code, see docs and `--help`) ---------------
+
+
+class UsageError(EncfsCloudError):
+    exit_code = 2
+
+
+class BadSourceError(EncfsCloudError):
+    """SOURCE is not a URL we understand."""
+
+    exit_code = 3
+
+
+class NotEmptyError(EncfsCloudError):
+    """init on a bucket or prefix that already holds objects."""
+
+    exit_code = 4
+
+
+class NoFilesystemError(EncfsCloudError):
+    """mount of a bucket or prefix with no filesystem header."""
+
+    exit_code = 5
+
+
+class FormatError(EncfsCloudError):
+    """A foreign or unknown format version, unknown feature flags or parameters below floors."""
+
+    exit_code = 6
+
+
+class WrongPassphraseError(EncfsCloudError):
+    exit_code = 7
+
+
+class DeviceKeyMissingError(EncfsCloudError):
+    """This machine holds no device key for the filesystem (not enrolled, or wiped)."""
+
+    exit_code = 8
+
+
+class CredentialsError(EncfsCloudError):
+    """The store refused our credentials, or none were found."""
+
+    exit_code = 9
+
+
+class UnreachableError(EncfsCloudError):
+    """The store's endpoint cannot be reached."""
+
+    exit_code = 10
+    errno = errno.EIO
+
+
+class MountpointError(EncfsCloudError):
+    """The mount point is missing, not a directory, not empty or already mounted."""
+
+    exit_code = 11
+
+
+class LeaseHeldError(EncfsCloudError):
+    """Another writer holds the single-writer lease."""
+
+    exit_code = 12
+
+
+class RollbackError(EncfsCloudError):
+    """The bucket holds an older state than this device has already seen."""
+
+    exit_code = 13
+
+
+class KeyFileModeError(EncfsCloudError):
+    """The device key file or its folder is readable by others."""
+
+    exit_code = 14
+
+
+class DeviceRevokedError(EncfsCloudError):
+    """This device's key record is gone: it was revoked."""
+
+    exit_code = 15
+
+
+class RecoveryKeyError(EncfsCloudError):
+    """A malformed recovery key (bad checksum) or one that does not open the filesystem."""
+
+    exit_code = 16
+
+
+class AbortedError(EncfsCloudError):
+    """The user declined a confirmation (for instance a verification code did not match)."""
+
+    exit_code = 17
+
+
+# --- runtime errors ----------------------------------------------------------------------
+
+
+class IntegrityError(EncfsCloudError):
+    """A sealed object failed authentication: tampered, swapped, truncated or replayed."""
+
+    exit_code = 20
+    errno = errno.EIO
+
+
+class StoreError(EncfsCloudError):
+    """The object store failed in a way retries did not cure."""
+
+    exit_code = 21
+    errno = errno.EIO
+
+
+class ObjectMissingError(StoreError):
+    """An object the metadata refers to is not in the store."""
+
+
+class PreconditionFailedError(StoreError):
+    """A conditional write (IfNoneMatch / IfMatch) lost its race."""
+
+
+class TransientStoreError(StoreError):
+    """A retryable failure: 5xx, SlowDown, reset, timeout, truncated body."""
+
+
+class ReadOnlyError(EncfsCloudError):
+    errno = errno.EROFS
+
+
+class FsError(EncfsCloudError):
+    """A POSIX error with a specific errno, raised by the filesystem core."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or errno.errorcode.get(code, str(code)))
+        self.errno = code
+
+
+def errno_of(exc: BaseException) -> int:
+    """The one errno table: what a FUSE handler returns for any exception."""
+    if isinstance(exc, EncfsCloudError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (
+        UsageError,
+        BadSourceError,
+        NotEmptyError,
+        NoFilesystemError,
+        FormatError,
+        WrongPassphraseError,
+        DeviceKeyMissingError,
+        CredentialsError,
+        UnreachableError,
+        MountpointError,
+        LeaseHeldError,
+        RollbackError,
+        KeyFileModeError,
+        DeviceRevokedError,
+        RecoveryKeyError,
+        AbortedError,
+        IntegrityError,
+        StoreError,
+    )
+}

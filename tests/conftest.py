@@ -1,0 +1,3 @@
+"""Shared pytest setup: fixture modules live in tests/fixtures_*.py and are listed here."""
+
+pytest_plugins: list[str] = []
