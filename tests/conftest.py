@@ -1,3 +1,3 @@
 """Shared pytest setup: fixture modules live in tests/fixtures_*.py and are listed here."""
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.fixtures_s3"]

@@ -1,0 +1,118 @@
+"""The plaintext chunk cache in memory: a byte-bounded LRU plus pinned dirty chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from cachetools import LRUCache
+
+ChunkKey = tuple[int, int]  # (inode, chunk index)
+CleanKey = tuple[int, int, int]  # (inode, chunk index, chunk version)
+
+
+class ChunkCache:
+    """Holds plaintext chunks in three states.
+
+    - clean: identical to what the bucket holds; evictable (LRU, bounded by `capacity`).
+      Keyed by chunk version too, so a truncated or rewritten chunk can never be served
+      stale: its old entry is simply never asked for again and ages out.
+    - dirty: written since the last flush; pinned until the uploader takes it.
+    - in flight: taken by the uploader, sealed into a pack whose upload has not finished;
+      pinned because the bucket does not serve it yet.
+    Dirty plus in-flight bytes are bounded separately by `dirty_limit` (back-pressure).
+    """
+
+    def __init__(self, capacity: int, dirty_limit: int) -> None:
+        self.capacity = capacity
+        self.dirty_limit = dirty_limit
+        self._clean: LRUCache[CleanKey, bytes] = LRUCache(maxsize=max(capacity, 1), getsizeof=len)
+        self.dirty: dict[ChunkKey, bytearray] = {}
+        self.inflight: dict[ChunkKey, bytes] = {}
+        self.dirty_bytes = 0
+        self.inflight_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: ChunkKey, version: int | None) -> bytes | bytearray | None:
+        buf: bytes | bytearray | None = self.dirty.get(key)
+        if buf is None:
+            buf = self.inflight.get(key)
+        if buf is None and version is not None:
+            buf = self._clean.get((*key, version))
+        if buf is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return buf
+
+    def put_clean(self, key: ChunkKey, version: int, data: bytes) -> None:
+        if len(data) <= self.capacity:
+            self._clean[(*key, version)] = data
+
+    def dirty_buffer(self, key: ChunkKey, base: bytes | bytearray) -> bytearray:
+        """The writable buffer for `key`, created from `base` (its current content) if new."""
+        buf = self.dirty.get(key)
+        if buf is not None:
+            return buf
+        buf = bytearray(base)
+        self.dirty[key] = buf
+        self.dirty_bytes += len(buf)
+        return buf
+
+    def resized(self, key: ChunkKey, old_len: int) -> None:
+        """Account for a dirty buffer that grew or shrank from `old_len`."""
+        self.dirty_bytes += len(self.dirty[key]) - old_len
+
+    def take_dirty(self, key: ChunkKey) -> bytes:
+        """Move a dirty chunk to in flight; returns an immutable copy to seal."""
+        buf = self.dirty.pop(key)
+        self.dirty_bytes -= len(buf)
+        data = bytes(buf)
+        old = self.inflight.pop(key, None)
+        if old is not None:
+            self.inflight_bytes -= len(old)
+        self.inflight[key] = data
+        self.inflight_bytes += len(data)
+        return data
+
+    def landed(self, key: ChunkKey, version: int, data: bytes) -> None:
+        """A pack holding `data` for `key` is in the bucket: unpin it, keep it as clean."""
+        if self.inflight.get(key) is data:
+            del self.inflight[key]
+            self.inflight_bytes -= len(data)
+        self.put_clean(key, version, data)
+
+    def forget(self, ino: int, first_idx: int = 0) -> None:
+        """Drop every state of chunks >= first_idx of `ino` (truncate, delete)."""
+        for key in [k for k in self.dirty if k[0] == ino and k[1] >= first_idx]:
+            self.dirty_bytes -= len(self.dirty.pop(key))
+        for key in [k for k in self.inflight if k[0] == ino and k[1] >= first_idx]:
+            self.inflight_bytes -= len(self.inflight.pop(key))
+
+    def dirty_keys(self, ino: int | None = None) -> list[ChunkKey]:
+        if ino is None:
+            return list(self.dirty)
+        return [k for k in self.dirty if k[0] == ino]
+
+    def has_pending(self, ino: int) -> bool:
+        return any(k[0] == ino for k in self.dirty) or any(k[0] == ino for k in self.inflight)
+
+    @property
+    def pressure(self) -> bool:
+        return self.dirty_bytes + self.inflight_bytes >= self.dirty_limit
+
+    @property
+    def clean_bytes(self) -> int:
+        return int(self._clean.currsize)
+
+    def clear(self) -> None:
+        """Drop all plaintext (at unmount); overwrite what we own so it does not linger."""
+        for buf in self.dirty.values():
+            buf[:] = bytes(len(buf))
+        self.dirty.clear()
+        self.inflight.clear()
+        self._clean.clear()
+        self.dirty_bytes = self.inflight_bytes = 0
+
+    def __iter__(self) -> Iterator[ChunkKey]:
+        yield from self.dirty

@@ -1,0 +1,197 @@
+"""File contents: reads through the chunk cache with prefetch, writes into dirty chunks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import trio
+
+from . import layout
+from .cache import ChunkCache, ChunkKey
+from .errors import IntegrityError, StoreError
+from .metadata import Metadata
+from .sealed import Sealer
+from .store.base import ObjectStore
+from .uploader import Uploader
+
+log = logging.getLogger(__name__)
+
+PREFETCH_CHUNKS = 8
+
+
+class FileData:
+    """Reads and writes byte ranges of regular files; sizes live in the inode rows."""
+
+    def __init__(
+        self,
+        md: Metadata,
+        cache: ChunkCache,
+        sealer: Sealer,
+        store: ObjectStore,
+        uploader: Uploader,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.md = md
+        self.cache = cache
+        self.sealer = sealer
+        self.store = store
+        self.uploader = uploader
+        self.limiter = limiter
+        self._fetching: dict[tuple[int, int, int], trio.Event] = {}
+        self._last_read: dict[int, int] = {}  # inode → last chunk index read (sequential?)
+        self.nursery: trio.Nursery | None = None
+        self.bytes_fetched = 0
+        self.integrity_errors = 0
+
+    # --- reading -------------------------------------------------------------------------
+
+    async def chunk(self, ino: int, idx: int) -> bytes | bytearray | None:
+        """Plaintext of one chunk, or None for a hole (never written)."""
+        key = (ino, idx)
+        ref = self.md.get_chunk(ino, idx)
+        data = self.cache.get(key, ref.version if ref else None)
+        if data is not None or ref is None:
+            return data
+        token = (ino, idx, ref.version)
+        event = self._fetching.get(token)
+        if event is not None:
+            await event.wait()
+            return await self.chunk(ino, idx)
+        event = self._fetching[token] = trio.Event()
+        try:
+            plain = await trio.to_thread.run_sync(
+                self._fetch,
+                ino,
+                idx,
+                ref.pack,
+                ref.off,
+                ref.len,
+                ref.version,
+                ref.gen,
+                ref.plain_len,
+                limiter=self.limiter,
+            )
+        finally:
+            del self._fetching[token]
+            event.set()
+        current = self.md.get_chunk(ino, idx)
+        if current is not None and current.version == ref.version:
+            self.cache.put_clean(key, ref.version, plain)
+        return plain
+
+    def _fetch(
+        self,
+        ino: int,
+        idx: int,
+        pack: str,
+        off: int,
+        length: int,
+        version: int,
+        gen: int,
+        plain_len: int,
+    ) -> bytes:
+        name = layout.pack_name(pack)
+        try:
+            blob = self.store.get(name, off, length)
+            self.bytes_fetched += len(blob)
+            return self.sealer.open_chunk(ino, idx, version, gen, plain_len, blob)
+        except IntegrityError as exc:
+            self.integrity_errors += 1
+            log.error("inode %d chunk %d in object %s: %s", ino, idx, name, exc)
+            raise
+        except StoreError as exc:
+            log.error("inode %d chunk %d: reading object %s failed: %s", ino, idx, name, exc)
+            raise
+
+    async def read(self, ino: int, size: int, offset: int, length: int) -> bytes:
+        if offset >= size or length <= 0:
+            return b""
+        length = min(length, size - offset)
+        out = bytearray()
+        indices = layout.chunk_range(offset, length)
+        self._maybe_prefetch(ino, indices, size)
+        for idx in indices:
+            base = idx * layout.CHUNK_SIZE
+            lo = max(offset, base) - base
+            hi = min(offset + length, base + layout.CHUNK_SIZE) - base
+            data = await self.chunk(ino, idx)
+            piece = bytes(data[lo:hi]) if data is not None else b""
+            out += piece
+            if len(piece) < hi - lo:  # hole or short chunk below EOF reads as zeros
+                out += bytes(hi - lo - len(piece))
+        return bytes(out)
+
+    def _maybe_prefetch(self, ino: int, indices: range, size: int) -> None:
+        last = self._last_read.get(ino)
+        self._last_read[ino] = indices[-1]
+        if last is None or not (last <= indices[0] <= last + 1) or self.nursery is None:
+            return
+        end = min(indices[-1] + 1 + PREFETCH_CHUNKS, layout.chunk_count(size))
+        for idx in range(indices[-1] + 1, end):
+            ref = self.md.get_chunk(ino, idx)
+            if ref is None or (ino, idx, ref.version) in self._fetching:
+                continue
+            if self.cache.get((ino, idx), ref.version) is None:
+                self.nursery.start_soon(self._prefetch_one, ino, idx)
+
+    async def _prefetch_one(self, ino: int, idx: int) -> None:
+        with contextlib.suppress(StoreError, IntegrityError):  # the real read reports it
+            await self.chunk(ino, idx)
+
+    # --- writing -------------------------------------------------------------------------
+
+    async def _writable(self, ino: int, idx: int, size: int) -> bytearray:
+        key: ChunkKey = (ino, idx)
+        buf = self.cache.dirty.get(key)
+        if buf is not None:
+            return buf
+        base: bytes | bytearray = b""
+        if idx * layout.CHUNK_SIZE < size:
+            current = await self.chunk(ino, idx)
+            if current is not None:
+                base = current
+            buf = self.cache.dirty.get(key)  # a concurrent write may have created it
+            if buf is not None:
+                return buf
+        return self.cache.dirty_buffer(key, base)
+
+    async def write(self, ino: int, size: int, offset: int, data: bytes) -> int:
+        """Write `data` at `offset`; returns the new file size. Holes fill with zeros."""
+        await self.uploader.wait_for_space()
+        view = memoryview(data)
+        pos = 0
+        for idx in layout.chunk_range(offset, len(data)):
+            base = idx * layout.CHUNK_SIZE
+            lo = max(offset, base) - base
+            hi = min(offset + len(data), base + layout.CHUNK_SIZE) - base
+            buf = await self._writable(ino, idx, size)
+            old_len = len(buf)
+            if len(buf) < lo:
+                buf.extend(bytes(lo - len(buf)))
+            buf[lo:hi] = view[pos : pos + hi - lo]
+            pos += hi - lo
+            self.cache.resized((ino, idx), old_len)
+            if hi == layout.CHUNK_SIZE:
+                self.uploader.flush_chunk((ino, idx))  # a full chunk goes out at once
+        return max(size, offset + len(data))
+
+    async def truncate(self, ino: int, old_size: int, new_size: int) -> None:
+        if new_size >= old_size:
+            return  # growing: the new range is a hole and reads as zeros
+        keep = layout.chunk_count(new_size)
+        self.md.drop_chunks(ino, keep)
+        self.cache.forget(ino, keep)
+        tail = new_size % layout.CHUNK_SIZE
+        if tail:
+            idx = keep - 1
+            buf = await self._writable(ino, idx, old_size)
+            if len(buf) > tail:
+                old_len = len(buf)
+                del buf[tail:]
+                self.cache.resized((ino, idx), old_len)
+
+    def forget(self, ino: int) -> None:
+        """The inode is gone: drop its chunks from cache and metadata."""
+        self.cache.forget(ino)
+        self._last_read.pop(ino, None)

@@ -1,0 +1,293 @@
+"""Inodes, directory entries, xattrs and chunk maps in an in-memory SQLite database."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+ROOT_INODE = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS {s}inodes(
+    id INTEGER PRIMARY KEY, mode INT NOT NULL, uid INT NOT NULL, gid INT NOT NULL,
+    nlink INT NOT NULL, size INT NOT NULL, atime_ns INT NOT NULL, mtime_ns INT NOT NULL,
+    ctime_ns INT NOT NULL, rdev INT NOT NULL, target BLOB);
+CREATE TABLE IF NOT EXISTS {s}dentries(
+    id INTEGER PRIMARY KEY, parent INT NOT NULL, name BLOB NOT NULL, inode INT NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS {s}dentries_by_name ON dentries(parent, name);
+CREATE TABLE IF NOT EXISTS {s}xattrs(
+    inode INT NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY(inode, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS {s}chunks(
+    inode INT NOT NULL, idx INT NOT NULL, pack TEXT NOT NULL, off INT NOT NULL,
+    len INT NOT NULL, plain_len INT NOT NULL, version INT NOT NULL, gen INT NOT NULL,
+    PRIMARY KEY(inode, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS {s}packs(id TEXT PRIMARY KEY, size INT NOT NULL, live INT NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS {s}counters(name TEXT PRIMARY KEY, value INT NOT NULL) WITHOUT ROWID;
+"""
+
+# Per table: the key columns a delta records deletions by.
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "inodes": ("id",),
+    "dentries": ("parent", "name"),
+    "xattrs": ("inode", "name"),
+    "chunks": ("inode", "idx"),
+    "packs": ("id",),
+    "counters": ("name",),
+}
+
+
+@dataclass
+class Inode:
+    id: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+    target: bytes | None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    pack: str
+    off: int
+    len: int
+    plain_len: int
+    version: int
+    gen: int
+
+
+INODE_FIELDS = tuple(Inode.__dataclass_fields__)
+
+
+class Metadata:
+    """The whole filesystem tree, held in memory and tracked for delta commits.
+
+    Every mutation records the keys it touched; `journal.py` turns those into a sealed delta.
+    All calls happen on one thread (the trio thread), so no locking is needed here.
+    """
+
+    def __init__(self, conn: sqlite3.Connection | None = None) -> None:
+        self.db = conn or sqlite3.connect(":memory:", check_same_thread=False)
+        self.db.isolation_level = None  # autocommit: we never need SQL transactions
+        self.db.executescript(SCHEMA.format(s=""))
+        self.dirty: dict[str, set[tuple[object, ...]]] = {t: set() for t in TABLE_KEYS}
+
+    # --- counters ---------------------------------------------------------------------
+
+    def counter(self, name: str, default: int = 0) -> int:
+        row = self.db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+        return int(row[0]) if row else default
+
+    def set_counter(self, name: str, value: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO counters VALUES(?, ?)", (name, value))
+        self.dirty["counters"].add((name,))
+
+    def next_counter(self, name: str, start: int) -> int:
+        value = self.counter(name, start)
+        self.set_counter(name, value + 1)
+        return value
+
+    # --- inodes -----------------------------------------------------------------------
+
+    def get_inode(self, ino: int) -> Inode | None:
+        row = self.db.execute(
+            f"SELECT {','.join(INODE_FIELDS)} FROM inodes WHERE id=?", (ino,)
+        ).fetchone()
+        return Inode(*row) if row else None
+
+    def create_inode(
+        self,
+        mode: int,
+        uid: int,
+        gid: int,
+        now_ns: int,
+        rdev: int = 0,
+        target: bytes | None = None,
+        ino: int | None = None,
+    ) -> Inode:
+        if ino is None:
+            ino = self.next_counter("next_inode", ROOT_INODE + 1)
+        size = len(target) if target is not None else 0
+        inode = Inode(ino, mode, uid, gid, 0, size, now_ns, now_ns, now_ns, rdev, target)
+        self.put_inode(inode)
+        return inode
+
+    def put_inode(self, inode: Inode) -> None:
+        values = tuple(getattr(inode, f) for f in INODE_FIELDS)
+        self.db.execute(
+            f"INSERT OR REPLACE INTO inodes VALUES({','.join('?' * len(values))})", values
+        )
+        self.dirty["inodes"].add((inode.id,))
+
+    def delete_inode(self, ino: int) -> list[ChunkRef]:
+        """Remove an inode with its xattrs and chunk map; returns the chunks it dropped."""
+        dropped = self.drop_chunks(ino, 0)
+        for (name,) in self.db.execute("SELECT name FROM xattrs WHERE inode=?", (ino,)):
+            self.dirty["xattrs"].add((ino, name))
+        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+        self.dirty["inodes"].add((ino,))
+        return dropped
+
+    def orphans(self) -> list[int]:
+        """Inodes no entry points to (left by a crash while a deleted file was open)."""
+        rows = self.db.execute("SELECT id FROM inodes WHERE nlink<=0 AND id<>?", (ROOT_INODE,))
+        return [r[0] for r in rows]
+
+    def inode_count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM inodes").fetchone()[0])
+
+    # --- directory entries --------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        row = self.db.execute(
+            "SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name)
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def add_entry(self, parent: int, name: bytes, ino: int) -> None:
+        self.db.execute(
+            "INSERT INTO dentries(parent, name, inode) VALUES(?,?,?)", (parent, name, ino)
+        )
+        self.dirty["dentries"].add((parent, name))
+
+    def remove_entry(self, parent: int, name: bytes) -> None:
+        self.db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        self.dirty["dentries"].add((parent, name))
+
+    def replace_entry(self, parent: int, name: bytes, ino: int) -> None:
+        self.db.execute(
+            "UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name)
+        )
+        self.dirty["dentries"].add((parent, name))
+
+    def has_entries(self, parent: int) -> bool:
+        row = self.db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (parent,))
+        return row.fetchone() is not None
+
+    def count_subdirs(self, parent: int) -> int:
+        row = self.db.execute(
+            "SELECT count(*) FROM dentries d JOIN inodes i ON i.id=d.inode "
+            "WHERE d.parent=? AND (i.mode & ?)=?",
+            (parent, stat.S_IFMT, stat.S_IFDIR),
+        ).fetchone()
+        return int(row[0])
+
+    def parent_of(self, ino: int) -> int | None:
+        """A directory's parent (directories have exactly one entry)."""
+        row = self.db.execute("SELECT parent FROM dentries WHERE inode=? LIMIT 1", (ino,))
+        found = row.fetchone()
+        return int(found[0]) if found else None
+
+    def list_entries(
+        self, parent: int, after: int, limit: int = 1000
+    ) -> list[tuple[int, bytes, int]]:
+        """(entry id, name, inode) in a stable order; `after` is the last entry id seen."""
+        return self.db.execute(
+            "SELECT id, name, inode FROM dentries WHERE parent=? AND id>? ORDER BY id LIMIT ?",
+            (parent, after, limit),
+        ).fetchall()
+
+    # --- xattrs -------------------------------------------------------------------------
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.db.execute(
+            "SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO xattrs VALUES(?,?,?)", (ino, name, value))
+        self.dirty["xattrs"].add((ino, name))
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        cur = self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        self.dirty["xattrs"].add((ino, name))
+        return cur.rowcount > 0
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        rows = self.db.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))
+        return [bytes(r[0]) for r in rows]
+
+    # --- chunk maps and packs -------------------------------------------------------------
+
+    def get_chunk(self, ino: int, idx: int) -> ChunkRef | None:
+        row = self.db.execute(
+            "SELECT pack, off, len, plain_len, version, gen FROM chunks WHERE inode=? AND idx=?",
+            (ino, idx),
+        ).fetchone()
+        return ChunkRef(*row) if row else None
+
+    def set_chunk(self, ino: int, idx: int, ref: ChunkRef) -> ChunkRef | None:
+        """Point chunk (ino, idx) at `ref`; returns the reference it replaced."""
+        old = self.get_chunk(ino, idx)
+        if old is not None:
+            self._release(old)
+        self.db.execute(
+            "INSERT OR REPLACE INTO chunks VALUES(?,?,?,?,?,?,?,?)",
+            (ino, idx, ref.pack, ref.off, ref.len, ref.plain_len, ref.version, ref.gen),
+        )
+        self.db.execute("UPDATE packs SET live=live+? WHERE id=?", (ref.len, ref.pack))
+        self.dirty["chunks"].add((ino, idx))
+        self.dirty["packs"].add((ref.pack,))
+        return old
+
+    def drop_chunks(self, ino: int, first_idx: int) -> list[ChunkRef]:
+        """Forget chunks from `first_idx` on (truncate, unlink); returns what was dropped."""
+        rows = self.db.execute(
+            "SELECT idx, pack, off, len, plain_len, version, gen FROM chunks "
+            "WHERE inode=? AND idx>=?",
+            (ino, first_idx),
+        ).fetchall()
+        dropped = []
+        for idx, *ref in rows:
+            chunk = ChunkRef(*ref)
+            self._release(chunk)
+            self.dirty["chunks"].add((ino, idx))
+            dropped.append(chunk)
+        self.db.execute("DELETE FROM chunks WHERE inode=? AND idx>=?", (ino, first_idx))
+        return dropped
+
+    def chunk_indices(self, ino: int) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT idx FROM chunks WHERE inode=?", (ino,))]
+
+    def add_pack(self, pack_id: str, size: int) -> None:
+        self.db.execute("INSERT INTO packs VALUES(?,?,0)", (pack_id, size))
+        self.dirty["packs"].add((pack_id,))
+
+    def _release(self, ref: ChunkRef) -> None:
+        self.db.execute("UPDATE packs SET live=live-? WHERE id=?", (ref.len, ref.pack))
+        self.dirty["packs"].add((ref.pack,))
+
+    def dead_packs(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT id FROM packs WHERE live<=0")]
+
+    def forget_packs(self, pack_ids: list[str]) -> None:
+        for pid in pack_ids:
+            self.db.execute("DELETE FROM packs WHERE id=?", (pid,))
+            self.dirty["packs"].add((pid,))
+
+    def all_packs(self) -> Iterator[tuple[str, int, int]]:
+        yield from self.db.execute("SELECT id, size, live FROM packs")
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes of file data, number of inodes) for statfs."""
+        size = self.db.execute("SELECT coalesce(sum(size),0) FROM inodes").fetchone()[0]
+        return int(size), self.inode_count()

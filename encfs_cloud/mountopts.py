@@ -1,0 +1,137 @@
+"""Parse mount(8)-style `-o` options into a MountRequest."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import UsageError
+from .mount import MountRequest
+from .store import StoreOptions
+from .volume import VolumeOptions
+
+# Options mount(8), fstab and systemd pass that only matter to them.
+GENERIC = {
+    "defaults",
+    "rw",
+    "auto",
+    "noauto",
+    "_netdev",
+    "nofail",
+    "user",
+    "users",
+    "nouser",
+    "exec",
+    "noexec",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "async",
+    "sync",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nodiratime",
+    "owner",
+    "group",
+    "loop",
+}
+GENERIC_PREFIXES = ("x-", "comment=", "_")
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' → bytes (binary units)."""
+    found = _SIZE.match(text.strip())
+    if not found:
+        raise UsageError(f"cannot read size {text!r}; write it like 512M or 2G")
+    number, unit, _ = found.groups()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def read_secret_file(path: str) -> bytes:
+    """A passphrase or key from a file, without its trailing newline."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    return data.rstrip(b"\r\n")
+
+
+def split_options(values: list[str]) -> list[str]:
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def store_options_from(pairs: dict[str, str]) -> StoreOptions:
+    return StoreOptions(
+        endpoint_url=pairs.get("endpoint_url"),
+        region=pairs.get("region"),
+        profile=pairs.get("profile"),
+    )
+
+
+def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> MountRequest:
+    flags: set[str] = set()
+    pairs: dict[str, str] = {}
+    fuse_extra: list[str] = []
+    for item in split_options(values):
+        key, sep, value = item.partition("=")
+        if key in (
+            "ro",
+            "allow_other",
+            "takeover",
+            "allow_rollback",
+            "debug",
+            "foreground",
+            "allow_root",
+        ):
+            flags.add(key)
+        elif (
+            key
+            in (
+                "cache_size",
+                "passphrase_file",
+                "endpoint_url",
+                "log",
+                "region",
+                "profile",
+                "commit_interval",
+            )
+            and sep
+        ):
+            pairs[key] = value
+        elif item in GENERIC or item.startswith(GENERIC_PREFIXES):
+            continue
+        elif key in ("uid", "gid", "umask", "max_read"):
+            fuse_extra.append(item)
+        else:
+            raise UsageError(f"unknown mount option {item!r}; see mount.encfs-cloud --help")
+    volume = VolumeOptions(read_only="ro" in flags, allow_rollback="allow_rollback" in flags)
+    if "cache_size" in pairs:
+        volume.cache_size = parse_size(pairs["cache_size"])
+        if volume.cache_size < 16 << 20:
+            raise UsageError("cache_size must be at least 16M")
+    if "commit_interval" in pairs:
+        volume.commit_interval = float(pairs["commit_interval"])
+    passphrase = None
+    if "passphrase_file" in pairs:
+        passphrase = read_secret_file(pairs["passphrase_file"])
+    request = MountRequest(
+        source=source,
+        mountpoint=mountpoint,
+        store_options=store_options_from(pairs),
+        volume_options=volume,
+        passphrase=passphrase,
+        foreground="foreground" in flags,
+        allow_other="allow_other" in flags,
+        log_file=pairs.get("log"),
+        debug="debug" in flags,
+        fuse_options=fuse_extra + (["allow_root"] if "allow_root" in flags else []),
+        takeover="takeover" in flags,
+    )
+    return request

@@ -1,0 +1,239 @@
+"""A local folder as a bucket (file://): atomic, durable writes and flock-guarded conditions."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from urllib.parse import quote
+
+from encfs_cloud.errors import (
+    BadSourceError,
+    ObjectMissingError,
+    PreconditionFailedError,
+    StoreError,
+)
+from encfs_cloud.store import check_name
+from encfs_cloud.store.base import ObjectInfo
+from encfs_cloud.store.memory import check_range, etag_of
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".encfs-cloud-lock"
+# Hashing a 16 MiB pack on every head() or list() would make listing cost a full read, so the
+# etag is cached in an xattr together with the size and mtime it was computed for; a file
+# changed behind our back no longer matches and is simply hashed again.
+_ETAG_XATTR = "user.encfs-cloud.etag"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_etag(path: str, st: os.stat_result) -> str:
+    try:
+        cached = os.getxattr(path, _ETAG_XATTR).decode("ascii", "replace").split()
+    except OSError:
+        cached = []
+    if len(cached) == 3 and cached[1:] == [str(st.st_size), str(st.st_mtime_ns)]:
+        return cached[0]
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+class LocalStore:
+    """Object `a/b` is the file `<root>/a/b`; names starting with '.' never show in `list()`.
+
+    Every rename into place and every delete happens under an exclusive `flock` on
+    `<root>/.encfs-cloud-lock`, so a conditional write's check and its rename are one step for
+    all threads and all processes sharing the folder. Data is written to a hidden temp file in
+    the target's folder and fsync'ed before the rename, and the folder after it: a crash
+    leaves either the old object or the new one, never a torn one.
+    """
+
+    def __init__(self, root: str) -> None:
+        if not os.path.isabs(root):
+            raise BadSourceError(f"file:// needs an absolute path, not {root!r}")
+        self.root = root
+        self.url = "file://" + quote(root)
+
+    def _path(self, name: str) -> str:
+        check_name(name)
+        return os.path.join(self.root, *name.split("/"))
+
+    def _missing(self, name: str) -> ObjectMissingError:
+        return ObjectMissingError(f"object {name} is missing from {self.url}")
+
+    def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        check_range(start, length)
+        path = self._path(name)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise self._missing(name) from None
+        with f:
+            if start:
+                f.seek(start)
+            return f.read() if length is None else f.read(length)
+
+    def get_with_etag(self, name: str) -> tuple[bytes, str]:
+        # Hash what we read rather than trust the xattr: the pair must describe one version.
+        data = self.get(name)
+        return data, etag_of(data)
+
+    def put(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        path = self._path(name)
+        if if_none_match and if_match is not None:
+            raise ValueError("if_none_match and if_match are mutually exclusive")
+        folder = os.path.dirname(path)
+        self._make_folders(name, folder)
+        etag = etag_of(data)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            st = os.stat(tmp)
+            # No user xattrs here (some tmpfs, NFS)? Then etags get hashed on demand.
+            with suppress(OSError):
+                os.setxattr(tmp, _ETAG_XATTR, f"{etag} {st.st_size} {st.st_mtime_ns}".encode())
+            with self._locked():
+                if if_none_match or if_match is not None:
+                    self._check_condition(name, path, if_none_match, if_match)
+                try:
+                    os.replace(tmp, path)
+                except IsADirectoryError:
+                    raise StoreError(
+                        f"{self.url}: {name} is a folder of other objects, not an object"
+                    ) from None
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(folder)
+        log.debug("put %s (%d bytes)", name, len(data))
+        return etag
+
+    def _check_condition(
+        self, name: str, path: str, if_none_match: bool, if_match: str | None
+    ) -> None:
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            current = None
+        else:
+            current = _file_etag(path, st) if stat.S_ISREG(st.st_mode) else None
+        if if_none_match and current is not None:
+            raise PreconditionFailedError(f"{self.url}: {name} already exists")
+        if if_match is not None and current != if_match:
+            raise PreconditionFailedError(f"{self.url}: {name} changed since it was read")
+
+    def _make_folders(self, name: str, folder: str) -> None:
+        """Create the root (only if its parent exists) and the object's folders, durably."""
+        if not os.path.isdir(self.root):
+            parent = os.path.dirname(self.root)
+            if not os.path.isdir(parent):
+                raise BadSourceError(f"{parent} does not exist: create it, or pick another folder")
+            with suppress(FileExistsError):
+                os.mkdir(self.root, 0o700)
+            _fsync_dir(parent)
+        rel = os.path.relpath(folder, self.root)
+        current = self.root
+        for part in [] if rel == "." else rel.split(os.sep):
+            parent, current = current, os.path.join(current, part)
+            try:
+                os.mkdir(current, 0o700)
+            except FileExistsError:
+                if not os.path.isdir(current):
+                    raise StoreError(
+                        f"{self.url}: cannot store {name}, {current} is an object, not a folder"
+                    ) from None
+                continue
+            _fsync_dir(parent)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # A fresh open file description per call: flock then excludes other threads of this
+        # process exactly as it excludes other processes.
+        fd = os.open(
+            os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        if not os.path.isdir(self.root):
+            return
+        with self._locked():
+            try:
+                os.unlink(path)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return
+        _fsync_dir(os.path.dirname(path))
+        log.debug("delete %s", name)
+
+    def head(self, name: str) -> ObjectInfo | None:
+        path = self._path(name)
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            return ObjectInfo(name, st.st_size, _file_etag(path, st))
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # also when it vanished between stat and hashing
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Only the folder the prefix points into is walked. Names are sorted as whole strings
+        # at the end, because a folder walk would put "a/b" before "a-c" and S3 does not.
+        folder, _, _ = prefix.rpartition("/")
+        if folder:
+            try:
+                check_name(folder)
+            except ValueError:
+                return  # no valid object name has this prefix
+        names: list[str] = []
+        stack = [(os.path.join(self.root, *folder.split("/")), folder + "/" if folder else "")]
+        while stack:
+            path, rel = stack.pop()
+            try:
+                entries = list(os.scandir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                candidate = rel + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    sub = candidate + "/"
+                    if sub.startswith(prefix) or prefix.startswith(sub):
+                        stack.append((entry.path, sub))
+                elif entry.is_file(follow_symlinks=False) and candidate.startswith(prefix):
+                    names.append(candidate)
+        for name in sorted(names):
+            info = self.head(name)
+            if info is not None:  # deleted while we listed
+                yield info
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,450 @@
+"""The S3 backend over boto3: one retry budget, verified ranged reads, errors users can act on."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.client
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+import botocore.exceptions as bce
+import botocore.loaders
+import botocore.session
+import urllib3.exceptions
+from botocore.config import Config
+
+from encfs_cloud.errors import (
+    CredentialsError,
+    EncfsCloudError,
+    NoFilesystemError,
+    ObjectMissingError,
+    PreconditionFailedError,
+    StoreError,
+    TransientStoreError,
+    UnreachableError,
+)
+from encfs_cloud.store import StoreOptions, check_name
+from encfs_cloud.store.base import ObjectInfo
+from encfs_cloud.store.memory import check_range
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_sleep: Callable[[float], None] = time.sleep  # a seam, so tests can see the backoff chosen
+# One model loader for every store: parsing the S3 service model costs ~0.1 s per session.
+_LOADER = botocore.loaders.create_loader()
+
+_BACKOFF_CAP = 10.0
+_RETRY_AFTER_CAP = 30.0  # a server asking for minutes is treated as down, not obeyed
+_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+_PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+_MISSING_CODES = {"NoSuchKey", "NotFound", "404"}
+_RETRY_CODES = {
+    "SlowDown",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "BandwidthLimitExceeded",
+}
+_CREDENTIAL_HINTS = {
+    "InvalidAccessKeyId": "the endpoint does not know this access key: check AWS_ACCESS_KEY_ID"
+    " or the AWS profile (AWS_PROFILE)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key: check"
+    " AWS_SECRET_ACCESS_KEY or the AWS profile (AWS_PROFILE)",
+    "ExpiredToken": "the session token has expired: refresh AWS_SESSION_TOKEN or log in again",
+    "InvalidToken": "the session token is invalid: check AWS_SESSION_TOKEN or the AWS profile",
+}
+_NO_CREDENTIALS = (
+    "no usable AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY,"
+    " or pick a profile with AWS_PROFILE"
+)
+
+
+# Credentials that exist but cannot be used: half set, or an SSO / process provider failing.
+_CREDENTIAL_EXC = (
+    bce.PartialCredentialsError,
+    bce.CredentialRetrievalError,
+    bce.TokenRetrievalError,
+    bce.SSOError,
+)
+
+
+class _ShortBody(Exception):
+    """The body we read does not match what the response headers promised."""
+
+
+# Failures after which the same request may well succeed: lost or reset connections,
+# timeouts, bodies cut short or garbled in transit (botocore cannot retry those itself,
+# because they happen after it has handed us the response).
+_RETRYABLE_EXC: tuple[type[Exception], ...] = (
+    _ShortBody,
+    bce.HTTPClientError,  # ReadTimeout, ConnectionClosed, ResponseStreaming
+    bce.ConnectionError,  # EndpointConnection, ConnectTimeout
+    bce.IncompleteReadError,
+    bce.FlexibleChecksumError,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
+
+
+def _error_code(exc: bce.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: bce.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    if not isinstance(exc, bce.ClientError):
+        return None
+    headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    try:
+        return max(0.0, float(headers.get("retry-after", "")))
+    except ValueError:
+        return None  # absent, or an HTTP date we do not bother parsing
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def _is_aws(endpoint: str) -> bool:
+    host = urlsplit(endpoint).hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+
+
+class S3Store:
+    """Objects under `prefix` in one bucket, through one thread-safe boto3 client.
+
+    botocore's own retries are switched off (standard mode, one attempt): nested retry
+    layers multiply (6 x 6 attempts), and botocore neither honours Retry-After nor keeps a
+    total deadline. `_call` is the single budget: `max_attempts` tries, exponential backoff
+    with full jitter, and no new attempt once `deadline` seconds have passed.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        options: StoreOptions | None = None,
+        *,
+        page_size: int = 1000,
+    ) -> None:
+        self._opt = options or StoreOptions()
+        self.bucket = bucket
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix}"
+        self._page_size = page_size
+        self._client = self._make_client()
+        self.endpoint: str = self._client.meta.endpoint_url
+        self._bucket_seen = False  # a 404 on HEAD cannot tell a missing key from a bucket
+
+    def _make_client(self) -> S3Client:
+        o = self._opt
+        if (o.access_key is None) != (o.secret_key is None):
+            raise CredentialsError("give both an access key and a secret key, or neither")
+        # A botocore session rather than a boto3 one: boto3 would append its data path to
+        # the shared loader on every open. The client is the same object either way.
+        session = botocore.session.Session(profile=o.profile)
+        session.register_component("data_loader", _LOADER)
+        if o.access_key is not None and o.secret_key is not None:
+            session.set_credentials(o.access_key, o.secret_key)
+
+        def build(style: str | None) -> S3Client:
+            s3_config: Any = {"addressing_style": style} if style else None
+            config = Config(
+                connect_timeout=o.connect_timeout,
+                read_timeout=o.read_timeout,
+                max_pool_connections=o.max_pool,
+                retries={"mode": "standard", "total_max_attempts": 1},
+                s3=s3_config,
+                user_agent_extra="encfs-cloud",
+            )
+            client = session.create_client(
+                "s3",
+                endpoint_url=o.endpoint_url,
+                region_name=o.region or session.get_config_variable("region") or "us-east-1",
+                config=config,
+            )
+            return cast("S3Client", client)
+
+        try:
+            if o.path_style is not None:
+                return build("path" if o.path_style else "virtual")
+            # The endpoint may come from options, AWS_ENDPOINT_URL or ~/.aws/config; only
+            # the client knows which won, so build once, look, and rebuild for a non-AWS
+            # host, whose DNS rarely resolves bucket.host names.
+            client = build(None)
+            return client if _is_aws(client.meta.endpoint_url) else build("path")
+        except bce.ProfileNotFound:
+            raise CredentialsError(
+                f"AWS profile {o.profile!r} is not in ~/.aws/config: check the profile name"
+            ) from None
+
+    def _key(self, name: str) -> str:
+        check_name(name)
+        return self.prefix + name
+
+    # --- the retry loop and error mapping ------------------------------------------------
+
+    def _call(self, op: str, name: str, fn: Callable[[], T]) -> T:
+        o = self._opt
+        began = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except bce.NoCredentialsError:
+                raise CredentialsError(_NO_CREDENTIALS) from None
+            except _CREDENTIAL_EXC as exc:
+                raise CredentialsError(
+                    f"cannot load AWS credentials ({_one_line(exc)}): check"
+                    " AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile (AWS_PROFILE)"
+                ) from None
+            except bce.ClientError as exc:
+                final = self._client_error(exc, op, name)
+                if final is not None:
+                    raise final from exc
+                last: BaseException = exc
+            except _RETRYABLE_EXC as exc:
+                last = exc
+            delay = random.uniform(0, min(_BACKOFF_CAP, o.backoff_base * 2 ** (attempt - 1)))
+            hint = _retry_after(last)
+            if hint is not None:
+                delay = max(delay, min(hint, _RETRY_AFTER_CAP))
+            if attempt >= o.max_attempts or time.monotonic() - began + delay >= o.deadline:
+                raise self._exhausted(op, name, last, attempt) from last
+            log.debug("%s %s: %s; retry %d in %.2fs", op, name, _one_line(last), attempt, delay)
+            _sleep(delay)
+
+    def _client_error(self, exc: bce.ClientError, op: str, name: str) -> EncfsCloudError | None:
+        """The error to raise for `exc`, or None when the request is worth repeating."""
+        code, status = _error_code(exc), _status(exc)
+        if code == "NoSuchBucket":
+            return NoFilesystemError(f"bucket {self.bucket} does not exist at {self.endpoint}")
+        if code in _PRECONDITION_CODES or status == 412:
+            return PreconditionFailedError(f"{op} {name}: another writer changed it first")
+        if code in _MISSING_CODES or status == 404:
+            return ObjectMissingError(f"object {name} is missing from {self.url}")
+        if code in _CREDENTIAL_HINTS:
+            return CredentialsError(f"{self.endpoint}: {_CREDENTIAL_HINTS[code]}")
+        if code == "AccessDenied" or status == 403:
+            return CredentialsError(
+                f"access to bucket {self.bucket} denied by {self.endpoint}: check"
+                " AWS_ACCESS_KEY_ID / the AWS profile and the bucket's permissions"
+            )
+        if code in _RETRY_CODES or status >= 500 or status in (408, 429):
+            return None
+        message = exc.response.get("Error", {}).get("Message", "")
+        return StoreError(f"{op} {name} on {self.url} failed: {code} {message}".strip())
+
+    def _exhausted(self, op: str, name: str, last: BaseException, attempts: int) -> EncfsCloudError:
+        if isinstance(last, bce.ConnectionError):
+            return UnreachableError(
+                f"cannot reach the S3 endpoint {self.endpoint} ({_one_line(last)}): check the"
+                " endpoint URL (AWS_ENDPOINT_URL) and the network"
+            )
+        return TransientStoreError(
+            f"{op} {name} on {self.url} still failing after {attempts} attempts: " + _one_line(last)
+        )
+
+    # --- the ObjectStore protocol --------------------------------------------------------
+
+    def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        check_range(start, length)
+        key = self._key(name)
+        if length == 0:
+            # "bytes=s-(s-1)" is not a valid range, and S3 answers an invalid range with the
+            # whole object; so ask whether it exists instead.
+            if self.head(name) is None:
+                raise ObjectMissingError(f"object {name} is missing from {self.url}")
+            return b""
+        if start == 0 and length is None:
+            return self._call("get", name, lambda: self._get_once(key, None))[0]
+        return self._call("get", name, lambda: self._get_once(key, (start, length)))[0]
+
+    def get_with_etag(self, name: str) -> tuple[bytes, str]:
+        key = self._key(name)
+        return self._call("get", name, lambda: self._get_once(key, None))
+
+    def _get_once(self, key: str, want: tuple[int, int | None] | None) -> tuple[bytes, str]:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if want is not None:
+            start, length = want
+            end = "" if length is None else str(start + length - 1)
+            kwargs["Range"] = f"bytes={start}-{end}"
+        try:
+            resp = self._client.get_object(**kwargs)
+        except bce.ClientError as exc:
+            if want is not None and _error_code(exc) == "InvalidRange":
+                return b"", ""  # the range starts at or past the end: nothing there
+            raise
+        body = resp["Body"]
+        try:
+            data = body.read()
+        finally:
+            body.close()
+        declared = resp.get("ContentLength")
+        if declared is not None and len(data) != declared:
+            raise _ShortBody(f"read {len(data)} of {declared} bytes")
+        if want is not None:
+            data = self._check_range(data, resp.get("ContentRange"), *want)
+        self._bucket_seen = True
+        log.debug("get %s (%d bytes)", key, len(data))
+        return data, resp.get("ETag", "")
+
+    @staticmethod
+    def _check_range(
+        data: bytes, content_range: str | None, start: int, length: int | None
+    ) -> bytes:
+        """Exactly the bytes asked for, or `_ShortBody` if the response cannot be them."""
+        if content_range is None:
+            # A 200 with the whole object: the server ignored Range, which HTTP allows.
+            return data[start : None if length is None else start + length]
+        m = _RANGE_RE.fullmatch(content_range.strip())
+        if m is None:
+            raise _ShortBody(f"unparseable Content-Range {content_range!r}")
+        first, last, total = int(m[1]), int(m[2]), m[3]
+        reaches_end = total != "*" and last == int(total) - 1
+        if first != start or len(data) != last - first + 1:
+            raise _ShortBody(f"Content-Range {content_range} for {len(data)} bytes from {start}")
+        if length is not None and len(data) != length and not reaches_end:
+            raise _ShortBody(f"{len(data)} of {length} bytes and not at the end")
+        if length is None and not reaches_end and total != "*":
+            raise _ShortBody(f"Content-Range {content_range} stops before the end")
+        return data
+
+    def put(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        key = self._key(name)
+        if if_none_match and if_match is not None:
+            raise ValueError("if_none_match and if_match are mutually exclusive")
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": bytes(data)}
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        conditional = if_none_match or if_match is not None
+        tries = 0
+
+        def attempt() -> str:
+            nonlocal tries
+            tries += 1
+            try:
+                return str(self._client.put_object(**kwargs)["ETag"])
+            except bce.ClientError as exc:
+                code = _error_code(exc)
+                # After a failed attempt the write may have landed anyway (a reset after the
+                # server applied it); then the retry loses to our own earlier write.
+                if (
+                    conditional
+                    and tries > 1
+                    and (code in _PRECONDITION_CODES or _status(exc) == 412)
+                ):
+                    ours = self._etag_if_ours(key, data)
+                    if ours is not None:
+                        return ours
+                if if_match is not None and code in _MISSING_CODES:
+                    raise PreconditionFailedError(f"put {name}: it no longer exists") from None
+                raise
+
+        etag = self._call("put", name, attempt)
+        self._bucket_seen = True
+        log.debug("put %s (%d bytes)", name, len(data))
+        return etag
+
+    def _etag_if_ours(self, key: str, data: bytes) -> str | None:
+        """The object's etag if it holds exactly `data` (a single-part PUT's etag is its MD5)."""
+        try:
+            etag = str(self._client.head_object(Bucket=self.bucket, Key=key)["ETag"])
+        except (bce.BotoCoreError, bce.ClientError):
+            return None
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        return etag if etag.strip('"') == md5 else None
+
+    def delete(self, name: str) -> None:
+        key = self._key(name)
+        self._call("delete", name, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+        log.debug("delete %s", name)
+
+    def head(self, name: str) -> ObjectInfo | None:
+        key = self._key(name)
+
+        def attempt() -> ObjectInfo | None:
+            try:
+                resp = self._client.head_object(Bucket=self.bucket, Key=key)
+            except bce.ClientError as exc:
+                if _status(exc) == 404:
+                    return None
+                raise
+            return ObjectInfo(name, int(resp["ContentLength"]), str(resp["ETag"]))
+
+        info = self._call("head", name, attempt)
+        if info is not None:
+            self._bucket_seen = True
+        elif not self._bucket_seen:
+            self._check_bucket()
+        return info
+
+    def _check_bucket(self) -> None:
+        def attempt() -> None:
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except bce.ClientError as exc:
+                if _status(exc) == 404:
+                    raise NoFilesystemError(
+                        f"bucket {self.bucket} does not exist at {self.endpoint}"
+                    ) from None
+                raise
+
+        self._call("head", self.bucket, attempt)
+        self._bucket_seen = True
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Pages are fetched by hand rather than with a boto3 paginator so that each page
+        # goes through the retry loop; a paginator's iterator is dead after one error.
+        cut = len(self.prefix)
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Prefix": self.prefix + prefix,
+                "MaxKeys": self._page_size,
+            }
+            if token is not None:
+                kwargs["ContinuationToken"] = token
+            page = self._call(
+                "list", prefix or "/", functools.partial(self._client.list_objects_v2, **kwargs)
+            )
+            self._bucket_seen = True
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(obj["Key"][cut:], int(obj["Size"]), str(obj["ETag"]))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or token is None:
+                return
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,133 @@
+"""An unlocked filesystem in memory: replayed metadata, cache, uploader and FUSE operations."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from .cache import ChunkCache
+from .device import DeviceStore
+from .errors import RollbackError
+from .filedata import FileData
+from .fs import Operations
+from .journal import Head, replay
+from .metadata import Metadata
+from .namespace import Namespace
+from .sealed import Sealer
+from .store.base import ObjectStore
+from .uploader import Uploader
+from .vault import Unlocked
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SIZE = 256 << 20
+IO_THREADS = 8
+
+
+@dataclass
+class VolumeOptions:
+    cache_size: int = DEFAULT_CACHE_SIZE
+    read_only: bool = False
+    commit_interval: float = 5.0
+    allow_rollback: bool = False
+    sync_timeout: float = 120.0
+
+
+class Volume:
+    """Everything a mount needs except the kernel: build, run, flush and wipe."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        unlocked: Unlocked,
+        devices: DeviceStore,
+        options: VolumeOptions | None = None,
+    ) -> None:
+        self.store = store
+        self.unlocked = unlocked
+        self.devices = devices
+        self.options = options or VolumeOptions()
+        self.sealer = Sealer(unlocked.fs_id, unlocked.keys)
+        self.limiter = trio.CapacityLimiter(IO_THREADS)
+        md, head = self._replay()
+        self.md = md
+        Namespace(md).ensure_root(os.getuid(), os.getgid())
+        dirty_limit = max(8 << 20, min(64 << 20, self.options.cache_size // 4))
+        self.cache = ChunkCache(max(self.options.cache_size - dirty_limit, 1 << 20), dirty_limit)
+        self.uploader = Uploader(
+            md,
+            self.cache,
+            self.sealer,
+            store,
+            head,
+            limiter=self.limiter,
+            on_commit=self._remember_head,
+            sync_timeout=self.options.sync_timeout,
+        )
+        self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
+        self.ops = Operations(md, self.data, self.uploader, read_only=self.options.read_only)
+        self._purge_orphans()
+
+    def _replay(self) -> tuple[Metadata, Head]:
+        """Load the newest state and refuse one older than this device has seen."""
+        fs_id = self.unlocked.fs_id
+        state = self.devices.load_state(fs_id)
+        has_commits = any(True for _ in self.store.list("meta/"))
+        if not has_commits:
+            if state.commit_seq and not self.options.allow_rollback:
+                raise RollbackError(
+                    "the bucket holds no metadata but this device has seen commit "
+                    f"{state.commit_seq}: "
+                    "it was emptied or rolled back; mount with -o allow_rollback to accept"
+                )
+            return Metadata(), Head(0, b"", 0, 0, 0)
+        md, head, hashes = replay(self.store, self.sealer)
+        if not self.options.allow_rollback:
+            seen_seq = state.commit_seq or 0
+            if head.seq < seen_seq:
+                raise RollbackError(
+                    f"the bucket's newest commit is {head.seq} but this device has seen "
+                    f"{seen_seq}: the bucket was rolled back; mount with -o allow_rollback "
+                    "to accept the older state"
+                )
+            seen = hashes.get(seen_seq)
+            if seen_seq and seen is not None and seen != state.commit_hash:
+                raise RollbackError(
+                    f"commit {seen_seq} in the bucket differs from the one this device saw: "
+                    "the bucket was replaced or forked; mount with -o allow_rollback to accept"
+                )
+        self._remember_head(head)
+        return md, head
+
+    def _remember_head(self, head: Head) -> None:
+        state = self.devices.load_state(self.unlocked.fs_id)
+        state.commit_seq = head.seq
+        state.commit_hash = head.hash
+        self.devices.save_state(self.unlocked.fs_id, state)
+
+    def _purge_orphans(self) -> None:
+        """Inodes left with no name by a crash while they were open are deleted now."""
+        if self.options.read_only:
+            return
+        for ino in self.md.orphans():
+            self.md.delete_inode(ino)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.data.nursery = nursery
+            await nursery.start(self.uploader.run, self.options.commit_interval)
+            task_status.started()
+
+    async def flush(self) -> None:
+        """Everything into the bucket (fsync of the whole filesystem)."""
+        if not self.options.read_only:
+            await self.uploader.sync()
+
+    def wipe(self) -> None:
+        """Drop all plaintext and key material held in memory."""
+        self.cache.clear()
+        self.unlocked.wipe()
+        self.md.db.close()

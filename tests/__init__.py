@@ -1,0 +1,1 @@
+"""encfs-cloud tests; a package so fixture modules import as tests.fixtures_*."""
