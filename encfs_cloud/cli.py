@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import getpass
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from . import __version__, runtime
 from .device import DeviceStore
@@ -24,9 +26,23 @@ EXIT_HELP = "exit codes: 0 ok; " + ", ".join(
     for name, code in sorted(EXIT_CODES.items(), key=lambda kv: kv[1])
 )
 
-# Later features add subcommands here: each is `register(subparsers, common)`.
-Registrar = Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]  # type: ignore[type-arg]
-EXTRA_COMMANDS: list[Registrar] = []
+# Modules that add subcommands; each has `register(subparsers, common_parent_parser)`.
+COMMAND_MODULES = (
+    "encfs_cloud.cli_devices",
+    "encfs_cloud.cli_maintenance",
+    "encfs_cloud.cli_status",
+)
+
+
+def _command_modules() -> list[ModuleType]:
+    found = []
+    for name in COMMAND_MODULES:
+        try:
+            found.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return found
 
 
 def ask_new_passphrase(args: argparse.Namespace) -> bytes | None:
@@ -162,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wipe", action="store_true", help="also destroy this device's key")
     p.set_defaults(func=cmd_umount)
 
-    for register in EXTRA_COMMANDS:
-        register(sub, common)
+    for module in _command_modules():
+        module.register(sub, common)
     return parser
 
 
