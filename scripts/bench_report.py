@@ -170,8 +170,10 @@ class Report:
         if s["rtt_ms"] < goal.min_rtt_ms:
             return {"target": goal.text, "status": f"n/a (needs --rtt {goal.min_rtt_ms:g})"}
         measured = x_rclone if goal.kind == "x_rclone" else value
-        if measured is None:
+        if value is None:
             return {"target": goal.text, "status": "unknown (no figure)"}
+        if measured is None:
+            return {"target": goal.text, "status": "unknown (no rclone figure)"}
         met = measured >= goal.value if goal.kind == "x_rclone" else measured <= goal.value
         return {"target": goal.text, "status": "met" if met else "NOT met", "measured": measured}
 

@@ -98,6 +98,13 @@ class System:
     def forget_local_cache(self) -> None:
         """Between unmount and a cold remount: drop on-disk caches a cold client would not have."""
 
+    def log_tail(self) -> str:
+        """The last lines of the daemon's log, for error cells."""
+        try:
+            return tail(self.log_path.read_text(errors="replace"), lines=3)
+        except OSError:
+            return ""
+
     def daemon_pids(self) -> list[int]:
         """The daemon(s) serving the mount, with their descendants."""
         out: list[int] = []
@@ -277,6 +284,7 @@ class EncfsCloud(System):
     uses_s3 = True
     _probe: str | None = None
     _probed = False
+    _has_log_option = False
 
     def unavailable(self) -> str | None:
         if self.uses_s3 and self.env.s3 is None:
@@ -293,8 +301,10 @@ class EncfsCloud(System):
                 return f"{name} not installed (pip install -e . in the venv)"
         try:
             run([tool("encfs-cloud") or "encfs-cloud", "--help"], timeout=60)
+            helptext = run([tool("mount.encfs-cloud") or "mount.encfs-cloud", "--help"]).stdout
         except BenchError as exc:
             return f"encfs-cloud not usable yet: {exc}"
+        EncfsCloud._has_log_option = "log=FILE" in helptext
         return None
 
     def _environ(self) -> dict[str, str]:
@@ -340,6 +350,8 @@ class EncfsCloud(System):
         opts = [f"cache_size={self.env.cache_size_mib}M"]
         if self.uses_s3:
             opts.append(f"endpoint_url={self.s3_url}")
+        if EncfsCloud._has_log_option:
+            opts.append(f"log={self.log_path}")
         if self.env.encfs_opts:
             opts.append(self.env.encfs_opts)
         cmd = [tool("mount.encfs-cloud") or "mount.encfs-cloud", self.source, str(self.mnt)]

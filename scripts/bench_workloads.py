@@ -111,6 +111,7 @@ class Runner:
         self.errors: dict[str, str] = {}
         self.notes: list[str] = []
         self.rss_kib = 0
+        self.gave_up = ""
         self.size = cfg.size_mib << 20
         self.big = "big.bin"
 
@@ -168,6 +169,11 @@ class Runner:
 
     def session(self, name: str, metrics: list[str], body: Callable[[], None]) -> bool:
         """Run one mount session; on failure mark its unmeasured metrics with the error."""
+        if self.gave_up:
+            for m in metrics:
+                if m not in self.values:
+                    self.errors.setdefault(m, f"{name}: {self.gave_up}")
+            return False
         try:
             body()
             return True
@@ -175,6 +181,11 @@ class Runner:
             msg = f"{name}: {exc}"
         except Exception as exc:  # a bug or an odd OSError must not stop the other systems
             msg = f"{name}: {type(exc).__name__}: {exc}"
+        daemon_log = self.sys.log_tail()
+        if daemon_log:
+            msg += f" [daemon log: {daemon_log}]"
+        if "timed out" in msg:
+            self.gave_up = f"skipped after a timeout in {name}"
         log(f"{self.sys.key}: {msg}")
         for m in metrics:
             if m not in self.values:
