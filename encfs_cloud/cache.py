@@ -25,16 +25,19 @@ class ChunkCache:
     def __init__(self, capacity: int, dirty_limit: int) -> None:
         self.capacity = capacity
         self.dirty_limit = dirty_limit
-        self._clean: LRUCache[CleanKey, bytes] = LRUCache(maxsize=max(capacity, 1), getsizeof=len)
+        self._clean: LRUCache[CleanKey, bytes | bytearray | memoryview] = LRUCache(
+            maxsize=max(capacity, 1), getsizeof=len
+        )
         self.dirty: dict[ChunkKey, bytearray] = {}
-        self.inflight: dict[ChunkKey, bytes] = {}
+        # In-flight buffers are never modified again (a new write makes a new dirty copy).
+        self.inflight: dict[ChunkKey, bytes | bytearray] = {}
         self.dirty_bytes = 0
         self.inflight_bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: ChunkKey, version: int | None) -> bytes | bytearray | None:
-        buf: bytes | bytearray | None = self.dirty.get(key)
+    def get(self, key: ChunkKey, version: int | None) -> bytes | bytearray | memoryview | None:
+        buf: bytes | bytearray | memoryview | None = self.dirty.get(key)
         if buf is None:
             buf = self.inflight.get(key)
         if buf is None and version is not None:
@@ -45,11 +48,11 @@ class ChunkCache:
             self.hits += 1
         return buf
 
-    def put_clean(self, key: ChunkKey, version: int, data: bytes) -> None:
+    def put_clean(self, key: ChunkKey, version: int, data: bytes | bytearray | memoryview) -> None:
         if len(data) <= self.capacity:
             self._clean[(*key, version)] = data
 
-    def dirty_buffer(self, key: ChunkKey, base: bytes | bytearray) -> bytearray:
+    def dirty_buffer(self, key: ChunkKey, base: bytes | bytearray | memoryview) -> bytearray:
         """The writable buffer for `key`, created from `base` (its current content) if new."""
         buf = self.dirty.get(key)
         if buf is not None:
@@ -63,19 +66,28 @@ class ChunkCache:
         """Account for a dirty buffer that grew or shrank from `old_len`."""
         self.dirty_bytes += len(self.dirty[key]) - old_len
 
-    def take_dirty(self, key: ChunkKey) -> bytes:
-        """Move a dirty chunk to in flight; returns an immutable copy to seal."""
+    def take_dirty(self, key: ChunkKey) -> bytearray:
+        """Move a dirty chunk to in flight; the buffer is handed over, not copied."""
         buf = self.dirty.pop(key)
         self.dirty_bytes -= len(buf)
-        data = bytes(buf)
+        self._set_inflight(key, buf)
+        return buf
+
+    def put_inflight(self, key: ChunkKey, data: bytes) -> None:
+        """A whole chunk written in one piece goes straight to in flight (no dirty copy)."""
+        old = self.dirty.pop(key, None)
+        if old is not None:
+            self.dirty_bytes -= len(old)
+        self._set_inflight(key, data)
+
+    def _set_inflight(self, key: ChunkKey, data: bytes | bytearray) -> None:
         old = self.inflight.pop(key, None)
         if old is not None:
             self.inflight_bytes -= len(old)
         self.inflight[key] = data
         self.inflight_bytes += len(data)
-        return data
 
-    def landed(self, key: ChunkKey, version: int, data: bytes) -> None:
+    def landed(self, key: ChunkKey, version: int, data: bytes | bytearray) -> None:
         """A pack holding `data` for `key` is in the bucket: unpin it, keep it as clean."""
         if self.inflight.get(key) is data:
             del self.inflight[key]

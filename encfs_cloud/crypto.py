@@ -70,13 +70,22 @@ def seal(key: SecretKey, plaintext: bytes | bytearray | memoryview, ad: bytes) -
     return nonce + key.aead().encrypt(nonce, bytes(plaintext), ad)
 
 
-def open_sealed(key: SecretKey, blob: bytes | memoryview, ad: bytes) -> bytes:
+def seal_into(
+    key: SecretKey, plaintext: bytes | bytearray | memoryview, ad: bytes, out: memoryview
+) -> None:
+    """Like `seal`, writing nonce || ciphertext || tag into `out` (exactly that long)."""
+    nonce = os.urandom(NONCE_LEN)
+    out[:NONCE_LEN] = nonce
+    key.aead().encrypt_into(nonce, plaintext, ad, out[NONCE_LEN:])
+
+
+def open_sealed(key: SecretKey, blob: bytes | bytearray | memoryview, ad: bytes) -> bytes:
     """Check and decrypt what `seal` made; raises IntegrityError on any change."""
     if len(blob) < SEAL_OVERHEAD:
         raise IntegrityError("sealed object too short")
     view = memoryview(blob)
     try:
-        return key.aead().decrypt(bytes(view[:NONCE_LEN]), bytes(view[NONCE_LEN:]), ad)
+        return key.aead().decrypt(view[:NONCE_LEN], view[NONCE_LEN:], ad)
     except InvalidTag:
         raise IntegrityError("authentication failed") from None
 

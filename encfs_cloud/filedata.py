@@ -40,13 +40,20 @@ class FileData:
         self.limiter = limiter
         self._fetching: dict[tuple[int, int, int], trio.Event] = {}
         self._last_read: dict[int, int] = {}  # inode → last chunk index read (sequential?)
+        self._prefetched: dict[int, int] = {}  # inode → prefetch scheduled below this index
         self.nursery: trio.Nursery | None = None
         self.bytes_fetched = 0
         self.integrity_errors = 0
+        self.store_errors = 0  # reads the store failed after its retries (for `status`)
+
+    @property
+    def fetches_in_flight(self) -> int:
+        """Chunk downloads under way (for `status`)."""
+        return len(self._fetching)
 
     # --- reading -------------------------------------------------------------------------
 
-    async def chunk(self, ino: int, idx: int) -> bytes | bytearray | None:
+    async def chunk(self, ino: int, idx: int) -> bytes | bytearray | memoryview | None:
         """Plaintext of one chunk, or None for a hole (never written)."""
         key = (ino, idx)
         ref = self.md.get_chunk(ino, idx)
@@ -90,7 +97,7 @@ class FileData:
         version: int,
         gen: int,
         plain_len: int,
-    ) -> bytes:
+    ) -> bytes | memoryview:
         name = layout.pack_name(pack)
         try:
             blob = self.store.get(name, off, length)
@@ -101,6 +108,7 @@ class FileData:
             log.error("inode %d chunk %d in object %s: %s", ino, idx, name, exc)
             raise
         except StoreError as exc:
+            self.store_errors += 1
             log.error("inode %d chunk %d: reading object %s failed: %s", ino, idx, name, exc)
             raise
 
@@ -108,32 +116,37 @@ class FileData:
         if offset >= size or length <= 0:
             return b""
         length = min(length, size - offset)
-        out = bytearray()
         indices = layout.chunk_range(offset, length)
         self._maybe_prefetch(ino, indices, size)
+        pieces = []
         for idx in indices:
             base = idx * layout.CHUNK_SIZE
             lo = max(offset, base) - base
             hi = min(offset + length, base + layout.CHUNK_SIZE) - base
             data = await self.chunk(ino, idx)
-            piece = bytes(data[lo:hi]) if data is not None else b""
-            out += piece
-            if len(piece) < hi - lo:  # hole or short chunk below EOF reads as zeros
-                out += bytes(hi - lo - len(piece))
-        return bytes(out)
+            piece = data[lo:hi] if data is not None else b""
+            if len(piece) < hi - lo:  # a hole, or a short chunk below EOF, reads as zeros
+                piece = bytes(piece) + bytes(hi - lo - len(piece))
+            pieces.append(piece)
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
     def _maybe_prefetch(self, ino: int, indices: range, size: int) -> None:
+        """On sequential reads keep PREFETCH_CHUNKS chunks ahead being fetched."""
         last = self._last_read.get(ino)
         self._last_read[ino] = indices[-1]
-        if last is None or not (last <= indices[0] <= last + 1) or self.nursery is None:
+        if last is None or indices[0] not in (last, last + 1) or self.nursery is None:
+            self._prefetched.pop(ino, None)  # a jump: start over when reads turn sequential
             return
+        if indices[-1] == last:
+            return  # still inside the chunk we already prefetched past
         end = min(indices[-1] + 1 + PREFETCH_CHUNKS, layout.chunk_count(size))
-        for idx in range(indices[-1] + 1, end):
+        for idx in range(max(indices[-1] + 1, self._prefetched.get(ino, 0)), end):
             ref = self.md.get_chunk(ino, idx)
             if ref is None or (ino, idx, ref.version) in self._fetching:
                 continue
             if self.cache.get((ino, idx), ref.version) is None:
                 self.nursery.start_soon(self._prefetch_one, ino, idx)
+        self._prefetched[ino] = end
 
     async def _prefetch_one(self, ino: int, idx: int) -> None:
         with contextlib.suppress(StoreError, IntegrityError):  # the real read reports it
@@ -146,7 +159,7 @@ class FileData:
         buf = self.cache.dirty.get(key)
         if buf is not None:
             return buf
-        base: bytes | bytearray = b""
+        base: bytes | bytearray | memoryview = b""
         if idx * layout.CHUNK_SIZE < size:
             current = await self.chunk(ino, idx)
             if current is not None:
@@ -165,6 +178,14 @@ class FileData:
             base = idx * layout.CHUNK_SIZE
             lo = max(offset, base) - base
             hi = min(offset + len(data), base + layout.CHUNK_SIZE) - base
+            if lo == 0 and hi == layout.CHUNK_SIZE:
+                # A whole chunk in one write (the kernel's writeback cache sends 1 MiB
+                # writes): no read-modify-write and no copy, straight into a pack.
+                whole = data if len(data) == hi else bytes(view[pos : pos + hi])
+                self.cache.put_inflight((ino, idx), whole)
+                self.uploader.add_chunk((ino, idx), whole)
+                pos += hi
+                continue
             buf = await self._writable(ino, idx, size)
             old_len = len(buf)
             if len(buf) < lo:
@@ -195,3 +216,4 @@ class FileData:
         """The inode is gone: drop its chunks from cache and metadata."""
         self.cache.forget(ino)
         self._last_read.pop(ino, None)
+        self._prefetched.pop(ino, None)

@@ -49,16 +49,27 @@ class Sealer:
 
     # --- chunks (inside packs) -------------------------------------------------------------
 
-    def seal_chunk(self, ino: int, idx: int, version: int, data: bytes | bytearray) -> bytes:
-        """Seal one chunk padded to a multiple of CHUNK_PAD; its length is in the metadata."""
+    def seal_chunk_into(
+        self, ino: int, idx: int, version: int, data: bytes | bytearray, out: memoryview
+    ) -> None:
+        """Seal one chunk into `out` (sealed_chunk_len(len(data)) bytes).
+
+        The plaintext is padded to a multiple of CHUNK_PAD; its true length is in the metadata.
+        """
         gen = self.keys.current
-        padded = bytes(data) + bytes(layout.padded_chunk_len(len(data)) - len(data))
+        pad = layout.padded_chunk_len(len(data)) - len(data)
+        plain = data if pad == 0 else bytes(data) + bytes(pad)
         key = self.keys.subkey("chunk", gen)
-        return crypto.seal(key, padded, crypto.chunk_ad(self.fs_id, ino, idx, version, gen))
+        crypto.seal_into(key, plain, crypto.chunk_ad(self.fs_id, ino, idx, version, gen), out)
+
+    def seal_chunk(self, ino: int, idx: int, version: int, data: bytes | bytearray) -> bytes:
+        out = bytearray(sealed_chunk_len(len(data)))
+        self.seal_chunk_into(ino, idx, version, data, memoryview(out))
+        return bytes(out)
 
     def open_chunk(
         self, ino: int, idx: int, version: int, gen: int, plain_len: int, blob: bytes
-    ) -> bytes:
+    ) -> bytes | memoryview:
         if gen not in self.keys.generations:
             raise IntegrityError(f"chunk {ino}/{idx} names unknown key generation {gen}")
         key = self.keys.subkey("chunk", gen)
@@ -70,7 +81,8 @@ class Sealer:
             raise IntegrityError(f"chunk {idx} of inode {ino} failed authentication") from None
         if plain_len > len(padded):
             raise IntegrityError(f"chunk {idx} of inode {ino} is shorter than its metadata says")
-        return padded[:plain_len]
+        # A full chunk is returned as is; a short one as a view, without copying.
+        return padded if plain_len == len(padded) else memoryview(padded)[:plain_len]
 
 
 def sealed_chunk_len(plain_len: int) -> int:

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import trio
 
@@ -36,7 +37,9 @@ SNAPSHOT_MIN_DELTA_BYTES = 8 << 20
 @dataclass
 class Pack:
     id: str
-    entries: list[tuple[ChunkKey, int, bytes]] = field(default_factory=list)  # key, version, data
+    entries: list[tuple[ChunkKey, int, bytes | bytearray]] = field(
+        default_factory=list
+    )  # key, version, data
     size: int = 0
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
@@ -85,7 +88,10 @@ class Uploader:
 
     def flush_chunk(self, key: ChunkKey) -> None:
         """Move one dirty chunk into the open pack and point the metadata at its slot."""
-        data = self.cache.take_dirty(key)
+        self.add_chunk(key, self.cache.take_dirty(key))
+
+    def add_chunk(self, key: ChunkKey, data: bytes | bytearray) -> None:
+        """Put `data` (now in flight in the cache, never modified again) into the open pack."""
         ino, idx = key
         version = self.md.next_counter("next_version", 1)
         length = sealed_chunk_len(len(data))
@@ -122,8 +128,11 @@ class Uploader:
         while True:
             try:
                 blob = await trio.to_thread.run_sync(self._build_pack, pack, limiter=self.limiter)
+                # Stores treat any bytes-like body alike; the pack is never modified again,
+                # so it is not copied into an immutable `bytes` (8 MiB per pack).
+                body = cast(bytes, blob)
                 await trio.to_thread.run_sync(
-                    self.store.put, layout.pack_name(pack.id), blob, limiter=self.limiter
+                    self.store.put, layout.pack_name(pack.id), body, limiter=self.limiter
                 )
                 break
             except StoreError as exc:
@@ -141,15 +150,18 @@ class Uploader:
         pack.done.set()
         self._wake_writers()
 
-    def _build_pack(self, pack: Pack) -> bytes:
-        parts = [
-            self.sealer.seal_chunk(key[0], key[1], version, data)
-            for key, version, data in pack.entries
-        ]
-        total = sum(len(p) for p in parts)
+    def _build_pack(self, pack: Pack) -> bytearray:
+        total = pack.size
+        blob = bytearray(layout.size_class(total))
+        view = memoryview(blob)
+        off = 0
+        for (ino, idx), version, data in pack.entries:
+            length = sealed_chunk_len(len(data))
+            self.sealer.seal_chunk_into(ino, idx, version, data, view[off : off + length])
+            off += length
         # Random padding is indistinguishable from ciphertext: the size class is all that shows.
-        parts.append(os.urandom(layout.size_class(total) - total))
-        return b"".join(parts)
+        view[off:] = os.urandom(len(blob) - off)
+        return blob
 
     def _wake_writers(self) -> None:
         if not self.cache.pressure:
