@@ -3,10 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config
+# Real programs the end-to-end tests run on mounts (test_programs, test_gio, test_admin).
+TEST_APT_PACKAGES := restic borgbackup rsync git sqlite3 libglib2.0-bin gvfs dbus-daemon \
+	util-linux man-db
 DEMO_DIR ?= $(CURDIR)/demo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install apt venv demo demo-stop test test-fast lint stress bench install-system clean
+.PHONY: install apt test-apt venv demo demo-stop test test-fast lint stress bench install-system clean
 
 install: apt $(BIN)/encfs-cloud
 
@@ -15,6 +18,13 @@ apt:
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+test-apt:
+	@missing=""; for p in $(TEST_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages for the tests:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 $(BIN)/encfs-cloud: pyproject.toml
@@ -36,7 +46,7 @@ lint: install
 	$(BIN)/ruff format --check encfs_cloud tests scripts
 	$(BIN)/mypy
 
-test: install lint
+test: install test-apt lint
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
@@ -50,6 +60,7 @@ bench: install
 
 install-system: install
 	ln -sf $(CURDIR)/$(BIN)/mount.encfs-cloud /sbin/mount.encfs-cloud
+	ln -sf $(CURDIR)/contrib/umount.fuse.encfs-cloud /sbin/umount.fuse.encfs-cloud
 	ln -sf $(CURDIR)/$(BIN)/encfs-cloud /usr/local/bin/encfs-cloud
 
 clean:

@@ -123,10 +123,11 @@ def _ask_unlock_passphrase(source: str, options: StoreOptions) -> bytes | None:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = Path(args.mountpoint)
-    runtime.unmount(mountpoint)
     if getattr(args, "wipe", False):
-        print("--wipe: see `encfs-cloud wipe`", file=sys.stderr)
+        from .cli_devices import umount_and_wipe
+
+        return umount_and_wipe(args)
+    runtime.unmount(Path(args.mountpoint))
     return 0
 
 

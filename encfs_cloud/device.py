@@ -96,6 +96,29 @@ def validate_device_name(name: str) -> str:
     return name
 
 
+def _wipe_tree(folder: Path) -> None:
+    """Overwrite and remove every file below `folder` (symlinks only removed), then it."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            _wipe_tree(entry)
+            continue
+        if entry.is_file() and not entry.is_symlink():
+            _overwrite(entry)
+        entry.unlink()
+    folder.rmdir()
+
+
+def _overwrite(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        left = os.fstat(fd).st_size
+        while left > 0:  # in pieces: a spooled pack can be megabytes
+            left -= os.write(fd, os.urandom(min(left, 1 << 20)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -163,11 +186,18 @@ class DeviceStore:
     def needs_passphrase(self, fs_id: bytes) -> bool:
         return self._read_key_file(fs_id).get("kdf") is not None
 
+    def device_id(self, fs_id: bytes) -> str:
+        """This machine's device id for the filesystem, read without unsealing the key."""
+        device_id = self._read_key_file(fs_id).get("device_id")
+        if not isinstance(device_id, str):
+            raise FormatError(f"device key file {self._key_path(fs_id)} is unreadable")
+        return device_id
+
     def create(self, fs_id: bytes, device_name: str, passphrase: bytes | None) -> DeviceIdentity:
         if self.has(fs_id):
             raise UsageError(
                 f"this machine already has a device key for filesystem {fs_id.hex()}; "
-                "wipe it first (encfs-cloud device wipe)"
+                "wipe it first (encfs-cloud wipe SOURCE)"
             )
         name = validate_device_name(device_name)
         identity = DeviceIdentity(layout.random_id(), name, X25519PrivateKey.generate(), None)
@@ -227,22 +257,21 @@ class DeviceStore:
         """Overwrite every file of the filesystem's folder with random bytes, then remove it.
 
         On SSDs and copy-on-write filesystems an overwrite may land elsewhere; the key is still
-        sealed (machine + passphrase), so this is defence in depth, not the only line.
+        sealed (machine + passphrase), so this is defence in depth, not the only line. Once no
+        filesystem is left, the fallback machine secret and the root folder go too.
         """
         folder = self.folder(fs_id)
         if not folder.is_dir() or folder.is_symlink():
             return
-        for entry in folder.iterdir():
-            if entry.is_file() and not entry.is_symlink():
-                fd = os.open(entry, os.O_WRONLY | os.O_NOFOLLOW)
-                try:
-                    os.write(fd, os.urandom(os.fstat(fd).st_size))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            entry.unlink()
-        folder.rmdir()
+        _wipe_tree(folder)  # the key, the state, and the spool of sealed objects
         fsync_dir(self.root)
+        left = list(self.root.iterdir())
+        if all(e.name == FALLBACK_MACHINE_FILE and e.is_file() for e in left):
+            for entry in left:
+                _overwrite(entry)
+                entry.unlink()
+            with contextlib.suppress(OSError):  # another process may have just enrolled
+                self.root.rmdir()
 
     # --- local state ---------------------------------------------------------------------
 

@@ -128,6 +128,27 @@ def list_requests(store: ObjectStore, fs_id: bytes) -> list[EnrollmentRequest]:
     return found
 
 
+def find_request(requests: list[EnrollmentRequest], what: str) -> EnrollmentRequest:
+    """A pending request by exact id or unique id prefix (4+ characters)."""
+    what = what.strip().lower()
+    found = [r for r in requests if r.device_id == what]
+    if not found and len(what) >= 4:
+        found = [r for r in requests if r.device_id.startswith(what)]
+    if len(found) != 1:
+        kind = "no pending request" if not found else f"{len(found)} pending requests"
+        raise UsageError(f"{kind} match {what!r}; see encfs-cloud device list")
+    return found[0]
+
+
+def verify_request(fs_id: bytes, request: EnrollmentRequest, code: str) -> None:
+    """AbortedError unless `code` authenticates `request` (a malformed code included)."""
+    codes.decode(code, codes.CODE_CHARS, "verification code", AbortedError)
+    if not codes.request_mac_ok(code, fs_id, request.device_id, request.body, request.mac):
+        raise AbortedError(
+            "the verification code does not match this request; nothing was enrolled"
+        )
+
+
 def approve(
     store: ObjectStore,
     unlocked: Unlocked,
@@ -166,6 +187,26 @@ def approve(
 
 def deny(store: ObjectStore, device_id: str) -> None:
     store.delete(request_name(device_id))
+
+
+def check_not_last(store: ObjectStore, own_device_id: str | None) -> None:
+    """Refuse to wipe the only key left (no other device, no recovery key): data lost for good.
+
+    Reads object names only, so it works without unlocking; it guards against a slip of the
+    user, not against the bucket owner (who can destroy everything anyway).
+    """
+    others = [
+        o.name
+        for o in store.list(layout.KEYS_PREFIX)
+        if _DEVICE_ID.fullmatch(o.name[len(layout.KEYS_PREFIX) :])
+        and o.name != record_name(own_device_id or "")
+    ]
+    if others or store.head(RECOVERY_NAME) or store.head(RECOVERY_NEXT_NAME):
+        return
+    raise AbortedError(
+        "this is the last enrolled device and there is no recovery key: wiping it makes "
+        "the filesystem unreadable forever; add --force to wipe anyway"
+    )
 
 
 def list_devices(store: ObjectStore, unlocked: Unlocked) -> list[K.DeviceEntry]:

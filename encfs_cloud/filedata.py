@@ -10,7 +10,7 @@ import trio
 from . import layout
 from .cache import ChunkCache, ChunkKey
 from .errors import IntegrityError, StoreError
-from .metadata import Metadata
+from .metadata import ChunkRef, Metadata
 from .sealed import Sealer
 from .store.base import ObjectStore
 from .uploader import Uploader
@@ -60,56 +60,59 @@ class FileData:
         data = self.cache.get(key, ref.version if ref else None)
         if data is not None or ref is None:
             return data
-        token = (ino, idx, ref.version)
-        event = self._fetching.get(token)
-        if event is not None:
+        event = self._fetching.get((ino, idx, ref.version))
+        if event is not None:  # a prefetch or another reader is already on it
             await event.wait()
             return await self.chunk(ino, idx)
-        event = self._fetching[token] = trio.Event()
-        try:
-            plain = await trio.to_thread.run_sync(
-                self._fetch,
-                ino,
-                idx,
-                ref.pack,
-                ref.off,
-                ref.len,
-                ref.version,
-                ref.gen,
-                ref.plain_len,
-                limiter=self.limiter,
-            )
-        finally:
-            del self._fetching[token]
-            event.set()
-        current = self.md.get_chunk(ino, idx)
-        if current is not None and current.version == ref.version:
-            self.cache.put_clean(key, ref.version, plain)
-        return plain
+        return (await self._fetch_run(ino, [(idx, ref)]))[0]
 
-    def _fetch(
-        self,
-        ino: int,
-        idx: int,
-        pack: str,
-        off: int,
-        length: int,
-        version: int,
-        gen: int,
-        plain_len: int,
-    ) -> bytes | memoryview:
-        name = layout.pack_name(pack)
+    async def _fetch_run(
+        self, ino: int, run: list[tuple[int, ChunkRef]]
+    ) -> list[bytes | memoryview]:
+        """Fetch chunks lying back to back in one pack with one ranged GET; cache them."""
+        tokens = [(ino, idx, ref.version) for idx, ref in run]
+        event = trio.Event()
+        for token in tokens:
+            self._fetching[token] = event
         try:
-            blob = self.store.get(name, off, length)
+            plains = await trio.to_thread.run_sync(self._fetch, ino, run, limiter=self.limiter)
+        finally:
+            for token in tokens:
+                del self._fetching[token]
+            event.set()
+        for (idx, ref), plain in zip(run, plains, strict=True):
+            current = self.md.get_chunk(ino, idx)
+            if current is not None and current.version == ref.version:
+                self.cache.put_clean((ino, idx), ref.version, plain)
+        return plains
+
+    def _fetch(self, ino: int, run: list[tuple[int, ChunkRef]]) -> list[bytes | memoryview]:
+        first = run[0][1]
+        name = layout.pack_name(first.pack)
+        total = run[-1][1].off + run[-1][1].len - first.off
+        try:
+            blob = memoryview(self.store.get(name, first.off, total))
             self.bytes_fetched += len(blob)
-            return self.sealer.open_chunk(ino, idx, version, gen, plain_len, blob)
+            if len(blob) != total:
+                raise IntegrityError(f"object {name} is shorter than the chunks it should hold")
+            return [
+                self.sealer.open_chunk(
+                    ino,
+                    idx,
+                    ref.version,
+                    ref.gen,
+                    ref.plain_len,
+                    blob[ref.off - first.off : ref.off - first.off + ref.len],
+                )
+                for idx, ref in run
+            ]
         except IntegrityError as exc:
             self.integrity_errors += 1
-            log.error("inode %d chunk %d in object %s: %s", ino, idx, name, exc)
+            log.error("inode %d chunk %d in object %s: %s", ino, run[0][0], name, exc)
             raise
         except StoreError as exc:
             self.store_errors += 1
-            log.error("inode %d chunk %d: reading object %s failed: %s", ino, idx, name, exc)
+            log.error("inode %d chunk %d: reading object %s failed: %s", ino, run[0][0], name, exc)
             raise
 
     async def read(self, ino: int, size: int, offset: int, length: int) -> bytes:
@@ -131,7 +134,11 @@ class FileData:
         return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
     def _maybe_prefetch(self, ino: int, indices: range, size: int) -> None:
-        """On sequential reads keep PREFETCH_CHUNKS chunks ahead being fetched."""
+        """On sequential reads keep PREFETCH_CHUNKS chunks ahead being fetched.
+
+        Chunks written in sequence usually sit back to back in one pack; such runs are
+        fetched with one ranged GET, which matters most when each request costs a round trip.
+        """
         last = self._last_read.get(ino)
         self._last_read[ino] = indices[-1]
         if last is None or indices[0] not in (last, last + 1) or self.nursery is None:
@@ -140,17 +147,26 @@ class FileData:
         if indices[-1] == last:
             return  # still inside the chunk we already prefetched past
         end = min(indices[-1] + 1 + PREFETCH_CHUNKS, layout.chunk_count(size))
+        run: list[tuple[int, ChunkRef]] = []
         for idx in range(max(indices[-1] + 1, self._prefetched.get(ino, 0)), end):
             ref = self.md.get_chunk(ino, idx)
-            if ref is None or (ino, idx, ref.version) in self._fetching:
-                continue
-            if self.cache.get((ino, idx), ref.version) is None:
-                self.nursery.start_soon(self._prefetch_one, ino, idx)
+            wanted = (
+                ref is not None
+                and (ino, idx, ref.version) not in self._fetching
+                and self.cache.get((ino, idx), ref.version) is None
+            )
+            if run and (not wanted or not _adjacent(run[-1][1], ref)):
+                self.nursery.start_soon(self._prefetch, ino, run)
+                run = []
+            if wanted and ref is not None:
+                run.append((idx, ref))
+        if run:
+            self.nursery.start_soon(self._prefetch, ino, run)
         self._prefetched[ino] = end
 
-    async def _prefetch_one(self, ino: int, idx: int) -> None:
+    async def _prefetch(self, ino: int, run: list[tuple[int, ChunkRef]]) -> None:
         with contextlib.suppress(StoreError, IntegrityError):  # the real read reports it
-            await self.chunk(ino, idx)
+            await self._fetch_run(ino, run)
 
     # --- writing -------------------------------------------------------------------------
 
@@ -217,3 +233,7 @@ class FileData:
         self.cache.forget(ino)
         self._last_read.pop(ino, None)
         self._prefetched.pop(ino, None)
+
+
+def _adjacent(prev: ChunkRef, ref: ChunkRef | None) -> bool:
+    return ref is not None and ref.pack == prev.pack and ref.off == prev.off + prev.len

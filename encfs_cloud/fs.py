@@ -12,11 +12,11 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from .committer import Committer
 from .errors import FsError, errno_of
 from .filedata import FileData
 from .metadata import Inode, Metadata
 from .namespace import Namespace, now_ns
-from .uploader import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self,
         md: Metadata,
         data: FileData,
-        uploader: Uploader,
+        committer: Committer,
         *,
         read_only: bool = False,
     ) -> None:
@@ -66,7 +66,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.md = md
         self.ns = Namespace(md)
         self.data = data
-        self.uploader = uploader
+        self.committer = committer
         self.read_only = read_only
         self.lookups: dict[int, int] = {}
         self.open_files: dict[int, int] = {}  # inode → open handles
@@ -112,6 +112,21 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.md.delete_inode(ino)
         self.data.forget(ino)
 
+    async def _truncate(self, ino: int, size: int, when: int | None) -> None:
+        """Cut or extend a regular file; `when` stamps mtime and ctime (None: leave them)."""
+        async with self._lock(ino):
+            node = self.ns.inode(ino)
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if not node.is_reg:
+                raise FsError(errno.EINVAL)
+            await self.data.truncate(ino, node.size, size)
+            node = self.ns.inode(ino)
+            node.size = size
+            if when is not None:
+                node.mtime_ns = node.ctime_ns = when
+            self.md.put_inode(node)
+
     def _lock(self, ino: int) -> Any:
         import trio
 
@@ -154,17 +169,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self._writable()
         when = now_ns()
         if fields.update_size:
-            async with self._lock(inode):
-                node = self.ns.inode(inode)
-                if node.is_dir:
-                    raise FsError(errno.EISDIR)
-                if not node.is_reg:
-                    raise FsError(errno.EINVAL)
-                await self.data.truncate(inode, node.size, attr.st_size)
-                node = self.ns.inode(inode)
-                node.size = attr.st_size
-                node.mtime_ns = when
-                self.md.put_inode(node)
+            await self._truncate(inode, attr.st_size, when)
         node = self.ns.inode(inode)
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
@@ -282,6 +287,11 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             raise FsError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._writable()
+        if flags & os.O_TRUNC:
+            # libfuse asks for atomic O_TRUNC, so no setattr comes for it: truncating is ours
+            # (the kernel's cached size of 0 would hide a miss until the next mount). With the
+            # writeback cache the kernel stamps the times itself, as for write().
+            await self._truncate(inode, 0, None if self.enable_writeback_cache else now_ns())
         return pyfuse3.FileInfo(fh=self._open_handle(inode), keep_cache=True)
 
     @handler
@@ -307,7 +317,11 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             size = await self.data.write(ino, node.size, off, buf)
             node = self.ns.inode(ino)
             node.size = max(size, node.size)
-            node.mtime_ns = node.ctime_ns = now_ns()
+            if not self.enable_writeback_cache:
+                # With the writeback cache the kernel stamps mtime/ctime at write(2) time and
+                # sends them by setattr, which may reach us before these pages do: stamping
+                # here would replace its times with a later one, seen after a remount.
+                node.mtime_ns = node.ctime_ns = now_ns()
             self.md.put_inode(node)
         return len(buf)
 
@@ -329,7 +343,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         if not self.read_only:
-            await self.uploader.sync()
+            await self.committer.sync()
 
     # --- directories -----------------------------------------------------------------------
 
@@ -372,7 +386,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     @handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         if not self.read_only:
-            await self.uploader.sync()
+            await self.committer.sync()
 
     # --- xattrs --------------------------------------------------------------------------
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import runtime
+from . import control, runtime
 from .device import DeviceStore
 from .errors import EncfsCloudError, MountpointError
+from .lease import FencedStore, Lease, LeaseKeeper
+from .sealed import Sealer
 from .store import StoreOptions, open_store
 from .vault import unlock
 from .volume import Volume, VolumeOptions
@@ -52,13 +54,24 @@ def check_mountpoint(path: Path) -> None:
 
 
 def prepare(request: MountRequest) -> Volume:
-    """Open the store, unlock the keys and replay the metadata (blocking)."""
+    """Open the store, unlock the keys, take the lease (read-write) and replay (blocking)."""
     store = open_store(request.source, request.store_options)
     devices = DeviceStore()
     unlocked = unlock(store, devices, request.passphrase)
+    lease: Lease | None = None
     try:
-        return Volume(store, unlocked, devices, request.volume_options)
+        if not request.volume_options.read_only:
+            # Taken before the replay, so what we load is the previous writer's final state;
+            # every write then goes through the fence, which refuses it once the lease is lost.
+            sealer = Sealer(unlocked.fs_id, unlocked.keys)
+            device = unlocked.device
+            lease = Lease(store, sealer, device.device_id, device.name)
+            lease.acquire(takeover=request.takeover)
+            store = FencedStore(store, lease)
+        return Volume(store, unlocked, devices, request.volume_options, lease=lease)
     except BaseException:
+        if lease is not None:
+            lease.release()
         unlocked.wipe()
         raise
 
@@ -76,24 +89,58 @@ def fuse_options(request: MountRequest) -> set[str]:
 
 async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> None:
     """Run the FUSE loop until the kernel unmounts us, then flush everything."""
+    keeper: LeaseKeeper | None = None
+    if volume.lease is not None:
+
+        def lease_lost(holder: str) -> None:
+            # The new holder may already have committed on top of our last commit: from now
+            # on nothing of ours may reach the bucket (the fence refuses it anyway).
+            volume.ops.read_only = True
+            volume.options.read_only = True
+            volume.committer.stopped = True
+            log.error(
+                "lost the single-writer lease to %s: the filesystem is read-only now and "
+                "changes not yet committed are discarded",
+                holder,
+            )
+
+        keeper = LeaseKeeper(volume.lease, lease_lost)
     async with trio.open_nursery() as nursery:
         await nursery.start(volume.run)
+        if keeper is not None:
+            await nursery.start(keeper.run)  # first renewal records the daemon's pid
         nursery.start_soon(_watch_signals, request.mountpoint)
+        nursery.start_soon(control.serve, volume, request.mountpoint)
         ready.set()
         try:
             await pyfuse3.main()
         finally:
             with trio.CancelScope(shield=True):
                 await _final_flush(volume)
+                if keeper is not None:  # renewed during the flush; released only after it
+                    await keeper.stop_and_release()
             nursery.cancel_scope.cancel()
 
 
 async def _final_flush(volume: Volume) -> None:
+    """Put every change in the bucket; if the store cannot take it, spool it sealed locally."""
     try:
         await volume.flush()
         log.info("unmount: every change is in the bucket")
+        return
     except EncfsCloudError as exc:
         log.error("unmount: could not write the last changes to the bucket: %s", exc)
+    if volume.committer.stopped:
+        return  # another writer owns the filesystem now: our changes must not land
+    try:
+        size = volume.spool()
+        if size:
+            log.warning(
+                "unmount: %d bytes kept sealed in the local spool; the next mount uploads them",
+                size,
+            )
+    except OSError as exc:
+        log.error("unmount: could not write the local spool: %s", exc)
 
 
 async def _watch_signals(mountpoint: Path) -> None:
@@ -117,7 +164,7 @@ def run_mounted(volume: Volume, request: MountRequest, notify_fd: int | None) ->
             runtime.notify_error(notify_fd, error.exit_code, str(error))
             return error.exit_code
         raise error from None
-    runtime.register(request.mountpoint, os.getpid(), request.source)
+    runtime.register(request.mountpoint, os.getpid(), request.source, volume.unlocked.fs_id)
     code = 0
     try:
         ready = trio.Event()
@@ -147,6 +194,7 @@ def mount(request: MountRequest) -> int:
     bucket is reported by the command itself with its own exit code.
     """
     check_mountpoint(request.mountpoint)
+    runtime.tame_malloc()
     runtime.setup_logging(request.log_file, request.debug, foreground=True)
     volume = prepare(request)
     if request.foreground:

@@ -101,6 +101,7 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
                 "region",
                 "profile",
                 "commit_interval",
+                "sync_timeout",
             )
             and sep
         ):
@@ -116,8 +117,15 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
         volume.cache_size = parse_size(pairs["cache_size"])
         if volume.cache_size < 16 << 20:
             raise UsageError("cache_size must be at least 16M")
-    if "commit_interval" in pairs:
-        volume.commit_interval = float(pairs["commit_interval"])
+    for name in ("commit_interval", "sync_timeout"):
+        if name in pairs:
+            try:
+                seconds = float(pairs[name])
+            except ValueError:
+                raise UsageError(f"{name} takes seconds, not {pairs[name]!r}") from None
+            if seconds <= 0:
+                raise UsageError(f"{name} must be positive")
+            setattr(volume, name, seconds)
     passphrase = None
     if "passphrase_file" in pairs:
         passphrase = read_secret_file(pairs["passphrase_file"])

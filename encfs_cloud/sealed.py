@@ -50,13 +50,19 @@ class Sealer:
     # --- chunks (inside packs) -------------------------------------------------------------
 
     def seal_chunk_into(
-        self, ino: int, idx: int, version: int, data: bytes | bytearray, out: memoryview
+        self,
+        ino: int,
+        idx: int,
+        version: int,
+        data: bytes | bytearray,
+        out: memoryview,
+        gen: int | None = None,
     ) -> None:
         """Seal one chunk into `out` (sealed_chunk_len(len(data)) bytes).
 
         The plaintext is padded to a multiple of CHUNK_PAD; its true length is in the metadata.
         """
-        gen = self.keys.current
+        gen = self.keys.current if gen is None else gen
         pad = layout.padded_chunk_len(len(data)) - len(data)
         plain = data if pad == 0 else bytes(data) + bytes(pad)
         key = self.keys.subkey("chunk", gen)
@@ -68,7 +74,7 @@ class Sealer:
         return bytes(out)
 
     def open_chunk(
-        self, ino: int, idx: int, version: int, gen: int, plain_len: int, blob: bytes
+        self, ino: int, idx: int, version: int, gen: int, plain_len: int, blob: bytes | memoryview
     ) -> bytes | memoryview:
         if gen not in self.keys.generations:
             raise IntegrityError(f"chunk {ino}/{idx} names unknown key generation {gen}")

@@ -342,7 +342,7 @@ def unlock_with_recovery(
         rec.wipe()
         raise UsageError(
             f"this machine already has a device key for filesystem {fs_id.hex()}; unlock with it, "
-            "or wipe it first (encfs-cloud device wipe) to recover"
+            "or wipe it first (encfs-cloud wipe SOURCE) to recover"
         )
     try:
         keys = open_recovery(store, fs_id, rec)

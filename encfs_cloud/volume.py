@@ -8,23 +8,27 @@ from dataclasses import dataclass
 
 import trio
 
+from . import spool
 from .cache import ChunkCache
-from .device import DeviceStore
-from .errors import RollbackError
+from .committer import Committer
+from .device import DeviceState, DeviceStore
+from .errors import DeviceRevokedError, RollbackError, StoreError
 from .filedata import FileData
 from .fs import Operations
 from .journal import Head, replay
+from .lease import Lease
 from .metadata import Metadata
 from .namespace import Namespace
 from .sealed import Sealer
 from .store.base import ObjectStore
 from .uploader import Uploader
-from .vault import Unlocked
+from .vault import Unlocked, refresh
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 256 << 20
 IO_THREADS = 8
+KEY_REFRESH_INTERVAL = 30.0
 
 
 @dataclass
@@ -45,8 +49,11 @@ class Volume:
         unlocked: Unlocked,
         devices: DeviceStore,
         options: VolumeOptions | None = None,
+        *,
+        lease: Lease | None = None,
     ) -> None:
         self.store = store
+        self.lease = lease  # the single-writer lease a read-write mount holds (see lease.py)
         self.unlocked = unlocked
         self.devices = devices
         self.options = options or VolumeOptions()
@@ -55,26 +62,29 @@ class Volume:
         md, head = self._replay()
         self.md = md
         Namespace(md).ensure_root(os.getuid(), os.getgid())
-        dirty_limit = max(8 << 20, min(64 << 20, self.options.cache_size // 4))
+        # Dirty and in-flight data also exist sealed in pack buffers while uploading: keep
+        # them small enough that RSS stays within cache_size + ~150 MiB.
+        dirty_limit = max(8 << 20, min(48 << 20, self.options.cache_size // 4))
         self.cache = ChunkCache(max(self.options.cache_size - dirty_limit, 1 << 20), dirty_limit)
-        self.uploader = Uploader(
+        self.uploader = Uploader(md, self.cache, self.sealer, store, limiter=self.limiter)
+        self.committer = Committer(
             md,
-            self.cache,
-            self.sealer,
-            store,
+            self.uploader,
             head,
-            limiter=self.limiter,
             on_commit=self._remember_head,
+            before_commit=self._refresh_keys,
             sync_timeout=self.options.sync_timeout,
         )
         self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
-        self.ops = Operations(md, self.data, self.uploader, read_only=self.options.read_only)
+        self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
+        self._keys_checked = 0.0
         self._purge_orphans()
 
     def _replay(self) -> tuple[Metadata, Head]:
         """Load the newest state and refuse one older than this device has seen."""
         fs_id = self.unlocked.fs_id
         state = self.devices.load_state(fs_id)
+        spool.upload(self.devices.folder(fs_id), self.store)
         has_commits = any(True for _ in self.store.list("meta/"))
         if not has_commits:
             if state.commit_seq and not self.options.allow_rollback:
@@ -103,10 +113,36 @@ class Volume:
         return md, head
 
     def _remember_head(self, head: Head) -> None:
-        state = self.devices.load_state(self.unlocked.fs_id)
-        state.commit_seq = head.seq
-        state.commit_hash = head.hash
-        self.devices.save_state(self.unlocked.fs_id, state)
+        def seen(state: DeviceState) -> None:
+            state.commit_seq = head.seq
+            state.commit_hash = head.hash
+
+        self.devices.update_state(self.unlocked.fs_id, seen)
+
+    async def _refresh_keys(self) -> None:
+        """Adopt a key generation another device created (a revocation) before committing.
+
+        Checked at most every KEY_REFRESH_INTERVAL seconds: one small GET. A revoked device
+        stops writing.
+        """
+        now = trio.current_time()
+        if now - self._keys_checked < KEY_REFRESH_INTERVAL:
+            return
+        self._keys_checked = now
+        try:
+            changed = await trio.to_thread.run_sync(
+                refresh, self.store, self.devices, self.unlocked, limiter=self.limiter
+            )
+        except DeviceRevokedError:
+            log.error("this device was revoked: the mount is now read-only")
+            self.committer.stopped = True
+            self.ops.read_only = True
+            return
+        except StoreError as exc:
+            log.warning("could not check for new key generations: %s", exc)
+            return
+        if changed:
+            log.info("now sealing under key generation %d", self.unlocked.keys.current)
 
     def _purge_orphans(self) -> None:
         """Inodes left with no name by a crash while they were open are deleted now."""
@@ -118,13 +154,21 @@ class Volume:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self.data.nursery = nursery
-            await nursery.start(self.uploader.run, self.options.commit_interval)
+            await nursery.start(self.uploader.run)
+            nursery.start_soon(self.committer.run, self.options.commit_interval)
             task_status.started()
 
     async def flush(self) -> None:
         """Everything into the bucket (fsync of the whole filesystem)."""
         if not self.options.read_only:
-            await self.uploader.sync()
+            await self.committer.sync()
+
+    def spool(self) -> int:
+        """Keep what could not be uploaded, sealed, in this device's spool; returns its size."""
+        objects = self.committer.spool_contents()
+        if objects:
+            spool.save(self.devices.folder(self.unlocked.fs_id), objects)
+        return sum(len(data) for _, data in objects)
 
     def wipe(self) -> None:
         """Drop all plaintext and key material held in memory."""

@@ -32,14 +32,40 @@ from bench_util import (
 )
 from bench_workloads import WORKLOADS, Config, Tree, build_tree, run_once
 
-SMOKE = {"size_mib": 8, "runs": 1, "fio_seconds": 2, "tree_files": 200, "rename_files": 100}
-DEFAULTS = {"size_mib": 256, "runs": 3, "fio_seconds": 15, "tree_files": 0, "rename_files": 1000}
+SMOKE: dict[str, Any] = {
+    "size_mib": 8,
+    "runs": 1,
+    "fio_seconds": 2,
+    "tree_files": 200,
+    "rename_files": 100,
+    "rtt": "0",
+}
+DEFAULTS: dict[str, Any] = {
+    "size_mib": 256,
+    "runs": 3,
+    "fio_seconds": 15,
+    "tree_files": 0,
+    "rename_files": 1000,
+    "rtt": "0,20",
+}
+
+EPILOG = """\
+workloads: write (256 MiB, until fsync and until unmounted), read (cold, after remount),
+  untar (stdlib tree, until unmounted), ls (find + ls -lR, cold), fio (4 KiB random reads),
+  rename (rename(2) of a 1,000-file directory), rss (daemon peak VmHWM).
+examples:
+  scripts/bench.py                          # full: 3 runs, RTT 0 and 20 ms (~25 min)
+  scripts/bench.py --rtt 0                  # no delayed profile (~13 min)
+  scripts/bench.py --smoke                  # every system, tiny sizes, 1 run (< 2 min)
+  scripts/bench.py --smoke --only passthrough --no-install
+  scripts/bench.py --only encfs-s3,rclone-crypt --rtt 20 --workloads ls,rename
+"""
 
 FAIRNESS = [
-    "rclone's fsync only reaches its local VFS cache; its upload happens after close and "
-    "`rclone mount` exits only once uploads are done, so 'until durable' (unmount finished) "
-    "is the comparable write figure; --vfs-write-back is set to 0s (default 5s) so rclone is "
-    "not charged an idle delay.",
+    "rclone's fsync only reaches its local VFS cache and `rclone mount` exits on unmount without "
+    "uploading what is still queued, so rclone's 'until durable' waits (rc vfs/stats, polled "
+    "every 20 ms) until its upload queue is empty, then unmounts; --vfs-write-back is 100ms "
+    "(default 5s) so rclone is not charged an idle delay.",
     "Local-directory systems (encfs-cloud file://, gocryptfs, passthrough): 'durable' "
     "includes a sync(2) after the unmount.",
     "The S3 server, the delay proxy, fio/tar and the daemons share the same cores.",
@@ -49,7 +75,11 @@ FAIRNESS = [
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
     p.add_argument("--runs", type=int, help="runs per system, interleaved (default 3)")
     p.add_argument("--size-mib", type=int, help="sequential file size (default 256)")
     p.add_argument("--fio-seconds", type=int, help="random-read duration (default 15)")
@@ -62,13 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="subset of the workloads")
     p.add_argument(
         "--rtt",
-        default="0",
-        help="round trip(s) in ms between S3 systems and the server, e.g. 0,20 (default 0)",
+        help="round trip(s) in ms between the S3 systems and the server; each value is a "
+        "separate column (default 0,20; --smoke: 0)",
     )
     p.add_argument("--s3-server", choices=["auto", "moto", "rclone"], default="auto")
     p.add_argument("--cache-size-mib", type=int, default=256, help="encfs-cloud cache_size")
     p.add_argument("--encfs-opts", default="", help="extra -o options for mount.encfs-cloud")
-    p.add_argument("--rclone-write-back", default="0s", help="rclone --vfs-write-back")
+    p.add_argument("--rclone-write-back", default="100ms", help="rclone --vfs-write-back")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one run")
     p.add_argument("--no-install", action="store_true", help="never pip/apt install")
     p.add_argument("--out-dir", default=str(REPO / "bench-results"))

@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024
 WINDOW = 32 * 1024 * 1024
 
 

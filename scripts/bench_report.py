@@ -219,6 +219,11 @@ class Report:
         skipped = [s for s in self.systems if s.get("skipped")]
         for s in skipped:
             lines.append(f"SKIPPED {s['title']}: {s['skipped']}")
+        notes = self.note_lines()
+        if notes:
+            lines.append("")
+            lines.append("Notes from the runs:")
+            lines.extend(notes)
         errors = self.error_lines()
         if errors:
             lines.append("")
@@ -230,6 +235,15 @@ class Report:
             lines.append("Targets (encfs-cloud):")
             lines.extend(tsum)
         return "\n".join(lines)
+
+    def note_lines(self) -> list[str]:
+        out: list[str] = []
+        for s in self.systems:
+            runs = self.raw.get(s["key"], [])
+            for note in dict.fromkeys(n for r in runs for n in r.get("notes", [])):
+                count = sum(note in r.get("notes", []) for r in runs)
+                out.append(f"  {s['title']}: {note} ({count}/{len(runs)} runs)")
+        return out
 
     def error_lines(self) -> list[str]:
         out: list[str] = []

@@ -296,6 +296,11 @@ def apply_quirks(server: S3Server, result: dict[str, Any]) -> None:
             f"{server.name} returns whole-object checksums on ranged GETs: boto3 clients run "
             "with AWS_RESPONSE_CHECKSUM_VALIDATION=when_required"
         )
+    if isinstance(server, MotoServer):
+        server.notes.append(
+            "moto's werkzeug server closes the connection after each response, so behind the "
+            "delay proxy every request also pays a connection set-up RTT"
+        )
     if result.get("conditional_put") == "ignored":
         server.notes.append(
             f"{server.name} ignores If-None-Match/If-Match: fine for one writer, "

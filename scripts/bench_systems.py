@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,7 @@ from bench_util import (
     BenchError,
     children,
     force_unmount,
+    free_port,
     fusermount_u,
     is_mounted,
     pid_alive,
@@ -31,6 +35,7 @@ from bench_util import (
     vm_hwm_kib,
     wait_mounted,
     wait_pids_gone,
+    wait_port,
 )
 
 
@@ -43,7 +48,7 @@ class Env:
     s3_urls: dict[float, str] = field(default_factory=dict)  # rtt_ms -> endpoint URL
     cache_size_mib: int = 256
     encfs_opts: str = ""
-    rclone_write_back: str = "0s"
+    rclone_write_back: str = "100ms"
     mount_timeout: float = 60.0
     unmount_timeout: float = 600.0
 
@@ -56,6 +61,8 @@ class System:
     uses_s3 = False
     # Local-directory systems: "durable" additionally includes a sync(2) of the backing disk.
     local = False
+    # Key prefix of this run's data in the S3 bucket ("" when not on S3).
+    prefix = ""
 
     def __init__(self, env: Env, rtt_ms: float = 0.0) -> None:
         self.env = env
@@ -194,6 +201,7 @@ class Gocryptfs(System):
         run(
             ["gocryptfs", "-q", "-extpass", "echo benchpw", str(self.cipher), str(self.mnt)],
             timeout=self.env.mount_timeout,
+            output=self.log_path,
         )
         wait_mounted(self.mnt, self.env.mount_timeout)
         self._find_daemon()
@@ -232,9 +240,11 @@ class RcloneCrypt(System):
             f"password = {RcloneCrypt._obscured}\n"
         )
         self.cache_dir = run_dir / "rclone-cache"
+        self.rc_port = 0
 
     def mount(self) -> None:
         rclone = tool("rclone") or "rclone"
+        self.rc_port = free_port()
         cmd = [
             rclone,
             "mount",
@@ -248,6 +258,10 @@ class RcloneCrypt(System):
             self.env.rclone_write_back,
             "--cache-dir",
             str(self.cache_dir),
+            "--rc",
+            "--rc-addr",
+            f"127.0.0.1:{self.rc_port}",
+            "--rc-no-auth",
             "--log-level",
             "NOTICE",
         ]
@@ -256,13 +270,46 @@ class RcloneCrypt(System):
         self.pids = [proc.pid]
         try:
             wait_mounted(self.mnt, self.env.mount_timeout, proc)
+            wait_port(self.rc_port, self.env.mount_timeout, proc)
         except BenchError as exc:
             raise BenchError(f"{exc}: {tail(self.log_path.read_text())}") from None
 
+    def _pending_uploads(self) -> int:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.rc_port}/vfs/stats", data=b"{}", method="POST"
+        )
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            disk = json.load(resp).get("diskCache", {})
+        return int(disk.get("uploadsInProgress", 0)) + int(disk.get("uploadsQueued", 0))
+
+    def wait_uploads(self) -> None:
+        """Wait until rclone's write-back queue is empty.
+
+        rclone's fsync only reaches its disk cache; files are queued for upload when the
+        (asynchronous) FUSE release arrives and uploaded --vfs-write-back later; and on unmount
+        `rclone mount` exits without uploading what is still queued (checked: 300 files written,
+        fewer than half in the bucket). So "durable" = this queue drained, then unmount. A short
+        grace covers a release still in flight when the queue first reads empty; it only costs
+        time when nothing was written.
+        """
+        deadline = time.monotonic() + self.env.unmount_timeout
+        grace_end = time.monotonic() + 0.3
+        seen = False
+        while time.monotonic() < deadline:
+            pending = self._pending_uploads()
+            if pending:
+                seen = True
+            elif seen or time.monotonic() >= grace_end:
+                return
+            time.sleep(0.02)
+        raise BenchError("rclone uploads still pending at the unmount timeout")
+
     def unmount(self) -> None:
-        # rclone's fsync only reaches its disk cache and the FUSE release that starts the upload
-        # is asynchronous, but on unmount the process exits only after its uploads are done
-        # (checked: the whole object is in the bucket when it has exited).
+        try:
+            self.wait_uploads()
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"rclone rc vfs/stats: {exc}") from None
         self._fusermount_and_wait()
         stop_proc(self.proc)
 
@@ -271,7 +318,7 @@ class RcloneCrypt(System):
 
     def cleanup(self, destroy: bool = True) -> None:
         super().cleanup(destroy)
-        if destroy and self.env.s3 is not None and getattr(self, "prefix", ""):
+        if destroy and self.env.s3 is not None and self.prefix:
             with contextlib.suppress(Exception):
                 self.env.s3.delete_prefix(BUCKET, self.prefix)
 
@@ -356,7 +403,12 @@ class EncfsCloud(System):
             opts.append(self.env.encfs_opts)
         cmd = [tool("mount.encfs-cloud") or "mount.encfs-cloud", self.source, str(self.mnt)]
         cmd += ["-o", ",".join(opts)]
-        run(cmd, env=self._environ(), timeout=self.env.mount_timeout)
+        run(
+            cmd,
+            env=self._environ(),
+            timeout=self.env.mount_timeout,
+            output=self.run_dir / "mount.out",
+        )
         wait_mounted(self.mnt, self.env.mount_timeout)
         self._find_daemon()
 
@@ -382,7 +434,7 @@ class EncfsCloud(System):
                     check=False,
                 )
         super().cleanup(destroy)
-        if destroy and self.uses_s3 and self.env.s3 is not None and getattr(self, "prefix", ""):
+        if destroy and self.uses_s3 and self.env.s3 is not None and self.prefix:
             with contextlib.suppress(Exception):
                 self.env.s3.delete_prefix(BUCKET, self.prefix)
 

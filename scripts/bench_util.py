@@ -59,18 +59,40 @@ def run(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     cwd: str | Path | None = None,
+    output: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command with a timeout, capturing output; raise BenchError on failure."""
+    """Run a command with a timeout, capturing output; raise BenchError on failure.
+
+    With output=PATH the command writes to that file instead of pipes: needed for commands
+    that daemonize, whose daemon could otherwise hold our pipe open until the timeout.
+    """
     try:
-        proc = subprocess.run(
-            list(cmd),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-        )
+        if output is None:
+            proc = subprocess.run(
+                list(cmd),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+            )
+        else:
+            with open(output, "ab") as out:
+                start = out.tell()
+                rc = subprocess.run(
+                    list(cmd),
+                    stdout=out,
+                    stderr=out,
+                    timeout=timeout,
+                    env=dict(env) if env is not None else None,
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                ).returncode
+            with open(output, "rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+            proc = subprocess.CompletedProcess(list(cmd), rc, text, "")
     except subprocess.TimeoutExpired:
         raise BenchError(f"{Path(cmd[0]).name} timed out after {timeout:.0f}s") from None
     except OSError as exc:

@@ -144,7 +144,8 @@ class Passthrough(pyfuse3.Operations):
         return self._attr(_oserror(os.lstat, path))
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return _oserror(os.readlink, self._path(inode))
+        target: bytes = _oserror(os.readlink, self._path(inode))
+        return target
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = _oserror(os.statvfs, self._source)
@@ -158,7 +159,10 @@ class Passthrough(pyfuse3.Operations):
     # -- directories ------------------------------------------------------------------
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
-        names = sorted(_oserror(os.listdir, path))
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         fh = self._next_dir_fh
         self._next_dir_fh += 1
         self._dirs[fh] = (inode, path, names)

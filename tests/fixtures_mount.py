@@ -170,14 +170,18 @@ def mounted_fs(device: Device, local_source: str, tmp_path: Path) -> Iterator[Pa
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _no_leftover_mounts() -> Iterator[None]:
-    """After the session, nothing a test mounted under a temp folder may remain."""
+def _no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the session, nothing this session mounted under its temp folder may remain.
+
+    Only this session's base temp folder: other pytest sessions may run at the same time.
+    """
     yield
+    base = str(tmp_path_factory.getbasetemp().resolve())
     with open("/proc/mounts") as mounts:
         left = [
             line.split()[1]
             for line in mounts
-            if line.split()[2] == "fuse.encfs-cloud" and "/pytest-" in line.split()[1]
+            if line.split()[2] == "fuse.encfs-cloud" and line.split()[1].startswith(base)
         ]
     for path in left:
         force_unmount(Path(path))

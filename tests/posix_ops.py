@@ -1,0 +1,200 @@
+"""Run the same file operations on a mount and on a local directory and compare the outcomes."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+# Far enough in the past that "did the timestamp move" never depends on the clock.
+OLD_NS = 1_000_000_000_123_456_789
+# Local filesystems stamp times from a coarse clock (one jiffy, up to 10 ms here): wait longer
+# than that between setting a baseline and the operation, so a change always shows.
+TICK = 0.03
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(src: Path, dst: Path, flags: int) -> None:
+    """rename(2) with flags, which the os module does not offer."""
+    done = _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags)
+    if done != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(src))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an operation did: its value, or the errno it failed with."""
+
+    value: Any = None
+    errno: int | None = None
+
+    def __str__(self) -> str:
+        if self.errno is not None:
+            return f"errno {errno.errorcode.get(self.errno, self.errno)}"
+        return repr(self.value)
+
+
+def attempt(op: Callable[[], Any]) -> Outcome:
+    try:
+        return Outcome(value=op())
+    except OSError as exc:
+        return Outcome(errno=exc.errno)
+
+
+def stat_view(st: os.stat_result) -> dict[str, int]:
+    """The stat fields a mount must report exactly as a local filesystem does."""
+    view = {
+        "type": stat.S_IFMT(st.st_mode),
+        "mode": stat.S_IMODE(st.st_mode),
+        "nlink": st.st_nlink,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }
+    if not stat.S_ISDIR(st.st_mode):  # a directory's st_size is the filesystem's own business
+        view["size"] = st.st_size
+    return view
+
+
+def lstat_view(path: Path) -> dict[str, int]:
+    return stat_view(os.lstat(path))
+
+
+def tree_view(root: Path) -> dict[str, Any]:
+    """Everything visible about a tree: per path its stat view, content or target, xattrs."""
+    out: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = os.lstat(path)
+            entry: dict[str, Any] = {"stat": stat_view(st)}
+            if stat.S_ISREG(st.st_mode):
+                entry["data"] = path.read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                entry["target"] = os.readlink(path)
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                entry["xattrs"] = {
+                    n: os.getxattr(path, n) for n in sorted(os.listxattr(path)) if n.startswith("user.")
+                }
+            out[rel] = entry
+    return out
+
+
+class TwinFd:
+    """One file opened on both sides; operations on it are compared like any other."""
+
+    def __init__(self, twin: Twin, fds: tuple[int, int]) -> None:
+        self.twin = twin
+        self.fds = fds
+
+    def do(self, op: Callable[[int], T], what: str = "") -> T:
+        mine = attempt(lambda: op(self.fds[0]))
+        self.twin.check(mine, attempt(lambda: op(self.fds[1])), what or "fd op")
+        value: T = mine.value
+        return value
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
+class Twin:
+    """A directory on the mount and a local reference directory, driven in lockstep.
+
+    Every operation runs on both; its value (or errno) must be the same on both sides. A
+    test then reads like a POSIX script, and any divergence names the step that diverged.
+    """
+
+    def __init__(self, mine: Path, ref: Path) -> None:
+        self.mine = mine
+        self.ref = ref
+        self.steps = 0
+
+    @property
+    def roots(self) -> tuple[Path, Path]:
+        return self.mine, self.ref
+
+    def check(self, mine: Outcome, ref: Outcome, what: str) -> None:
+        self.steps += 1
+        assert mine == ref, f"step {self.steps} ({what}): mount gave {mine}, local gave {ref}"
+
+    def do(self, op: Callable[[Path], T], what: str = "") -> T:
+        """Run op(root) on both sides; same value or same errno, else the test fails."""
+        mine = attempt(lambda: op(self.mine))
+        self.check(mine, attempt(lambda: op(self.ref)), what or "op")
+        value: T = mine.value
+        return value
+
+    def fails(self, op: Callable[[Path], Any], code: int, what: str = "") -> None:
+        """Like do(), and the operation must fail with `code` (a comparison alone could pass
+        with both sides succeeding where POSIX wants an error)."""
+        outcome = attempt(lambda: op(self.mine))
+        assert outcome.errno == code, (
+            f"{what or 'op'}: mount gave {outcome}, POSIX says {errno.errorcode[code]}"
+        )
+        self.check(outcome, attempt(lambda: op(self.ref)), what)
+
+    def open(self, rel: str, flags: int, mode: int = 0o644) -> TwinFd:
+        fds = tuple(os.open(root / rel, flags, mode) for root in self.roots)
+        return TwinFd(self, (fds[0], fds[1]))
+
+    def stat(self, rel: str) -> dict[str, int]:
+        return self.do(lambda r: lstat_view(r / rel), f"lstat {rel}")
+
+    def same_tree(self) -> dict[str, Any]:
+        mine, ref = tree_view(self.mine), tree_view(self.ref)
+        assert mine.keys() == ref.keys(), "the trees hold different names"
+        for rel in mine:
+            assert mine[rel] == ref[rel], f"{rel} differs: mount {mine[rel]!r} local {ref[rel]!r}"
+        return mine
+
+    def stamps(
+        self,
+        op: Callable[[Path], Any],
+        before: Iterable[str],
+        after: Iterable[str] | None = None,
+        what: str = "",
+    ) -> dict[str, tuple[bool, bool]]:
+        """Which of mtime and ctime an operation moved, per path; must match on both sides.
+
+        `before` names the inodes whose times are reset to a baseline; `after` names them
+        again once the operation ran (a rename moves a path).
+        """
+        before = list(before)
+        after = list(after) if after is not None else before
+        assert len(after) == len(before)
+        for root in self.roots:
+            for rel in before:
+                os.utime(root / rel, ns=(OLD_NS, OLD_NS), follow_symlinks=False)
+        base = {
+            (root, rel): (os.lstat(root / rel).st_mtime_ns, os.lstat(root / rel).st_ctime_ns)
+            for root in self.roots
+            for rel in before
+        }
+        time.sleep(TICK)
+        self.do(op, what)
+        moved: list[dict[str, tuple[bool, bool]]] = []
+        for root in self.roots:
+            side = {}
+            for old, new in zip(before, after, strict=True):
+                st = os.lstat(root / new)
+                m0, c0 = base[(root, old)]
+                side[new] = (st.st_mtime_ns != m0, st.st_ctime_ns != c0)
+            moved.append(side)
+        assert moved[0] == moved[1], (
+            f"{what}: (mtime moved, ctime moved) mount {moved[0]} local {moved[1]}"
+        )
+        return moved[0]
