@@ -193,8 +193,9 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         dest="options",
         action="append",
         metavar="OPTION[,OPTION...]",
-        help="ro, cache_size=SIZE, passphrase_file=FILE, endpoint_url=URL, "
-        "allow_other, log=FILE, takeover, allow_rollback, debug",
+        help="ro, cache_size=SIZE, passphrase_file=FILE, endpoint_url=URL, region=NAME, "
+        "profile=NAME, allow_other, allow_root, uid=N, gid=N, umask=M, max_read=N, log=FILE, "
+        "commit_interval=SECONDS, sync_timeout=SECONDS, takeover, allow_rollback, debug",
     )
     # mount(8) passes these; they mean nothing to us.
     p.add_argument("-s", "-n", dest="_ignored", action="store_true", help=argparse.SUPPRESS)

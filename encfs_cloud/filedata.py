@@ -76,6 +76,7 @@ class FileData:
             self._fetching[token] = event
         try:
             plains = await trio.to_thread.run_sync(self._fetch, ino, run, limiter=self.limiter)
+            self.bytes_fetched += sum(ref.len for _, ref in run)  # on the trio thread: no race
         finally:
             for token in tokens:
                 del self._fetching[token]
@@ -92,7 +93,6 @@ class FileData:
         total = run[-1][1].off + run[-1][1].len - first.off
         try:
             blob = memoryview(self.store.get(name, first.off, total))
-            self.bytes_fetched += len(blob)
             if len(blob) != total:
                 raise IntegrityError(f"object {name} is shorter than the chunks it should hold")
             return [

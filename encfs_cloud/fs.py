@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from .committer import Committer
-from .errors import FsError, errno_of
+from .errors import EncfsCloudError, FsError, errno_of
 from .filedata import FileData
 from .metadata import Inode, Metadata
 from .namespace import Namespace, now_ns
@@ -41,6 +41,11 @@ def handler(
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except EncfsCloudError as exc:
+            # Ours, and already logged where it happened (with inode and object): no traceback.
+            if exc.errno == errno.EIO:
+                log.error("%s failed: %s", func.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception as exc:
             code = errno_of(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
         passphrase=passphrase,
         foreground="foreground" in flags,
         allow_other="allow_other" in flags,
-        log_file=pairs.get("log"),
+        # The daemon changes to "/": a relative log path means relative to the caller.
+        log_file=os.path.abspath(pairs["log"]) if "log" in pairs else None,
         debug="debug" in flags,
         fuse_options=fuse_extra + (["allow_root"] if "allow_root" in flags else []),
         takeover="takeover" in flags,

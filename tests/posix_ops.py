@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tests.fixtures_mount import Device, is_mounted, unmount
 
 T = TypeVar("T")
 
@@ -32,6 +35,20 @@ def renameat2(src: Path, dst: Path, flags: int) -> None:
     if done != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), str(src))
+
+
+def write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+class R(str):
+    """A path relative to the side's root, as an argument of Twin.call / Twin.refuses."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -87,10 +104,29 @@ def tree_view(root: Path) -> dict[str, Any]:
                 entry["target"] = os.readlink(path)
             if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                 entry["xattrs"] = {
-                    n: os.getxattr(path, n) for n in sorted(os.listxattr(path)) if n.startswith("user.")
+                    n: os.getxattr(path, n)
+                    for n in sorted(os.listxattr(path))
+                    if n.startswith("user.")
                 }
             out[rel] = entry
     return out
+
+
+def _rooted(root: Path, args: tuple[Any, ...]) -> list[Any]:
+    return [root / a if isinstance(a, R) else a for a in args]
+
+
+def _label(func: Callable[..., Any], args: tuple[Any, ...]) -> str:
+    return f"{getattr(func, '__name__', 'op')}({', '.join(map(repr, args))})"
+
+
+def identities(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Inode number, mtime and ctime (ns) of every path below root: fixed across remounts."""
+    return {
+        str(p.relative_to(root)): (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        for p in sorted(root.rglob("*"))
+        for st in (os.lstat(p),)
+    }
 
 
 class TwinFd:
@@ -137,6 +173,14 @@ class Twin:
         self.check(mine, attempt(lambda: op(self.ref)), what or "op")
         value: T = mine.value
         return value
+
+    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """do() for func(*args, **kwargs), each R argument taken under the side's root."""
+        return self.do(lambda root: func(*_rooted(root, args), **kwargs), _label(func, args))
+
+    def refuses(self, code: int, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """fails() for func(*args, **kwargs), each R argument taken under the side's root."""
+        self.fails(lambda root: func(*_rooted(root, args), **kwargs), code, _label(func, args))
 
     def fails(self, op: Callable[[Path], Any], code: int, what: str = "") -> None:
         """Like do(), and the operation must fail with `code` (a comparison alone could pass
@@ -198,3 +242,45 @@ class Twin:
             f"{what}: (mtime moved, ctime moved) mount {moved[0]} local {moved[1]}"
         )
         return moved[0]
+
+
+@dataclass
+class MountedFs:
+    """One filesystem over file:// shared by a module's tests, each in its own folder."""
+
+    device: Device
+    source: str
+    mnt: Path
+    twins: list[Twin] = field(default_factory=list)
+
+    def mount(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        done = self.device.mount(self.source, self.mnt)
+        assert done.returncode == 0, f"mount failed: {done.stderr.strip()}"
+
+    def remount(self) -> None:
+        unmount(self.device, self.mnt)
+        assert not is_mounted(self.mnt)
+        self.mount()
+
+    def twin(self, name: str, ref: Path) -> Twin:
+        """A fresh folder on the mount for one test, and its local reference folder."""
+        mine = self.mnt / name.replace("[", "-").replace("]", "")
+        mine.mkdir()
+        ref.mkdir()
+        made = Twin(mine, ref)
+        self.twins.append(made)
+        return made
+
+
+@contextlib.contextmanager
+def shared_mount(base: Path) -> Iterator[MountedFs]:
+    """A new filesystem in `base`, mounted until the block ends (unmounted even on failure)."""
+    (base / "bucket").mkdir()
+    mounted = MountedFs(Device(base / "device"), f"file://{base / 'bucket'}", base / "mnt")
+    mounted.device.init(mounted.source)
+    mounted.mount()
+    try:
+        yield mounted
+    finally:
+        unmount(mounted.device, mounted.mnt)

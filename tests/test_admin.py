@@ -402,11 +402,6 @@ def test_logs_have_levels_and_no_names_contents_or_keys(proxied: Proxied, tmp_pa
 
 @needs_fuse
 @pytest.mark.fuse
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: -o log=RELATIVE is opened after the daemon's chdir('/'); mountopts.py should "
-    "store os.path.abspath(pairs['log'])",
-)
 def test_relative_log_path_is_relative_to_the_caller(
     device: Device, local_source: str, tmp_path: Path
 ) -> None:

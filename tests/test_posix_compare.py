@@ -8,68 +8,37 @@ import os
 import random
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures_mount import Device, is_mounted, needs_fuse, unmount
-from tests.posix_ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Twin, renameat2
+from tests.fixtures_mount import needs_fuse
+from tests.posix_ops import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    MountedFs,
+    R,
+    Twin,
+    identities,
+    renameat2,
+    shared_mount,
+    write,
+)
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
 MiB = 1 << 20
 
 
-@dataclass
-class MountedFs:
-    """One filesystem over file:// shared by this module's tests, each in its own folder."""
-
-    device: Device
-    source: str
-    mnt: Path
-    twins: list[Twin] = field(default_factory=list)
-
-    def mount(self) -> None:
-        self.mnt.mkdir(exist_ok=True)
-        done = self.device.mount(self.source, self.mnt)
-        assert done.returncode == 0, f"mount failed: {done.stderr.strip()}"
-
-    def remount(self) -> None:
-        unmount(self.device, self.mnt)
-        assert not is_mounted(self.mnt)
-        self.mount()
-
-
 @pytest.fixture(scope="module")
 def fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MountedFs]:
-    base = tmp_path_factory.mktemp("posix")
-    (base / "bucket").mkdir()
-    mounted = MountedFs(Device(base / "device"), f"file://{base / 'bucket'}", base / "mnt")
-    mounted.device.init(mounted.source)
-    mounted.mount()
-    try:
+    with shared_mount(tmp_path_factory.mktemp("posix")) as mounted:
         yield mounted
-    finally:
-        unmount(mounted.device, mounted.mnt)
 
 
 @pytest.fixture
 def twin(fs: MountedFs, tmp_path: Path, request: pytest.FixtureRequest) -> Twin:
-    mine = fs.mnt / request.node.name.replace("[", "-").replace("]", "")
-    mine.mkdir()
-    (tmp_path / "ref").mkdir()
-    made = Twin(mine, tmp_path / "ref")
-    fs.twins.append(made)
-    return made
-
-
-def write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    return fs.twin(request.node.name, tmp_path / "ref")
 
 
 def test_files_and_directories(twin: Twin) -> None:
@@ -139,10 +108,8 @@ def test_hard_links(twin: Twin) -> None:
 
 
 def test_rename_rules(twin: Twin) -> None:
-    for rel, data in (("f1", b"one"), ("f2", b"two"), ("full/x", b"x")):
-        twin.do(lambda r, rel=rel, data=data: ((r / rel).parent.mkdir(exist_ok=True),
-                                                write(r / rel, data)))
-    twin.do(lambda r: [os.mkdir(r / d) for d in ("d1", "d2", "d1/sub", "empty")])
+    twin.do(lambda r: [os.mkdir(r / d) for d in ("d1", "d2", "d1/sub", "empty", "full")])
+    twin.do(lambda r: [write(r / f, f.encode()) for f in ("f1", "f2", "full/x")])
     twin.do(lambda r: os.rename(r / "f1", r / "f2"), "file over file")
     twin.do(lambda r: os.rename(r / "d2", r / "empty"), "dir over empty dir")
     twin.fails(lambda r: os.rename(r / "d1", r / "full"), errno.ENOTEMPTY, "dir over non-empty")
@@ -150,22 +117,13 @@ def test_rename_rules(twin: Twin) -> None:
     twin.fails(lambda r: os.rename(r / "d1", r / "f2"), errno.ENOTDIR, "dir over file")
     twin.fails(lambda r: os.rename(r / "d1", r / "d1" / "sub" / "in"), errno.EINVAL, "into self")
     twin.fails(lambda r: os.rename(r / "nope", r / "x"), errno.ENOENT, "missing source")
-    twin.fails(
-        lambda r: renameat2(r / "f2", r / "full" / "x", RENAME_NOREPLACE), errno.EEXIST,
-        "RENAME_NOREPLACE onto a name",
-    )
+    twin.refuses(errno.EEXIST, renameat2, R("f2"), R("full/x"), RENAME_NOREPLACE)
     twin.do(lambda r: renameat2(r / "f2", r / "f3", RENAME_NOREPLACE), "RENAME_NOREPLACE free")
     twin.do(lambda r: renameat2(r / "f3", r / "d1" / "sub", RENAME_EXCHANGE), "exchange f/dir")
     assert twin.stat("d1")["nlink"] == 2 and twin.stat(".")["nlink"] == 6
     assert stat.S_ISDIR(twin.stat("f3")["type"])
-    twin.fails(
-        lambda r: renameat2(r / "f3", r / "absent", RENAME_EXCHANGE), errno.ENOENT,
-        "exchange with nothing",
-    )
-    twin.fails(
-        lambda r: renameat2(r / "d1", r / "d1" / "sub", RENAME_EXCHANGE), errno.EINVAL,
-        "exchange with own child",
-    )
+    twin.refuses(errno.ENOENT, renameat2, R("f3"), R("absent"), RENAME_EXCHANGE)
+    twin.refuses(errno.EINVAL, renameat2, R("d1"), R("d1/sub"), RENAME_EXCHANGE)
     twin.same_tree()
 
 
@@ -270,6 +228,7 @@ def test_shared_mmap(twin: Twin) -> None:
     twin.do(lambda r: write(r / "m", b"\0" * (2 * MiB + 100)))
     f = twin.open("m", os.O_RDWR)
     try:
+
         def poke(fd: int) -> bytes:
             with mmap.mmap(fd, 2 * MiB + 100) as m:
                 m[10:15] = b"hello"
@@ -358,29 +317,20 @@ def test_xattrs(twin: Twin) -> None:
     twin.do(lambda r: write(r / "f", b""))
     twin.do(lambda r: os.mkdir(r / "d"))
     twin.do(lambda r: os.symlink("f", r / "s"))
-    for rel in ("f", "d"):
-        twin.do(lambda r, rel=rel: os.setxattr(r / rel, "user.one", b"1"))
-        twin.do(lambda r, rel=rel: os.setxattr(r / rel, "user.bin", bytes(range(256))))
-        twin.do(lambda r, rel=rel: os.setxattr(r / rel, "user.empty", b""))
-        twin.do(lambda r, rel=rel: sorted(os.listxattr(r / rel)), "listxattr")
-        twin.do(lambda r, rel=rel: os.getxattr(r / rel, "user.bin"), "getxattr")
-        twin.fails(
-            lambda r, rel=rel: os.setxattr(r / rel, "user.one", b"x", os.XATTR_CREATE),
-            errno.EEXIST, "XATTR_CREATE of an existing name",
-        )
-        twin.fails(
-            lambda r, rel=rel: os.setxattr(r / rel, "user.two", b"x", os.XATTR_REPLACE),
-            errno.ENODATA, "XATTR_REPLACE of a missing name",
-        )
-        twin.do(lambda r, rel=rel: os.setxattr(r / rel, "user.one", b"11", os.XATTR_REPLACE))
-        twin.do(lambda r, rel=rel: os.setxattr(r / rel, "user.two", b"2", os.XATTR_CREATE))
-        twin.do(lambda r, rel=rel: os.removexattr(r / rel, "user.one"))
-        twin.fails(lambda r, rel=rel: os.removexattr(r / rel, "user.one"), errno.ENODATA)
-        twin.fails(lambda r, rel=rel: os.getxattr(r / rel, "user.nope"), errno.ENODATA)
-    twin.fails(
-        lambda r: os.setxattr(r / "s", "user.x", b"1", follow_symlinks=False), errno.EPERM,
-        "user.* on a symlink",
-    )
+    for p in (R("f"), R("d")):
+        twin.call(os.setxattr, p, "user.one", b"1")
+        twin.call(os.setxattr, p, "user.bin", bytes(range(256)))
+        twin.call(os.setxattr, p, "user.empty", b"")
+        twin.do(lambda r, p=p: sorted(os.listxattr(r / p)), "listxattr")
+        twin.call(os.getxattr, p, "user.bin")
+        twin.refuses(errno.EEXIST, os.setxattr, p, "user.one", b"x", os.XATTR_CREATE)
+        twin.refuses(errno.ENODATA, os.setxattr, p, "user.two", b"x", os.XATTR_REPLACE)
+        twin.call(os.setxattr, p, "user.one", b"11", os.XATTR_REPLACE)
+        twin.call(os.setxattr, p, "user.two", b"2", os.XATTR_CREATE)
+        twin.call(os.removexattr, p, "user.one")
+        twin.refuses(errno.ENODATA, os.removexattr, p, "user.one")
+        twin.refuses(errno.ENODATA, os.getxattr, p, "user.nope")
+    twin.refuses(errno.EPERM, os.setxattr, R("s"), "user.x", b"1", follow_symlinks=False)
     twin.same_tree()
 
 
@@ -471,19 +421,11 @@ def test_everything_survives_remount(twin: Twin, fs: MountedFs) -> None:
             os.chmod(path, 0o600)
 
     twin.do(quick_changes)
-    rels_quick = [f"quick/{i}" for i in range(12)]
-    twin.do(lambda r: os.utime(r / "x" / "hard", ns=(111_222_333_444_555_666, 1_600_000_000_000_000_001)))
-    rels = ["a", "a/b", "a/b/c", "a/file", "x/hard", "x/soft", "x/fifo", "m", "x", "rewritten"]
-    rels += rels_quick
-    before = {rel: os.lstat(twin.mine / rel) for rel in rels}
-    tree = twin.same_tree()
+    twin.call(os.utime, R("x/hard"), ns=(111_222_333_444_555_666, 1_600_000_000_000_000_001))
+    before, tree = identities(twin.mine), twin.same_tree()
     fs.remount()
-    after = {rel: os.lstat(twin.mine / rel) for rel in rels}
-    assert {r: s.st_ino for r, s in after.items()} == {r: s.st_ino for r, s in before.items()}
-    assert {r: (s.st_mtime_ns, s.st_ctime_ns) for r, s in after.items()} == {
-        r: (s.st_mtime_ns, s.st_ctime_ns) for r, s in before.items()
-    }
-    assert after["x/hard"].st_atime_ns == 111_222_333_444_555_666
+    assert identities(twin.mine) == before, "inode numbers or times changed across a remount"
+    assert os.lstat(twin.mine / "x/hard").st_atime_ns == 111_222_333_444_555_666
     assert twin.same_tree() == tree
     assert (twin.mine / "m").read_bytes()[100:110] == b"mapped-in!"
     assert (twin.mine / "rewritten").read_bytes() == b"short"
@@ -494,16 +436,8 @@ def test_zz_every_tree_above_survives_remount(fs: MountedFs) -> None:
     """The kernel caches attributes for 30 s, so a wrong answer from the filesystem could hide
     behind it; after a remount everything comes from the replayed metadata."""
     assert fs.twins, "run with the rest of the module"
-
-    def times(root: Path) -> dict[str, tuple[int, int, int]]:
-        return {
-            str(p.relative_to(root)): (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-            for p in sorted(root.rglob("*"))
-            for st in (os.lstat(p),)
-        }
-
-    before = [(twin.same_tree(), times(twin.mine)) for twin in fs.twins]
+    before = [(twin.same_tree(), identities(twin.mine)) for twin in fs.twins]
     fs.remount()
-    after = [(twin.same_tree(), times(twin.mine)) for twin in fs.twins]
+    after = [(twin.same_tree(), identities(twin.mine)) for twin in fs.twins]
     for twin, old, new in zip(fs.twins, before, after, strict=True):
         assert new == old, f"{twin.mine.name} changed across a remount"
