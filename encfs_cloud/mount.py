@@ -124,9 +124,13 @@ async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> Non
 
 async def _final_flush(volume: Volume) -> None:
     """Put every change in the bucket; if the store cannot take it, spool it sealed locally."""
+    if volume.committer.stopped:
+        log.error("unmount: this mount lost the right to write; uncommitted changes are dropped")
+        return
     try:
         await volume.flush()
-        log.info("unmount: every change is in the bucket")
+        if not volume.options.read_only:
+            log.info("unmount: every change is in the bucket")
         return
     except EncfsCloudError as exc:
         log.error("unmount: could not write the last changes to the bucket: %s", exc)
@@ -158,6 +162,9 @@ def run_mounted(volume: Volume, request: MountRequest, notify_fd: int | None) ->
     try:
         pyfuse3.init(volume.ops, str(request.mountpoint), fuse_options(request))
     except Exception as exc:
+        if volume.lease is not None:
+            with contextlib.suppress(EncfsCloudError):
+                volume.lease.release()
         volume.wipe()
         error = MountpointError(f"cannot mount on {request.mountpoint}: {exc}")
         if notify_fd is not None:
