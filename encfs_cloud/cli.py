@@ -97,7 +97,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from .mount import mount
 
-    request = parse_mount_options(args.source, Path(args.mountpoint), args.options or [])
+    # Absolute now: the daemon changes to "/" before it mounts.
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    request = parse_mount_options(args.source, mountpoint, args.options or [])
     request.foreground = request.foreground or args.foreground
     if args.endpoint_url:
         request.store_options = dataclasses.replace(
@@ -195,7 +197,8 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         metavar="OPTION[,OPTION...]",
         help="ro, cache_size=SIZE, passphrase_file=FILE, endpoint_url=URL, region=NAME, "
         "profile=NAME, allow_other, allow_root, uid=N, gid=N, umask=M, max_read=N, log=FILE, "
-        "commit_interval=SECONDS, sync_timeout=SECONDS, takeover, allow_rollback, debug",
+        "commit_interval=SECONDS, sync_timeout=SECONDS, read_timeout=SECONDS, "
+        "connect_timeout=SECONDS, takeover, allow_rollback, debug",
     )
     # mount(8) passes these; they mean nothing to us.
     p.add_argument("-s", "-n", dest="_ignored", action="store_true", help=argparse.SUPPRESS)

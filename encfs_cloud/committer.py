@@ -188,9 +188,13 @@ class Committer:
 
     async def _drop_commits_before(self, seq: int) -> None:
         up = self.uploader
-        names = await trio.to_thread.run_sync(
-            lambda: [o.name for o in up.store.list(layout.META_PREFIX)], limiter=up.limiter
-        )
+        try:
+            names = await trio.to_thread.run_sync(
+                lambda: [o.name for o in up.store.list(layout.META_PREFIX)], limiter=up.limiter
+            )
+        except StoreError as exc:  # clean-up only: fsck or the next snapshot collects them
+            log.warning("could not list old commits to delete (%s)", exc)
+            return
         await up.delete_objects([n for n in names if (layout.commit_seq(n) or seq) < seq])
 
     def spool_contents(self) -> list[tuple[str, bytes | bytearray]]:

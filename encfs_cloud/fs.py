@@ -25,7 +25,7 @@ R = TypeVar("R")
 
 ATTR_TIMEOUT = 30.0
 BLOCK = 4096
-TOTAL_BLOCKS = 1 << 38  # 1 PiB of 4 KiB blocks: a bucket has no fixed size
+TOTAL_BLOCKS = 1 << 38  # 1 PiB of 4 KiB blocks always free: a bucket has no fixed size
 TOTAL_INODES = 1 << 32
 
 
@@ -204,10 +204,12 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         out = pyfuse3.StatvfsData()
         out.f_bsize = BLOCK
         out.f_frsize = BLOCK
-        out.f_blocks = TOTAL_BLOCKS
-        out.f_bfree = out.f_bavail = TOTAL_BLOCKS - used
-        out.f_files = TOTAL_INODES
-        out.f_ffree = out.f_favail = TOTAL_INODES - inodes
+        # Sizes count holes, so a sparse file can claim more than any fixed total: what is
+        # used comes on top of what is free, and the counts never go negative (an EIO for df).
+        out.f_blocks = TOTAL_BLOCKS + used
+        out.f_bfree = out.f_bavail = TOTAL_BLOCKS
+        out.f_files = TOTAL_INODES + inodes
+        out.f_ffree = out.f_favail = TOTAL_INODES
         out.f_namemax = 255
         return out
 

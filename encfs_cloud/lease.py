@@ -93,6 +93,15 @@ def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
+def boottime() -> float:
+    """A clock that, unlike time.monotonic on Linux, keeps counting while suspended.
+
+    A laptop that sleeps with the filesystem mounted must see, on waking, that its lease
+    may have expired meanwhile, and stop writing until it renews.
+    """
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 @dataclass(frozen=True)
 class LeaseInfo:
     """What the sealed lease object says."""
@@ -151,7 +160,7 @@ class Lease:
         *,
         validity: float | None = None,
         clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = boottime,
     ) -> None:
         self.store = store
         self.sealer = sealer

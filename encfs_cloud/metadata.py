@@ -86,6 +86,9 @@ class Metadata:
     def __init__(self, conn: sqlite3.Connection | None = None) -> None:
         self.db = conn or sqlite3.connect(":memory:", check_same_thread=False)
         self.db.isolation_level = None  # autocommit: we never need SQL transactions
+        # SQLite spills big sorts, indexes and attached temp databases to /var/tmp by default:
+        # that would put plaintext names on disk. Everything stays in memory.
+        self.db.execute("PRAGMA temp_store=MEMORY")
         self.db.executescript(SCHEMA.format(s=""))
         self.dirty: dict[str, set[tuple[object, ...]]] = {t: set() for t in TABLE_KEYS}
 

@@ -105,6 +105,7 @@ async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> Non
             )
 
         keeper = LeaseKeeper(volume.lease, lease_lost)
+        volume.keeper = keeper
     async with trio.open_nursery() as nursery:
         await nursery.start(volume.run)
         if keeper is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -68,12 +69,31 @@ def split_options(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
+def _seconds(pairs: dict[str, str], name: str) -> float | None:
+    if name not in pairs:
+        return None
+    try:
+        seconds = float(pairs[name])
+    except ValueError:
+        raise UsageError(f"{name} takes seconds, not {pairs[name]!r}") from None
+    if seconds <= 0:
+        raise UsageError(f"{name} must be positive")
+    return seconds
+
+
 def store_options_from(pairs: dict[str, str]) -> StoreOptions:
-    return StoreOptions(
+    options = StoreOptions(
         endpoint_url=pairs.get("endpoint_url"),
         region=pairs.get("region"),
         profile=pairs.get("profile"),
     )
+    read_timeout = _seconds(pairs, "read_timeout")
+    if read_timeout is not None:
+        options = dataclasses.replace(options, read_timeout=read_timeout)
+    connect_timeout = _seconds(pairs, "connect_timeout")
+    if connect_timeout is not None:
+        options = dataclasses.replace(options, connect_timeout=connect_timeout)
+    return options
 
 
 def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> MountRequest:
@@ -103,6 +123,8 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
                 "profile",
                 "commit_interval",
                 "sync_timeout",
+                "read_timeout",
+                "connect_timeout",
             )
             and sep
         ):
@@ -119,13 +141,8 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
         if volume.cache_size < 16 << 20:
             raise UsageError("cache_size must be at least 16M")
     for name in ("commit_interval", "sync_timeout"):
-        if name in pairs:
-            try:
-                seconds = float(pairs[name])
-            except ValueError:
-                raise UsageError(f"{name} takes seconds, not {pairs[name]!r}") from None
-            if seconds <= 0:
-                raise UsageError(f"{name} must be positive")
+        seconds = _seconds(pairs, name)
+        if seconds is not None:
             setattr(volume, name, seconds)
     passphrase = None
     if "passphrase_file" in pairs:

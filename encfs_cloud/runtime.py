@@ -10,6 +10,7 @@ import logging
 import logging.handlers
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -97,6 +98,11 @@ def runtime_dir() -> Path:
     else:
         base = Path(f"/tmp/encfs-cloud-{os.getuid()}")
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = base.lstat()
+    # In /tmp another user could create the folder first and plant entries that
+    # `umount --wipe` would trust: use it only if it is ours and private.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise EncfsCloudError(f"{base} is not a private folder of this user; remove it")
     return base
 
 

@@ -27,11 +27,10 @@ def save(device_folder: Path, objects: list[tuple[str, bytes | bytearray]]) -> N
         path = folder / f"{n:08d}-{name.replace('/', '@')}"
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with os.fdopen(fd, "wb") as f:  # write() loops over short writes; ENOSPC raises
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:

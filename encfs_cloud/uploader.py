@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -68,7 +69,10 @@ class Uploader:
     def add_chunk(self, key: ChunkKey, data: bytes | bytearray) -> None:
         """Put `data` (now in flight in the cache, never modified again) into the open pack."""
         ino, idx = key
-        version = self.md.next_counter("next_version", 1)
+        # Random, not a counter: after a crash a counter would rewind, and a chunk rewritten
+        # then would share (inode, index, version) with an orphaned sealed chunk whose bytes
+        # would still authenticate. 63 random bits never repeat in practice.
+        version = secrets.randbits(63)
         length = sealed_chunk_len(len(data))
         pack = self.open_pack
         gen = self.sealer.keys.current

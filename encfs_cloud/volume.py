@@ -16,7 +16,7 @@ from .errors import DeviceRevokedError, RollbackError, StoreError
 from .filedata import FileData
 from .fs import Operations
 from .journal import Head, replay
-from .lease import Lease
+from .lease import Lease, LeaseKeeper
 from .metadata import Metadata
 from .namespace import Namespace
 from .sealed import Sealer
@@ -78,13 +78,15 @@ class Volume:
         self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
         self._keys_checked = 0.0
+        self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
 
     def _replay(self) -> tuple[Metadata, Head]:
         """Load the newest state and refuse one older than this device has seen."""
         fs_id = self.unlocked.fs_id
         state = self.devices.load_state(fs_id)
-        spool.upload(self.devices.folder(fs_id), self.store)
+        if not self.options.read_only:  # a read-only mount writes nothing to the bucket
+            spool.upload(self.devices.folder(fs_id), self.store)
         has_commits = any(True for _ in self.store.list("meta/"))
         if not has_commits:
             if state.commit_seq and not self.options.allow_rollback:
@@ -137,6 +139,8 @@ class Volume:
             log.error("this device was revoked: the mount is now read-only")
             self.committer.stopped = True
             self.ops.read_only = True
+            if self.keeper is not None:  # let the remaining devices write again
+                await self.keeper.stop_and_release()
             return
         except StoreError as exc:
             log.warning("could not check for new key generations: %s", exc)

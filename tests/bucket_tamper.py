@@ -1,4 +1,4 @@
-"""Helpers for attack, crash and fault tests: a hostile bucket owner, a killed daemon."""
+"""Helpers for the attack, crash and fault tests: a hostile bucket owner, a killed daemon."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import signal
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from encfs_cloud.store import StoreOptions, open_store
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.vault import unlock
 from tests.fixtures_mount import Device, daemon_pids, force_unmount
+from tests.fixtures_s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, empty_bucket
 
 Snapshot = dict[str, bytes]  # object name → its bytes: a saved copy of the whole bucket
 
@@ -143,8 +146,8 @@ class Chunk:
 def chunk_map(bucket: Bucket, device_home: Path, inodes: list[int]) -> dict[int, list[Chunk]]:
     """Every chunk of the given inodes, read from the newest metadata with the device's keys.
 
-    Only a test needs this: it aims an attack at one file's chunk. It must run while nothing
-    is mounted (unlocking records key checks in the device's state, as any unlock does).
+    Only a test needs this: it aims an attack at one file's chunk. It may run while mounted:
+    the key checks any unlock records go through the device's state lock, as the daemon's do.
     """
     devices = DeviceStore(device_home / "encfs-cloud")
     unlocked = unlock(bucket.store, devices, None)
@@ -225,3 +228,75 @@ def mount_after_crash(device: Device, source: str, mountpoint: Path, *options: s
         force_unmount(mountpoint)
         raise AssertionError(f"remount failed ({done.returncode}): {done.stderr.strip()}")
     return took_over
+
+
+# --- sources for module-scoped worlds, and writing what must be durable ------------------------
+
+
+class Sources:
+    """Fresh, empty file:// folders or S3 buckets, with the environment the CLI needs."""
+
+    def __init__(self, kind: str, base: Path, server: MotoServer | None) -> None:
+        self.kind = kind
+        self.base = base
+        self.server = server
+        self.buckets: list[str] = []
+
+    def new(self, name: str) -> str:
+        if self.server is None:
+            folder = self.base / f"bucket-{name}"
+            folder.mkdir()
+            return f"file://{folder}"
+        bucket = f"attack-{name}-{uuid.uuid4().hex[:12]}"
+        self.server.client().create_bucket(Bucket=bucket)
+        self.buckets.append(bucket)
+        return f"s3://{bucket}"
+
+    def close(self) -> None:
+        if self.server is not None:
+            for bucket in self.buckets:
+                empty_bucket(self.server.client(), bucket)
+                self.server.client().delete_bucket(Bucket=bucket)
+
+
+@contextlib.contextmanager
+def open_sources(kind: str, request: pytest.FixtureRequest, base: Path) -> Iterator[Sources]:
+    """Sources of `kind` ("file" or "s3") for the body of a with-block (a module fixture)."""
+    if kind == "file":
+        yield Sources("file", base, None)
+        return
+    server: MotoServer = request.getfixturevalue("s3_server")
+    # The same environment as the s3_env fixture, for a whole module (it is function-scoped).
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            mp.delenv(var, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", str(base / "no-aws-config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(base / "no-aws-credentials"))
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        mp.setenv("AWS_DEFAULT_REGION", REGION)
+        mp.setenv("AWS_ENDPOINT_URL", server.endpoint_url)
+        found = Sources("s3", base, server)
+        try:
+            yield found
+        finally:
+            found.close()
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write, fsync the file and its folder: after this the bytes are in the bucket."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(path.parent)
+
+
+def read_errno(path: Path) -> int | None:
+    """The errno reading the whole file fails with, or None if it reads."""
+    try:
+        path.read_bytes()
+    except OSError as exc:
+        return exc.errno
+    return None

@@ -38,9 +38,12 @@ def renameat2(src: Path, dst: Path, flags: int) -> None:
 
 
 def write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Create or truncate `path` with `mode` (before umask) and write all of `data`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
 

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -183,15 +184,16 @@ def test_mountpoint_problems(device: Device, local_source: str, tmp_path: Path) 
 )
 def test_relative_mountpoint(device: Device, local_source: str, tmp_path: Path) -> None:
     device.init(local_source)
-    (tmp_path / "mnt").mkdir()
+    name = f"mnt-{uuid.uuid4().hex}"  # never a folder under / that the bug could mount over
+    (tmp_path / name).mkdir()
     done = subprocess.run(
-        [MOUNT, local_source, "mnt"], cwd=tmp_path, env=device.env, capture_output=True, text=True
+        [MOUNT, local_source, name], cwd=tmp_path, env=device.env, capture_output=True, text=True
     )
     try:
         assert done.returncode == 0, done.stderr
-        assert is_mounted(tmp_path / "mnt")
+        assert is_mounted(tmp_path / name)
     finally:
-        unmount(device, tmp_path / "mnt")
+        unmount(device, tmp_path / name)
 
 
 def test_bad_source_and_bad_options(device: Device, local_source: str, tmp_path: Path) -> None:
