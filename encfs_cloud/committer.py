@@ -106,6 +106,10 @@ class Committer:
         up.close_pack()
         waiting = list(up.pending.values())
         tail = self.queue[-1].head if self.queue else self.head
+        if tail.seq:
+            # The chain's history travels inside the tree, so a device can check the commit
+            # it saw last even after snapshots deleted that commit object.
+            self.md.record_commit(tail.seq, tail.hash)
         snapshot = (
             tail.seq == 0
             or tail.deltas_since_snapshot >= SNAPSHOT_EVERY_DELTAS

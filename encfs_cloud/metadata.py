@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS {s}chunks(
 CREATE TABLE IF NOT EXISTS {s}packs(id TEXT PRIMARY KEY, size INT NOT NULL, live INT NOT NULL)
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS {s}counters(name TEXT PRIMARY KEY, value INT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS {s}history(seq INTEGER PRIMARY KEY, hash BLOB NOT NULL);
 """
 
 # Per table: the key columns a delta records deletions by.
@@ -37,7 +38,12 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "chunks": ("inode", "idx"),
     "packs": ("id",),
     "counters": ("name",),
+    "history": ("seq",),
 }
+
+# How many past commits' hashes the tree remembers: a device that was away for fewer commits
+# than this can still tell a genuine newer bucket from a forked or rolled-back one.
+HISTORY_KEPT = 65536
 
 
 @dataclass
@@ -106,6 +112,20 @@ class Metadata:
         value = self.counter(name, start)
         self.set_counter(name, value + 1)
         return value
+
+    # --- commit history ---------------------------------------------------------------
+
+    def record_commit(self, seq: int, digest: bytes) -> None:
+        """Remember the hash of commit `seq` (the one the next commit chains to)."""
+        self.db.execute("INSERT OR REPLACE INTO history VALUES(?, ?)", (seq, digest))
+        self.dirty["history"].add((seq,))
+        old = seq - HISTORY_KEPT
+        if old > 0 and self.db.execute("DELETE FROM history WHERE seq=?", (old,)).rowcount:
+            self.dirty["history"].add((old,))
+
+    def commit_hash_of(self, seq: int) -> bytes | None:
+        row = self.db.execute("SELECT hash FROM history WHERE seq=?", (seq,)).fetchone()
+        return bytes(row[0]) if row else None
 
     # --- inodes -----------------------------------------------------------------------
 

@@ -105,7 +105,7 @@ class Volume:
                     f"{seen_seq}: the bucket was rolled back; mount with -o allow_rollback "
                     "to accept the older state"
                 )
-            seen = hashes.get(seen_seq)
+            seen = hashes.get(seen_seq) or md.commit_hash_of(seen_seq)
             if seen_seq and seen is not None and seen != state.commit_hash:
                 raise RollbackError(
                     f"commit {seen_seq} in the bucket differs from the one this device saw: "
