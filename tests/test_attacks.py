@@ -271,13 +271,6 @@ def _wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any
     raise AssertionError(f"gave up waiting for {what}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chunk versions come from a counter that rewinds after a crash "
-    "(uploader.py flush_chunk: md.next_counter('next_version')), so a chunk rewritten after "
-    "the remount gets the (inode, index, version) of an orphaned chunk and the orphan's sealed "
-    "bytes authenticate: wrong plaintext instead of EIO. Fix: random 63-bit versions.",
-)
 def test_uncommitted_chunk_replayed_after_crash(
     file_sources: Sources, tmp_path: Path, tally: Counter[str]
 ) -> None:
