@@ -17,7 +17,7 @@ from .uploader import Uploader
 
 log = logging.getLogger(__name__)
 
-PREFETCH_CHUNKS = 8
+PREFETCH_CHUNKS = 16
 
 
 class FileData:
@@ -146,6 +146,8 @@ class FileData:
             return
         if indices[-1] == last:
             return  # still inside the chunk we already prefetched past
+        if self._prefetched.get(ino, 0) - indices[-1] > PREFETCH_CHUNKS // 2:
+            return  # enough in flight; top up in batches so runs stay long (one GET each)
         end = min(indices[-1] + 1 + PREFETCH_CHUNKS, layout.chunk_count(size))
         run: list[tuple[int, ChunkRef]] = []
         for idx in range(max(indices[-1] + 1, self._prefetched.get(ino, 0)), end):

@@ -19,6 +19,8 @@ from .store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
+UPLOAD_SLOTS = 4  # packs sealed or sending at once; reads keep the other I/O threads
+
 
 @dataclass
 class Pack:
@@ -53,6 +55,7 @@ class Uploader:
         self.sealer = sealer
         self.store = store
         self.limiter = limiter
+        self.upload_slots = trio.Semaphore(UPLOAD_SLOTS)
         self.open_pack: Pack | None = None
         self.pending: dict[str, Pack] = {}
         self.nursery: trio.Nursery | None = None
@@ -109,13 +112,18 @@ class Uploader:
         delay = 0.5
         while True:
             try:
-                blob = await trio.to_thread.run_sync(self._build_pack, pack, limiter=self.limiter)
-                # Stores treat any bytes-like body alike; the pack is never modified again,
-                # so it is not copied into an immutable `bytes` (8 MiB per pack).
-                body = cast(bytes, blob)
-                await trio.to_thread.run_sync(
-                    self.store.put, layout.pack_name(pack.id), body, limiter=self.limiter
-                )
+                # A slot covers sealing and sending, so at most UPLOAD_SLOTS sealed pack
+                # buffers exist at once (each 8 MiB, plus what the HTTP client copies).
+                async with self.upload_slots:
+                    blob = await trio.to_thread.run_sync(
+                        self._build_pack, pack, limiter=self.limiter
+                    )
+                    # Stores treat any bytes-like body alike; the pack is never modified again,
+                    # so it is not copied into an immutable `bytes`.
+                    body = cast(bytes, blob)
+                    await trio.to_thread.run_sync(
+                        self.store.put, layout.pack_name(pack.id), body, limiter=self.limiter
+                    )
                 break
             except StoreError as exc:
                 self.errors += 1

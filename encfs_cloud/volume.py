@@ -65,7 +65,10 @@ class Volume:
         # Dirty and in-flight data also exist sealed in pack buffers while uploading: keep
         # them small enough that RSS stays within cache_size + ~150 MiB.
         dirty_limit = max(8 << 20, min(48 << 20, self.options.cache_size // 4))
-        self.cache = ChunkCache(max(self.options.cache_size - dirty_limit, 1 << 20), dirty_limit)
+        # cache_size bounds all plaintext and ciphertext buffers: clean chunks, dirty and
+        # in-flight chunks, and their sealed copies in pack buffers while they upload.
+        clean = max(self.options.cache_size - 2 * dirty_limit, 16 << 20)
+        self.cache = ChunkCache(clean, dirty_limit)
         self.uploader = Uploader(md, self.cache, self.sealer, store, limiter=self.limiter)
         self.committer = Committer(
             md,

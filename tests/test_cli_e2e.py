@@ -177,12 +177,8 @@ def test_mountpoint_problems(device: Device, local_source: str, tmp_path: Path) 
     assert (tmp_path / "full" / "x").read_text() == "x"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the daemon chdirs to / before pyfuse3.init, so a relative mount point is "
-    "looked up from / (fix: make request.mountpoint absolute before daemonizing)",
-)
 def test_relative_mountpoint(device: Device, local_source: str, tmp_path: Path) -> None:
+    """The daemon changes to / before mounting: a relative mount point must not follow it."""
     device.init(local_source)
     name = f"mnt-{uuid.uuid4().hex}"  # never a folder under / that the bug could mount over
     (tmp_path / name).mkdir()

@@ -21,6 +21,8 @@ from tests.fixtures_mount import Device, force_unmount, is_mounted, needs_fuse, 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
 STRESS = bool(os.environ.get("ENCFS_STRESS"))
+# A stress run is long by design: past the suite-wide 300 s per-test timeout.
+STRESS_MARKS = [pytest.mark.slow, pytest.mark.timeout(1800)]
 CYCLES = 30 if STRESS else 3
 WRITERS = 2
 BLOCK = 4096
@@ -193,7 +195,7 @@ def tally(request: pytest.FixtureRequest) -> Iterator[Counter[str]]:
 
 
 @pytest.mark.parametrize(
-    "cycles", [pytest.param(CYCLES, marks=pytest.mark.slow if STRESS else (), id=f"{CYCLES}")]
+    "cycles", [pytest.param(CYCLES, marks=STRESS_MARKS if STRESS else (), id=f"{CYCLES}")]
 )
 def test_sigkill_loses_no_fsynced_file(
     device: Device, any_source: str, tmp_path: Path, cycles: int, tally: Counter[str]

@@ -22,6 +22,8 @@ from tests.fixtures_s3 import MotoServer
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.s3]
 
 STRESS = bool(os.environ.get("ENCFS_STRESS"))
+# A stress run is long by design: past the suite-wide 300 s per-test timeout.
+STRESS_MARKS = [pytest.mark.slow, pytest.mark.timeout(1800)]
 ROUNDS = 8 if STRESS else 1  # workloads, each meeting every fault of the plans below once
 KIB, MIB = 1 << 10, 1 << 20
 FILES = {"a.bin": MIB + MIB // 2, "b.bin": 700 * KIB, "c.bin": 2 * MIB + 123, "d": 5000}
@@ -127,7 +129,7 @@ def explained(log: Path) -> Iterator[None]:
 
 
 @pytest.mark.parametrize(
-    "rounds", [pytest.param(ROUNDS, marks=pytest.mark.slow if STRESS else (), id=f"{ROUNDS}")]
+    "rounds", [pytest.param(ROUNDS, marks=STRESS_MARKS if STRESS else (), id=f"{ROUNDS}")]
 )
 def test_workload_completes_through_faults(
     device: Device,
@@ -163,7 +165,7 @@ def test_workload_completes_through_faults(
 # Without a read_timeout mount option a hung request costs boto's default 30 s: then only
 # `make stress` runs the hang test, to keep the everyday suite short.
 if STRESS:
-    HANG_RUNS = [pytest.param(2, marks=pytest.mark.slow, id="2")]
+    HANG_RUNS = [pytest.param(2, marks=STRESS_MARKS, id="2")]
 elif supported("read_timeout=5"):
     HANG_RUNS = [pytest.param(1, id="1")]
 else:

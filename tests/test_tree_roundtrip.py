@@ -1,9 +1,9 @@
 """A real tree (Python's standard library) copied in, remounted, and verified bit for bit.
 
-Timing on this machine (2 cores; 2,450 files, 100 MB, one 45 MB): over file:// 25-45 s
-(copy and unmount 17-32 s, remount 1-3 s, verify 5-9 s); over the local moto S3 server 40-90 s
-(copy and unmount 15-35 s, remount 2-4 s, verify 20-55 s: every small file is one ranged GET,
-and moto spends 13-16 ms of CPU on each). Marked slow; `-s` prints the split of each run.
+Timing on this machine (2 cores; 2,450 files, 100 MB, one 45 MB), quiet to busy: over file://
+15-45 s (copy and unmount 10-32 s, remount 0.5-3 s, verify 4-9 s); over the local moto S3 server
+35-90 s (copy and unmount 14-35 s, remount 1-4 s, verify 19-55 s: every small file is one ranged
+GET, and moto spends 13-16 ms of CPU on each). Marked slow; `-s` prints each run's split.
 """
 
 from __future__ import annotations

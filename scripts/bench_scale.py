@@ -1,0 +1,138 @@
+"""Scale figures: a filesystem of N small files — mount time, daemon memory, ls, one commit.
+
+Builds the tree's metadata directly (creating a million files through FUSE would take a
+quarter of an hour), seals it as the first snapshot in a `file://` bucket, then measures the
+real `mount.encfs-cloud` on it. Run: .venv/bin/python scripts/bench_scale.py --files 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from encfs_cloud import journal, layout  # noqa: E402
+from encfs_cloud.device import DeviceStore  # noqa: E402
+from encfs_cloud.metadata import ROOT_INODE, Metadata  # noqa: E402
+from encfs_cloud.namespace import Namespace  # noqa: E402
+from encfs_cloud.sealed import Sealer  # noqa: E402
+from encfs_cloud.store import open_store  # noqa: E402
+from encfs_cloud.vault import unlock  # noqa: E402
+
+
+def build_tree(files: int, big_dir: int) -> Metadata:
+    """One directory of `big_dir` entries, the rest spread over directories of 1,000."""
+    md = Metadata()
+    ns = Namespace(md)
+    ns.ensure_root(0, 0)
+    mode = stat.S_IFREG | 0o644
+    big = ns.create(ROOT_INODE, b"big", stat.S_IFDIR | 0o755, 0, 0)
+    for i in range(big_dir):
+        ns.create(big.id, b"file-%07d.txt" % i, mode, 0, 0)
+    made, d = big_dir, 0
+    while made < files:
+        folder = ns.create(ROOT_INODE, b"dir-%05d" % d, stat.S_IFDIR | 0o755, 0, 0)
+        for i in range(min(1000, files - made)):
+            ns.create(folder.id, b"file-%04d.txt" % i, mode, 0, 0)
+        made += min(1000, files - made)
+        d += 1
+    return md
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def daemon_pid(mountpoint: Path) -> int:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if (
+                any(b"mount.encfs-cloud" in a for a in argv[:2])
+                and str(mountpoint).encode() in argv
+            ):
+                return int(proc.name)
+    raise RuntimeError("daemon not found")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=1_000_000)
+    parser.add_argument("--big-dir", type=int, default=100_000)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="encfs-scale-"))
+    env = dict(os.environ, XDG_DATA_HOME=str(work / "xdg"))
+    os.environ["XDG_DATA_HOME"] = env["XDG_DATA_HOME"]
+    bucket, mnt = work / "bucket", work / "mnt"
+    bucket.mkdir()
+    mnt.mkdir()
+    source = f"file://{bucket}"
+    subprocess.run(
+        [str(BIN / "encfs-cloud"), "init", source, "--no-passphrase"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    out: dict[str, float] = {"files": args.files, "big_dir": args.big_dir}
+    t = time.monotonic()
+    md = build_tree(args.files, args.big_dir)
+    out["build_s"] = time.monotonic() - t
+    store = open_store(source)
+    unlocked = unlock(store, DeviceStore(), None)
+    sealer = Sealer(unlocked.fs_id, unlocked.keys)
+    t = time.monotonic()
+    body = journal.export_snapshot(md)
+    info = journal.CommitInfo(1, journal.KIND_SNAPSHOT, b"", 1, time.time_ns())
+    sealed = journal.seal_commit(sealer, info, body)
+    store.put(layout.commit_name(1), sealed, if_none_match=True)
+    out["snapshot_s"] = time.monotonic() - t
+    out["snapshot_MiB"] = len(sealed) / 2**20
+    unlocked.wipe()
+    try:
+        t = time.monotonic()
+        subprocess.run([str(BIN / "mount.encfs-cloud"), source, str(mnt)], env=env, check=True)
+        out["mount_s"] = time.monotonic() - t
+        pid = daemon_pid(mnt)
+        out["rss_after_mount_MiB"] = rss_mib(pid)
+        t = time.monotonic()
+        names = os.listdir(mnt / "big")
+        out["listdir_big_s"] = time.monotonic() - t
+        t = time.monotonic()
+        for name in names:
+            os.lstat(mnt / "big" / name)
+        out["ls_l_big_s"] = time.monotonic() - t
+        target = mnt / "dir-00000" / "file-0000.txt"
+        t = time.monotonic()
+        fd = os.open(target, os.O_WRONLY)
+        os.write(fd, b"changed")
+        os.fsync(fd)
+        os.close(fd)
+        out["commit_one_change_s"] = time.monotonic() - t
+        out["rss_end_MiB"] = rss_mib(pid)
+    finally:
+        subprocess.run([str(BIN / "encfs-cloud"), "umount", str(mnt)], env=env, check=False)
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    for key, value in out.items():
+        print(f"{key:>22}: {value:.2f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
