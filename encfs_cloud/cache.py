@@ -36,16 +36,19 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: ChunkKey, version: int | None) -> bytes | bytearray | memoryview | None:
+    def get(
+        self, key: ChunkKey, version: int | None, *, count: bool = True
+    ) -> bytes | bytearray | memoryview | None:
         buf: bytes | bytearray | memoryview | None = self.dirty.get(key)
         if buf is None:
             buf = self.inflight.get(key)
         if buf is None and version is not None:
             buf = self._clean.get((*key, version))
-        if buf is None:
-            self.misses += 1
-        else:
-            self.hits += 1
+        if count:  # look-ups that only plan a prefetch do not count as hits or misses
+            if buf is None:
+                self.misses += 1
+            else:
+                self.hits += 1
         return buf
 
     def put_clean(self, key: ChunkKey, version: int, data: bytes | bytearray | memoryview) -> None:

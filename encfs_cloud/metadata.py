@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS {s}chunks(
     inode INT NOT NULL, idx INT NOT NULL, pack TEXT NOT NULL, off INT NOT NULL,
     len INT NOT NULL, plain_len INT NOT NULL, version INT NOT NULL, gen INT NOT NULL,
     PRIMARY KEY(inode, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS {s}chunks_by_pack ON chunks(pack, off);
 CREATE TABLE IF NOT EXISTS {s}packs(id TEXT PRIMARY KEY, size INT NOT NULL, live INT NOT NULL)
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS {s}counters(name TEXT PRIMARY KEY, value INT NOT NULL) WITHOUT ROWID;
@@ -287,6 +288,15 @@ class Metadata:
             dropped.append(chunk)
         self.db.execute("DELETE FROM chunks WHERE inode=? AND idx>=?", (ino, first_idx))
         return dropped
+
+    def chunks_in_pack(self, pack: str, start: int, end: int) -> list[tuple[int, int, ChunkRef]]:
+        """(inode, index, ref) of the chunks stored in `pack` at offsets [start, end)."""
+        rows = self.db.execute(
+            "SELECT inode, idx, pack, off, len, plain_len, version, gen FROM chunks "
+            "WHERE pack=? AND off>=? AND off<? ORDER BY off",
+            (pack, start, end),
+        )
+        return [(ino, idx, ChunkRef(*ref)) for ino, idx, *ref in rows]
 
     def chunk_indices(self, ino: int) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT idx FROM chunks WHERE inode=?", (ino,))]
