@@ -377,14 +377,11 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             rows = self.md.list_entries(fh, after)
             if not rows:
                 return
-            for entry_id, name, ino in rows:
+            for entry_id, name, node in rows:
                 after = entry_id
-                node = self.md.get_inode(ino)
-                if node is None:
-                    continue
                 if not pyfuse3.readdir_reply(token, name, self.attrs(node), entry_id + 2):
                     return
-                self.lookups[ino] = self.lookups.get(ino, 0) + 1
+                self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
 
     @handler
     async def releasedir(self, fh: int) -> None:

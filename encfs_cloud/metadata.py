@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS {s}inodes(
 CREATE TABLE IF NOT EXISTS {s}dentries(
     id INTEGER PRIMARY KEY, parent INT NOT NULL, name BLOB NOT NULL, inode INT NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS {s}dentries_by_name ON dentries(parent, name);
+CREATE INDEX IF NOT EXISTS {s}dentries_by_parent ON dentries(parent, id);
 CREATE TABLE IF NOT EXISTS {s}xattrs(
     inode INT NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY(inode, name)) WITHOUT ROWID;
@@ -221,13 +222,20 @@ class Metadata:
         return int(found[0]) if found else None
 
     def list_entries(
-        self, parent: int, after: int, limit: int = 1000
-    ) -> list[tuple[int, bytes, int]]:
-        """(entry id, name, inode) in a stable order; `after` is the last entry id seen."""
-        return self.db.execute(
-            "SELECT id, name, inode FROM dentries WHERE parent=? AND id>? ORDER BY id LIMIT ?",
+        self, parent: int, after: int, limit: int = 128
+    ) -> list[tuple[int, bytes, Inode]]:
+        """(entry id, name, inode) in a stable order; `after` is the last entry id seen.
+
+        An index on (parent, id) makes each page a range scan: listing a directory of
+        100,000 entries a page at a time stays linear.
+        """
+        rows = self.db.execute(
+            f"SELECT d.id, d.name, {','.join('i.' + f for f in INODE_FIELDS)} "
+            "FROM dentries d JOIN inodes i ON i.id = d.inode "
+            "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (parent, after, limit),
-        ).fetchall()
+        )
+        return [(entry_id, bytes(name), Inode(*fields)) for entry_id, name, *fields in rows]
 
     # --- xattrs -------------------------------------------------------------------------
 

@@ -87,9 +87,8 @@ def read_files(store: ObjectStore, devices: DeviceStore) -> dict[bytes, bytes]:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(vol.run)
-            for _, name, ino in vol.md.list_entries(ROOT_INODE, 0):
-                size = Namespace(vol.md).inode(ino).size
-                found[bytes(name)] = await vol.data.read(ino, size, 0, size)
+            for _, name, node in vol.md.list_entries(ROOT_INODE, 0):
+                found[name] = await vol.data.read(node.id, node.size, 0, node.size)
             nursery.cancel_scope.cancel()
 
     try:
