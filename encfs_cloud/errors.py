@@ -57,19 +57,6 @@ class DeviceKeyMissingError(EncfsCloudError):
     exit_code = 8
 
 
-class CredentialsError(EncfsCloudError):
-    """The store refused our credentials, or none were found."""
-
-    exit_code = 9
-
-
-class UnreachableError(EncfsCloudError):
-    """The store's endpoint cannot be reached."""
-
-    exit_code = 10
-    errno = errno.EIO
-
-
 class MountpointError(EncfsCloudError):
     """The mount point is missing, not a directory, not empty or already mounted."""
 
@@ -127,6 +114,22 @@ class StoreError(EncfsCloudError):
 
     exit_code = 21
     errno = errno.EIO
+
+
+class CredentialsError(StoreError):
+    """The store refused our credentials, or none were found.
+
+    A StoreError too, so a running mount whose credentials expire keeps its data queued and
+    retries instead of dying.
+    """
+
+    exit_code = 9
+
+
+class UnreachableError(StoreError):
+    """The store's endpoint cannot be reached (a StoreError: a mount retries, never dies)."""
+
+    exit_code = 10
 
 
 class ObjectMissingError(StoreError):

@@ -192,7 +192,7 @@ class Lease:
             raw = self.sealer.open_object(layout.LEASE_NAME, LEASE_KIND, blob)
             return LeaseInfo.decode(raw), etag
         except (IntegrityError, ValueError) as exc:
-            log.warning("the lease object does not open: %s", exc)
+            log.debug("the lease object does not open: %s", exc)  # the refusal says it
             return None, etag
 
     def _mine(self, now: float) -> LeaseInfo:

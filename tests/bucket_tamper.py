@@ -58,8 +58,13 @@ class Bucket:
     # --- editing one object ----------------------------------------------------------------
 
     def flip_bit(self, name: str, offset: int, bit: int = 0) -> None:
+        self.flip_bits(name, [(offset, bit)])
+
+    def flip_bits(self, name: str, spots: list[tuple[int, int]]) -> None:
+        """Flip bit `bit` of byte `offset` for each (offset, bit): one read, one write."""
         data = bytearray(self.get(name))
-        data[offset] ^= 1 << bit
+        for offset, bit in spots:
+            data[offset] ^= 1 << bit
         self.put(name, bytes(data))
 
     def truncate(self, name: str, length: int) -> None:

@@ -191,27 +191,9 @@ META_ATTACKS = [
     # Liveness is the bucket owner's to break; but a forged lease must not pass as real.
     MetaAttack("lease forged", _forge_lease, LEASE_HELD, "authenticate"),
 ]
-# Refusals whose message is right but not yet alone on stderr (a known bug, reported).
-NOT_ONE_LINE = {
-    "lease forged": "lease.py Lease.read logs a WARNING ('the lease object does not open') "
-    "that the foreground logging set up by mount() prints to stderr before the refusal; "
-    "log it at debug level (the caller raises with the full story)",
-}
 
 
-@pytest.mark.parametrize(
-    "attack",
-    [
-        pytest.param(
-            a,
-            id=a.name,
-            marks=[pytest.mark.xfail(strict=True, reason=NOT_ONE_LINE[a.name])]
-            if a.name in NOT_ONE_LINE
-            else [],
-        )
-        for a in META_ATTACKS
-    ],
-)
+@pytest.mark.parametrize("attack", [pytest.param(a, id=a.name) for a in META_ATTACKS])
 def test_meta_attack_refuses_mount(
     meta_world: MetaWorld, attack: MetaAttack, tally: Counter[str]
 ) -> None:
