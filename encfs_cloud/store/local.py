@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import stat
@@ -20,17 +19,11 @@ from encfs_cloud.errors import (
 )
 from encfs_cloud.store import check_name
 from encfs_cloud.store.base import ObjectInfo
-from encfs_cloud.store.memory import check_range, etag_of
+from encfs_cloud.store.memory import check_range
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".encfs-cloud-lock"
-# Hashing a 16 MiB pack on every head() or list() would make listing cost a full read, so the
-# etag is cached in an xattr together with the size and mtime it was computed for; a file
-# changed behind our back no longer matches and is simply hashed again.
-_ETAG_XATTR = "user.encfs-cloud.etag"
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -39,15 +32,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _file_etag(path: str, st: os.stat_result) -> str:
-    try:
-        cached = os.getxattr(path, _ETAG_XATTR).decode("ascii", "replace").split()
-    except OSError:
-        cached = []
-    if len(cached) == 3 and cached[1:] == [str(st.st_size), str(st.st_mtime_ns)]:
-        return cached[0]
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+def _file_etag(st: os.stat_result) -> str:
+    """An etag from the file's identity, not its bytes: hashing every 8 MiB pack on put cost
+    more CPU than sealing it. Every put is a new file renamed into place (a new inode and
+    ctime), and a change behind our back moves ctime too, so the etag changes whenever the
+    object does, which is all conditional writes need."""
+    return f"{st.st_ino:x}-{st.st_ctime_ns:x}-{st.st_size:x}"
 
 
 class LocalStore:
@@ -86,9 +76,13 @@ class LocalStore:
             return f.read() if length is None else f.read(length)
 
     def get_with_etag(self, name: str) -> tuple[bytes, str]:
-        # Hash what we read rather than trust the xattr: the pair must describe one version.
-        data = self.get(name)
-        return data, etag_of(data)
+        # fstat of the open file: the etag and the bytes describe the same version.
+        try:
+            f = open(self._path(name), "rb")  # noqa: SIM115 - closed by the with below
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise self._missing(name) from None
+        with f:
+            return f.read(), _file_etag(os.fstat(f.fileno()))
 
     def put(
         self,
@@ -103,17 +97,12 @@ class LocalStore:
             raise ValueError("if_none_match and if_match are mutually exclusive")
         folder = os.path.dirname(path)
         self._make_folders(name, folder)
-        etag = etag_of(data)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            st = os.stat(tmp)
-            # No user xattrs here (some tmpfs, NFS)? Then etags get hashed on demand.
-            with suppress(OSError):
-                os.setxattr(tmp, _ETAG_XATTR, f"{etag} {st.st_size} {st.st_mtime_ns}".encode())
             with self._locked():
                 if if_none_match or if_match is not None:
                     self._check_condition(name, path, if_none_match, if_match)
@@ -123,6 +112,7 @@ class LocalStore:
                     raise StoreError(
                         f"{self.url}: {name} is a folder of other objects, not an object"
                     ) from None
+                etag = _file_etag(os.stat(path))  # under the lock: this version's etag
         except BaseException:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -139,7 +129,7 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError):
             current = None
         else:
-            current = _file_etag(path, st) if stat.S_ISREG(st.st_mode) else None
+            current = _file_etag(st) if stat.S_ISREG(st.st_mode) else None
         if if_none_match and current is not None:
             raise PreconditionFailedError(f"{self.url}: {name} already exists")
         if if_match is not None and current != if_match:
@@ -199,7 +189,7 @@ class LocalStore:
             st = os.stat(path)
             if not stat.S_ISREG(st.st_mode):
                 return None
-            return ObjectInfo(name, st.st_size, _file_etag(path, st))
+            return ObjectInfo(name, st.st_size, _file_etag(st))
         except (FileNotFoundError, NotADirectoryError):
             return None  # also when it vanished between stat and hashing
 
