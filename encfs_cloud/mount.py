@@ -203,6 +203,7 @@ def mount(request: MountRequest) -> int:
     """
     check_mountpoint(request.mountpoint)
     runtime.tame_malloc()
+    runtime.keep_secrets_off_disk()
     runtime.setup_logging(request.log_file, request.debug, foreground=True)
     volume = prepare(request)
     if request.foreground:

@@ -9,6 +9,7 @@ import json
 import logging
 import logging.handlers
 import os
+import resource
 import socket
 import stat
 import subprocess
@@ -237,6 +238,18 @@ def tame_malloc() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_ARENA_MAX, 2)
         libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)
+
+
+PR_SET_DUMPABLE = 4
+
+
+def keep_secrets_off_disk() -> None:
+    """No core dump (it would hold keys and plaintext) and no ptrace by other processes of
+    this user. Swap is not covered: see docs/security.md."""
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 # --- logging ----------------------------------------------------------------------------------
