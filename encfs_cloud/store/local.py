@@ -24,6 +24,8 @@ from encfs_cloud.store.memory import check_range
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".encfs-cloud-lock"
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
