@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from cachetools import LRUCache
 
 ChunkKey = tuple[int, int]  # (inode, chunk index)
@@ -109,9 +107,6 @@ class ChunkCache:
             return list(self.dirty)
         return [k for k in self.dirty if k[0] == ino]
 
-    def has_pending(self, ino: int) -> bool:
-        return any(k[0] == ino for k in self.dirty) or any(k[0] == ino for k in self.inflight)
-
     @property
     def pressure(self) -> bool:
         return self.dirty_bytes + self.inflight_bytes >= self.dirty_limit
@@ -128,6 +123,3 @@ class ChunkCache:
         self.inflight.clear()
         self._clean.clear()
         self.dirty_bytes = self.inflight_bytes = 0
-
-    def __iter__(self) -> Iterator[ChunkKey]:
-        yield from self.dirty

@@ -16,7 +16,7 @@ from types import ModuleType
 from . import __version__, runtime
 from .device import DeviceStore
 from .errors import EXIT_CODES, EncfsCloudError, UsageError
-from .mountopts import parse_mount_options, read_secret_file, store_options_from
+from .mountopts import parse_mount_options, read_secret_file
 from .store import StoreOptions, open_store
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,6 @@ def ask_new_passphrase(args: argparse.Namespace) -> bytes | None:
     if getpass.getpass("Repeat the passphrase: ") != first:
         raise UsageError("the two passphrases differ; nothing was changed")
     return first.encode()
-
-
-def passphrase_for_unlock(path: str | None) -> bytes | None:
-    return read_secret_file(path) if path else None
 
 
 def store_from_args(args: argparse.Namespace) -> StoreOptions:
@@ -238,6 +234,3 @@ def mount_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(func=cmd_mount)
     sys.exit(run(sys.argv[1:] if argv is None else argv, parser))
-
-
-__all__ = ["main", "mount_main", "store_options_from"]

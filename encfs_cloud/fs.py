@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from .committer import Committer
 from .errors import EncfsCloudError, FsError, errno_of
@@ -77,7 +78,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.open_files: dict[int, int] = {}  # inode → open handles
         self.handles: dict[int, int] = {}  # fh → inode
         self._next_fh = 1
-        self.locks: dict[int, Any] = {}
+        self.locks: dict[int, trio.Lock] = {}
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -132,9 +133,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
                 node.mtime_ns = node.ctime_ns = when
             self.md.put_inode(node)
 
-    def _lock(self, ino: int) -> Any:
-        import trio
-
+    def _lock(self, ino: int) -> trio.Lock:
         lock = self.locks.get(ino)
         if lock is None:
             lock = self.locks[ino] = trio.Lock()

@@ -150,21 +150,42 @@ def commit_hash(sealed: bytes) -> bytes:
     return crypto.digest(sealed)
 
 
+def commit_seqs(store: ObjectStore) -> list[int]:
+    """The sequence numbers of every metadata commit in the bucket, ascending."""
+    names = (layout.commit_seq(o.name) for o in store.list(layout.META_PREFIX))
+    return sorted(s for s in names if s is not None)
+
+
+def rollback_problem(
+    head: Head, hashes: dict[int, bytes], md: Metadata, seen_seq: int, seen_hash: bytes | None
+) -> str | None:
+    """Why the replayed state cannot follow the newest commit this device saw, or None.
+
+    The seen commit's hash comes from the commits just read or, when a later snapshot
+    deleted that commit, from the history the tree carries.
+    """
+    if head.seq < seen_seq:
+        return f"the bucket's newest commit is {head.seq} but this device has seen {seen_seq}"
+    seen = hashes.get(seen_seq) or md.commit_hash_of(seen_seq)
+    if seen_seq and seen is not None and seen != seen_hash:
+        return f"commit {seen_seq} in the bucket differs from the one this device saw"
+    return None
+
+
 def replay(
     store: ObjectStore,
     sealer: Sealer,
     on_progress: Callable[[int, int], None] | None = None,
+    seqs: list[int] | None = None,
 ) -> tuple[Metadata, Head, dict[int, bytes]]:
     """Load the newest snapshot and every delta after it, checking the hash chain.
 
     Returns the metadata, the head, and the hash of each commit read (seq → hash) so the
     caller can compare them with what this device has seen before (rollback detection).
+    `seqs`, if the caller already listed them, saves listing the commits again.
     """
-    seqs = sorted(
-        s
-        for s in (layout.commit_seq(o.name) for o in store.list(layout.META_PREFIX))
-        if s is not None
-    )
+    if seqs is None:
+        seqs = commit_seqs(store)
     if not seqs:
         raise IntegrityError("the bucket holds no metadata commit")
     hashes: dict[int, bytes] = {}

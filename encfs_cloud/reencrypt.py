@@ -27,6 +27,7 @@ from .journal import (
     export_delta,
     export_snapshot,
     replay,
+    rollback_problem,
     seal_commit,
 )
 from .lease import FencedStore, Lease
@@ -278,16 +279,6 @@ def _remember(devices: DeviceStore, fs_id: bytes, head: Head) -> None:
     devices.update_state(fs_id, change)
 
 
-def _check_seen(devices: DeviceStore, fs_id: bytes, head: Head, hashes: dict[int, bytes]) -> None:
-    state = devices.load_state(fs_id)
-    seen = state.commit_seq or 0
-    if head.seq < seen or (seen and hashes.get(seen, state.commit_hash) != state.commit_hash):
-        raise RollbackError(
-            f"the bucket's metadata (commit {head.seq}) is older than, or forks from, commit "
-            f"{seen} this device has seen: refusing to re-encrypt a rolled-back filesystem"
-        )
-
-
 def _retag_header(store: ObjectStore, unlocked: Unlocked) -> None:
     """Re-tag the header under the current generation if a revocation could not."""
     raw, etag = store.get_with_etag(layout.HEADER_NAME)
@@ -330,7 +321,10 @@ def reencrypt(
         return report
     md, head, hashes = replay(store, sealer)
     try:
-        _check_seen(devices, fs_id, head, hashes)
+        state = devices.load_state(fs_id)
+        problem = rollback_problem(head, hashes, md, state.commit_seq or 0, state.commit_hash)
+        if problem:
+            raise RollbackError(f"{problem}: refusing to re-encrypt a rolled-back filesystem")
         plan = _plan(md, gen)
         if on_progress is not None:
             on_progress(0, len(plan))

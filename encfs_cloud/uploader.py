@@ -31,7 +31,6 @@ class Pack:
     )  # key, version, data
     size: int = 0
     done: trio.Event = field(default_factory=trio.Event)
-    error: BaseException | None = None
 
 
 class Uploader:
@@ -127,11 +126,9 @@ class Uploader:
                 break
             except StoreError as exc:
                 self.errors += 1
-                pack.error = exc
                 log.warning("upload of pack %s failed (%s); retrying in %.1fs", pack.id, exc, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-        pack.error = None
         self.bytes_uploaded += len(blob)
         for key, version, data in pack.entries:
             self.cache.landed(key, version, data)

@@ -15,7 +15,7 @@ from .device import DeviceState, DeviceStore
 from .errors import DeviceRevokedError, RollbackError, StoreError
 from .filedata import FileData
 from .fs import Operations
-from .journal import Head, replay
+from .journal import Head, commit_seqs, replay, rollback_problem
 from .lease import Lease, LeaseKeeper
 from .metadata import Metadata
 from .namespace import Namespace
@@ -90,8 +90,8 @@ class Volume:
         state = self.devices.load_state(fs_id)
         if not self.options.read_only:  # a read-only mount writes nothing to the bucket
             spool.upload(self.devices.folder(fs_id), self.store)
-        has_commits = any(True for _ in self.store.list("meta/"))
-        if not has_commits:
+        seqs = commit_seqs(self.store)
+        if not seqs:
             if state.commit_seq and not self.options.allow_rollback:
                 raise RollbackError(
                     "the bucket holds no metadata but this device has seen commit "
@@ -99,21 +99,13 @@ class Volume:
                     "it was emptied or rolled back; mount with -o allow_rollback to accept"
                 )
             return Metadata(), Head(0, b"", 0, 0, 0)
-        md, head, hashes = replay(self.store, self.sealer)
-        if not self.options.allow_rollback:
-            seen_seq = state.commit_seq or 0
-            if head.seq < seen_seq:
-                raise RollbackError(
-                    f"the bucket's newest commit is {head.seq} but this device has seen "
-                    f"{seen_seq}: the bucket was rolled back; mount with -o allow_rollback "
-                    "to accept the older state"
-                )
-            seen = hashes.get(seen_seq) or md.commit_hash_of(seen_seq)
-            if seen_seq and seen is not None and seen != state.commit_hash:
-                raise RollbackError(
-                    f"commit {seen_seq} in the bucket differs from the one this device saw: "
-                    "the bucket was replaced or forked; mount with -o allow_rollback to accept"
-                )
+        md, head, hashes = replay(self.store, self.sealer, seqs=seqs)
+        problem = rollback_problem(head, hashes, md, state.commit_seq or 0, state.commit_hash)
+        if problem and not self.options.allow_rollback:
+            raise RollbackError(
+                f"{problem}: the bucket was rolled back or forked; mount with "
+                "-o allow_rollback to accept its state"
+            )
         self._remember_head(head)
         return md, head
 
