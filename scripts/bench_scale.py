@@ -20,13 +20,14 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from encfs_cloud import journal, layout  # noqa: E402
-from encfs_cloud.device import DeviceStore  # noqa: E402
-from encfs_cloud.metadata import ROOT_INODE, Metadata  # noqa: E402
-from encfs_cloud.namespace import Namespace  # noqa: E402
-from encfs_cloud.sealed import Sealer  # noqa: E402
+from encfs_cloud import layout  # noqa: E402
+from encfs_cloud.keys.device import DeviceStore  # noqa: E402
+from encfs_cloud.keys.sealed import Sealer  # noqa: E402
+from encfs_cloud.keys.vault import unlock  # noqa: E402
 from encfs_cloud.store import open_store  # noqa: E402
-from encfs_cloud.vault import unlock  # noqa: E402
+from encfs_cloud.tree import journal  # noqa: E402
+from encfs_cloud.tree.metadata import ROOT_INODE, Metadata  # noqa: E402
+from encfs_cloud.tree.namespace import Namespace  # noqa: E402
 
 
 def build_tree(files: int, big_dir: int) -> Metadata:

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from encfs_cloud import layout
-from encfs_cloud.device import DeviceStore
-from encfs_cloud.journal import replay
-from encfs_cloud.metadata import ChunkRef
-from encfs_cloud.sealed import Sealer
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import StoreOptions, open_store
 from encfs_cloud.store.base import ObjectStore
-from encfs_cloud.vault import unlock
+from encfs_cloud.tree.journal import replay
+from encfs_cloud.tree.metadata import ChunkRef
 from tests.fixtures_mount import Device, daemon_pids, force_unmount
 from tests.fixtures_s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, empty_bucket
 

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from encfs_cloud import cli, mountopts
+from encfs_cloud.cli import main as cli_main
+from encfs_cloud.daemon import options
 from encfs_cloud.errors import EXIT_CODES
-from encfs_cloud.fsck import EXIT_DAMAGED, EXIT_REPAIRED
-from encfs_cloud.salvage import EXIT_SOME_LOST
+from encfs_cloud.tools.fsck import EXIT_DAMAGED, EXIT_REPAIRED
+from encfs_cloud.tools.salvage import EXIT_SOME_LOST
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures_mount import (
     BIN,
@@ -443,7 +444,7 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
                     found[f"{path} {name}".strip()] = sub
                     walk(sub, f"{path} {name}")
 
-    walk(cli.build_parser(), "")
+    walk(cli_main.build_parser(), "")
     return found
 
 
@@ -457,7 +458,7 @@ def test_every_command_answers_help_with_exit_0() -> None:
     for path in parsers:  # in-process: one interpreter start per command would be slow
         out = io.StringIO()
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
-            cli.run([*path.split(), "--help"], cli.build_parser())
+            cli_main.run([*path.split(), "--help"], cli_main.build_parser())
         assert exited.value.code == 0, path
         assert out.getvalue().startswith("usage: encfs-cloud " + path), path
 
@@ -476,9 +477,9 @@ def _man(page: Path) -> str:
 
 
 def _mount_option_names() -> set[str]:
-    """The option words mountopts.py recognizes, read from its source."""
-    tree = ast.parse(inspect.getsource(mountopts))
-    names = set(mountopts.GENERIC)
+    """The option words options.py recognizes, read from its source."""
+    tree = ast.parse(inspect.getsource(options))
+    names = set(options.GENERIC)
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.In):
             for right in node.comparators:

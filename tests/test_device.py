@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from encfs_cloud import passkdf
-from encfs_cloud.device import KEY_FILE, STATE_FILE, DeviceState, DeviceStore
+from encfs_cloud.crypto import passkdf
 from encfs_cloud.errors import (
     DeviceKeyMissingError,
     FormatError,
@@ -18,6 +17,7 @@ from encfs_cloud.errors import (
     UsageError,
     WrongPassphraseError,
 )
+from encfs_cloud.keys.device import KEY_FILE, STATE_FILE, DeviceState, DeviceStore
 
 FS = bytes(range(16))
 
@@ -130,7 +130,7 @@ def test_machine_id_files_are_the_default(
     devices: DeviceStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("ENCFS_CLOUD_MACHINE_ID")
-    monkeypatch.setattr("encfs_cloud.device.MACHINE_ID_FILES", (str(tmp_path / "nope"),))
+    monkeypatch.setattr("encfs_cloud.keys.device.MACHINE_ID_FILES", (str(tmp_path / "nope"),))
     devices.create(FS, "container", None)  # no machine id at all: a random fallback secret
     fallback = devices.root / "machine-secret"
     assert fallback.stat().st_mode & 0o777 == 0o600

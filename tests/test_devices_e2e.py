@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from encfs_cloud import keys as K
-from encfs_cloud import layout, records, vault
-from encfs_cloud.device import DeviceStore
-from encfs_cloud.journal import replay
-from encfs_cloud.metadata import ROOT_INODE, ChunkRef, Metadata
-from encfs_cloud.sealed import Sealer
+from encfs_cloud import layout
+from encfs_cloud.keys import master as K
+from encfs_cloud.keys import records, vault
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.tree.journal import replay
+from encfs_cloud.tree.metadata import ROOT_INODE, ChunkRef, Metadata
 from tests.fixtures_mount import Device, needs_fuse
 
 pytestmark = needs_fuse

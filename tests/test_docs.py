@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from encfs_cloud import cli, errors, fsck, salvage
+from encfs_cloud import errors
+from encfs_cloud.cli import main as cli_main
+from encfs_cloud.tools import fsck, salvage
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -61,7 +63,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def _commands() -> list[str]:
     """'init', 'mount', …, and 'device list', 'device approve', … as a user types them."""
     names = []
-    for name, sub in _subparsers(cli.build_parser()).items():
+    for name, sub in _subparsers(cli_main.build_parser()).items():
         names.append(name)
         names += [f"{name} {action}" for action in _subparsers(sub)]
     return names
@@ -125,7 +127,7 @@ def test_every_subcommand_in_man_page(command: str) -> None:
 
 
 def test_every_mount_option_in_readme_and_mount_man_page() -> None:
-    mount = _subparsers(cli.build_parser())["mount"]
+    mount = _subparsers(cli_main.build_parser())["mount"]
     help_text = next(a.help for a in mount._actions if "-o" in a.option_strings)
     assert help_text
     keys = [item.split("=")[0].strip() for item in help_text.split(",")]

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from encfs_cloud import layout
-from encfs_cloud.device import DeviceStore
-from encfs_cloud.journal import KIND_SNAPSHOT, CommitInfo, export_snapshot, replay, seal_commit
-from encfs_cloud.lease import Lease
-from encfs_cloud.metadata import ChunkRef, Metadata
-from encfs_cloud.sealed import Sealer
+from encfs_cloud.daemon.lease import Lease
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.vault import Unlocked, unlock
 from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
-from encfs_cloud.vault import Unlocked, unlock
+from encfs_cloud.tree.journal import KIND_SNAPSHOT, CommitInfo, export_snapshot, replay, seal_commit
+from encfs_cloud.tree.metadata import ChunkRef, Metadata
 from tests.fixtures_mount import Device, needs_fuse
 from tests.fixtures_s3 import MotoServer
 

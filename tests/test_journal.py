@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import stat
 
-from encfs_cloud import journal
-from encfs_cloud.metadata import ROOT_INODE, ChunkRef, Metadata
-from encfs_cloud.namespace import Namespace
+from encfs_cloud.tree import journal
+from encfs_cloud.tree.metadata import ROOT_INODE, ChunkRef, Metadata
+from encfs_cloud.tree.namespace import Namespace
 
 
 def _tree(md: Metadata) -> list[tuple[object, ...]]:

@@ -18,15 +18,15 @@ import pytest
 import trio
 
 from encfs_cloud import layout
-from encfs_cloud.device import DeviceStore
+from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseInfo, LeaseKeeper
 from encfs_cloud.errors import LeaseHeldError, PreconditionFailedError, TransientStoreError
-from encfs_cloud.keys import new_master_keys
-from encfs_cloud.lease import FencedStore, Lease, LeaseInfo, LeaseKeeper
-from encfs_cloud.sealed import Sealer
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.keys.master import new_master_keys
+from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.store.memory import MemoryStore
-from encfs_cloud.vault import unlock
 from tests.fixtures_mount import (
     MOUNT,
     Device,

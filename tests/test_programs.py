@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from encfs_cloud import control
+from encfs_cloud.daemon import control
 from tests.fixtures_mount import Device, is_mounted, needs_fuse, unmount
 from tests.fixtures_s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, empty_bucket
 

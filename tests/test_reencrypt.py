@@ -11,19 +11,21 @@ from pathlib import Path
 import pytest
 import trio
 
-from encfs_cloud import enrollment, layout, reencrypt, vault
-from encfs_cloud import keys as K
-from encfs_cloud.device import DeviceStore
+from encfs_cloud import layout
+from encfs_cloud.daemon.lease import Lease
+from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.errors import IntegrityError, LeaseHeldError, RollbackError
-from encfs_cloud.journal import replay
-from encfs_cloud.lease import Lease
-from encfs_cloud.metadata import ROOT_INODE
-from encfs_cloud.namespace import Namespace
-from encfs_cloud.sealed import OBJECT_MAGIC, Sealer
+from encfs_cloud.keys import enrollment, vault
+from encfs_cloud.keys import master as K
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.keys.sealed import OBJECT_MAGIC, Sealer
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.store.local import LocalStore
 from encfs_cloud.store.memory import MemoryStore
-from encfs_cloud.volume import Volume, VolumeOptions
+from encfs_cloud.tools import reencrypt
+from encfs_cloud.tree.journal import replay
+from encfs_cloud.tree.metadata import ROOT_INODE
+from encfs_cloud.tree.namespace import Namespace
 
 Machine = Callable[[str], DeviceStore]
 FILES = {

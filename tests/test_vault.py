@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from encfs_cloud import crypto, enrollment, layout, records, vault
-from encfs_cloud import keys as K
-from encfs_cloud.device import STATE_FILE, DeviceStore
+from encfs_cloud import layout
+from encfs_cloud.crypto import aead
 from encfs_cloud.errors import (
     AbortedError,
     DeviceKeyMissingError,
@@ -28,7 +27,10 @@ from encfs_cloud.errors import (
     UsageError,
     WrongPassphraseError,
 )
-from encfs_cloud.sealed import Sealer
+from encfs_cloud.keys import enrollment, records, vault
+from encfs_cloud.keys import master as K
+from encfs_cloud.keys.device import STATE_FILE, DeviceStore
+from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.store.local import LocalStore
 from encfs_cloud.store.memory import MemoryStore
@@ -477,8 +479,8 @@ def test_find_device(store: ObjectStore, machine: Machine) -> None:
 def test_sealed_object_under_keys(store: ObjectStore, machine: Machine) -> None:
     """The Unlocked keys plug straight into the sealing layer."""
     ua, _ = _init(store, machine("a"))
-    blob = crypto.seal(ua.keys.subkey("lease"), b"x", b"ad")
-    assert crypto.open_sealed(ua.keys.subkey("lease", 1), blob, b"ad") == b"x"
+    blob = aead.seal(ua.keys.subkey("lease"), b"x", b"ad")
+    assert aead.open_sealed(ua.keys.subkey("lease", 1), blob, b"ad") == b"x"
 
 
 def test_refresh_adopts_a_revocation_made_elsewhere(store: ObjectStore, machine: Machine) -> None:

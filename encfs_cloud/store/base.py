@@ -1,4 +1,4 @@
-"""The ObjectStore protocol every backend implements; blocking calls, run in worker threads."""
+"""The ObjectStore protocol (blocking calls, run in worker threads), its options, the name rule."""
 
 from __future__ import annotations
 
@@ -58,3 +58,37 @@ class ObjectStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Connection settings; `None` means "whatever the standard AWS chain says"."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    path_style: bool | None = None  # None: path style for any endpoint that is not AWS
+    access_key: str | None = None
+    secret_key: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 6
+    max_pool: int = 32
+    # No new attempt starts once this many seconds have passed since the first one.
+    deadline: float = 120.0
+    # First backoff step in seconds; it doubles per attempt (full jitter), capped at 10 s.
+    backoff_base: float = 0.2
+
+
+def check_name(name: str) -> None:
+    """Refuse object names that would not map safely onto a folder tree.
+
+    Every backend applies the same rule, so a bucket can be copied to a folder and back:
+    '/'-separated, no empty, '.' or '..' parts, no part starting with '.' (hidden files are
+    the local backend's temp and lock files), no NUL.
+    """
+    if not name or "\0" in name:
+        raise ValueError(f"invalid object name {name!r}")
+    for part in name.split("/"):
+        if not part or part.startswith("."):
+            raise ValueError(f"invalid object name {name!r}")

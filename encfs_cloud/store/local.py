@@ -17,8 +17,7 @@ from encfs_cloud.errors import (
     PreconditionFailedError,
     StoreError,
 )
-from encfs_cloud.store import check_name
-from encfs_cloud.store.base import ObjectInfo
+from encfs_cloud.store.base import ObjectInfo, check_name
 from encfs_cloud.store.memory import check_range
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,7 @@ import threading
 from collections.abc import Iterator
 
 from encfs_cloud.errors import ObjectMissingError, PreconditionFailedError
-from encfs_cloud.store import check_name
-from encfs_cloud.store.base import ObjectInfo
+from encfs_cloud.store.base import ObjectInfo, check_name
 
 _named: dict[str, MemoryStore] = {}
 _named_lock = threading.Lock()

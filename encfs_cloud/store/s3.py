@@ -29,8 +29,7 @@ from encfs_cloud.errors import (
     TransientStoreError,
     UnreachableError,
 )
-from encfs_cloud.store import StoreOptions, check_name
-from encfs_cloud.store.base import ObjectInfo
+from encfs_cloud.store.base import ObjectInfo, StoreOptions, check_name
 from encfs_cloud.store.memory import check_range
 
 if TYPE_CHECKING:

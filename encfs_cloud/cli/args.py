@@ -1,0 +1,38 @@
+"""Argument helpers every command module shares: exit-code help, store options, passphrases."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+
+from encfs_cloud.daemon.options import read_secret_file
+from encfs_cloud.errors import EXIT_CODES, UsageError
+from encfs_cloud.store import StoreOptions
+
+EXIT_HELP = "exit codes: 0 ok; " + ", ".join(
+    f"{code} {name.removesuffix('Error')}"
+    for name, code in sorted(EXIT_CODES.items(), key=lambda kv: kv[1])
+)
+
+
+def ask_new_passphrase(args: argparse.Namespace) -> bytes | None:
+    """The passphrase for a new device key: from a file, none, or asked twice on a terminal."""
+    if getattr(args, "passphrase_file", None):
+        return read_secret_file(args.passphrase_file)
+    if getattr(args, "no_passphrase", False):
+        return None
+    if not sys.stdin.isatty():
+        raise UsageError(
+            "no terminal to ask for a passphrase: use --passphrase-file or --no-passphrase"
+        )
+    first = getpass.getpass("New passphrase for this device (empty for none): ")
+    if not first:
+        return None
+    if getpass.getpass("Repeat the passphrase: ") != first:
+        raise UsageError("the two passphrases differ; nothing was changed")
+    return first.encode()
+
+
+def store_from_args(args: argparse.Namespace) -> StoreOptions:
+    return StoreOptions(endpoint_url=getattr(args, "endpoint_url", None))

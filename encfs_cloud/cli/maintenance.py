@@ -1,0 +1,281 @@
+"""`encfs-cloud fsck` and `encfs-cloud salvage`: check, repair and rescue a filesystem."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import sys
+import time
+from typing import Any
+
+from encfs_cloud.cli.args import EXIT_HELP, store_from_args
+from encfs_cloud.daemon.lease import FencedStore, Lease
+from encfs_cloud.daemon.options import read_secret_file
+from encfs_cloud.keys.device import DeviceState, DeviceStore
+from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.vault import Unlocked, read_header, unlock
+from encfs_cloud.store import open_store
+from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.tools.fsck import EXIT_CLEAN, EXIT_DAMAGED, EXIT_REPAIRED, Report, check, repair
+from encfs_cloud.tools.salvage import EXIT_ALL_SAVED, EXIT_SOME_LOST, salvage
+from encfs_cloud.tree.journal import Head
+
+OTHER_CODES = EXIT_HELP.replace("0 ok; ", "")
+FSCK_EPILOG = f"""\
+fsck reads every metadata commit from the newest snapshot on and every sealed chunk, and
+lists what is damaged (files whose data fails authentication or is missing, broken commits,
+entries without inodes, wrong link counts) and what is garbage (objects nothing references,
+commits older than the snapshot, inodes without a name). Without --repair it changes nothing
+and may run while the filesystem is mounted (then what may be in flight is not counted).
+
+--repair takes the single-writer lease (a running read-write mount makes it refuse, exit 12),
+says what it will do and asks first on a terminal (--yes: do not ask). It REMOVES files whose
+data is damaged (they are listed: run salvage first to copy out what is still readable),
+deletes garbage, fixes link counts, and writes the result as a new metadata snapshot.
+
+fsck exit codes: 0 clean; {EXIT_REPAIRED} problems found and all repaired; \
+{EXIT_DAMAGED} problems found and not (all) repaired.
+other {OTHER_CODES}"""
+
+SALVAGE_EPILOG = f"""\
+salvage copies every file whose data authenticates (with modes, owners, times, symlinks, hard
+links and extended attributes) into DEST, which must be missing or empty. If the newest
+metadata commit is damaged, it uses the newest state that still replays and says so. Each
+thing it could not save is one line on stdout: "lost: PATH: why".
+
+salvage exit codes: {EXIT_ALL_SAVED} everything saved; {EXIT_SOME_LOST} something was not saved.
+other {OTHER_CODES}"""
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "fsck",
+        parents=[common],
+        help="check every object and reference (--repair to fix)",
+        epilog=FSCK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--repair", action="store_true", help="fix what is found (asks first)")
+    p.add_argument("-y", "--yes", action="store_true", help="with --repair: do not ask")
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="with --repair: take over the lease of a mount that crashed (once it expired)",
+    )
+    p.add_argument("--passphrase-file", metavar="FILE", help="read this device's passphrase")
+    p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser(
+        "salvage",
+        parents=[common],
+        help="copy every intact file out of a damaged filesystem",
+        epilog=SALVAGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("dest", metavar="DEST", help="a local directory, missing or empty")
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="also keep damaged files, with unreadable chunks as zeros, as NAME.salvage-partial",
+    )
+    p.add_argument("--passphrase-file", metavar="FILE", help="read this device's passphrase")
+    p.set_defaults(func=cmd_salvage)
+
+
+class TerminalProgress:
+    """One self-overwriting status line on stderr, only if stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty()
+        self.width = 0
+        self.last = 0.0
+
+    def __call__(self, text: str) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.1:
+            return
+        self.last = now
+        line = f"{self.label}: {text}"
+        sys.stderr.write("\r" + line.ljust(self.width))
+        sys.stderr.flush()
+        self.width = max(self.width, len(line))
+
+    def done(self) -> None:
+        if self.enabled and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+
+
+def _open(args: argparse.Namespace) -> tuple[ObjectStore, DeviceStore, Unlocked]:
+    store = open_store(args.source, store_from_args(args))
+    devices = DeviceStore()
+    passphrase = None
+    if args.passphrase_file:
+        passphrase = read_secret_file(args.passphrase_file)
+    elif sys.stdin.isatty():
+        fs_id = bytes.fromhex(str(read_header(store)["fs_id"]))
+        if devices.has(fs_id) and devices.needs_passphrase(fs_id):
+            passphrase = getpass.getpass("Passphrase for this device: ").encode()
+    return store, devices, unlock(store, devices, passphrase)
+
+
+def _writer_active(lease: Lease) -> bool:
+    """A mount may be writing: the lease is live (or unreadable, to be safe)."""
+    info, etag = lease.read()
+    if etag is None:
+        return False
+    if info is None:
+        return True
+    return not (info.expired(time.time()) or info.gone_from_here())
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    store, devices, unlocked = _open(args)
+    try:
+        sealer = Sealer(unlocked.fs_id, unlocked.keys)
+        lease = Lease(store, sealer, unlocked.device.device_id, unlocked.device.name)
+        if args.repair:
+            lease.acquire(takeover=args.takeover, how="--takeover")
+        try:
+            renewing = lease.renewed_in_background() if lease.held else contextlib.nullcontext()
+            with renewing:
+                return _fsck(args, store, sealer, lease, devices, unlocked.fs_id)
+        finally:
+            lease.release()
+    finally:
+        unlocked.wipe()
+
+
+def _fsck(
+    args: argparse.Namespace,
+    store: ObjectStore,
+    sealer: Sealer,
+    lease: Lease,
+    devices: DeviceStore,
+    fs_id: bytes,
+) -> int:
+    progress = TerminalProgress("fsck")
+    try:
+        report = check(
+            store,
+            sealer,
+            writer_active=not lease.held and _writer_active(lease),
+            seen_seq=devices.load_state(fs_id).commit_seq,
+            progress=progress,
+        )
+    finally:
+        progress.done()
+    try:
+        return _conclude(args, store, sealer, lease, devices, fs_id, report)
+    finally:
+        report.state.md.db.close()
+
+
+def _conclude(
+    args: argparse.Namespace,
+    store: ObjectStore,
+    sealer: Sealer,
+    lease: Lease,
+    devices: DeviceStore,
+    fs_id: bytes,
+    report: Report,
+) -> int:
+    for finding in report.findings:
+        print(finding.line())
+    for note in report.notes:
+        print(f"note: {note}")
+    seq = report.state.head.seq
+    if not report.findings:
+        print(
+            f"clean: {report.files} files, {report.chunks} chunks in {report.packs} data "
+            f"objects verified (metadata commit {seq})"
+        )
+        return EXIT_CLEAN
+    print(f"{len(report.findings)} problems found")
+    if not args.repair:
+        print("run fsck --repair to fix them (salvage first to copy out damaged files' data)")
+        return EXIT_DAMAGED
+    if not report.repairable:
+        print("not repairing: some problems cannot be repaired (see above)")
+        return EXIT_DAMAGED
+    for line in _plan_lines(report):
+        print(f"will {line}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("not repairing without confirmation: no terminal to ask on; add --yes")
+            return EXIT_DAMAGED
+        if input("Repair now? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing was changed")
+            return EXIT_DAMAGED
+    head = repair(FencedStore(store, lease), sealer, report)
+    if head is not None:
+        _remember(devices, fs_id, head)
+        print(f"repaired: wrote metadata snapshot {head.seq}")
+    else:
+        print("repaired")
+    return EXIT_REPAIRED
+
+
+def _plan_lines(report: Report) -> list[str]:
+    plan, state = report.plan, report.state
+    damaged = sum(1 for f in report.findings if f.kind == "damaged")
+    lines = []
+    if not state.complete:
+        lines.append(
+            f"drop metadata commits after {state.head.seq} (they do not open or chain) and "
+            "continue from that state"
+        )
+    if damaged:
+        lines.append(f"remove {damaged} damaged files (listed above)")
+    if plan.remove_inodes and len(plan.remove_inodes) > damaged:
+        lines.append(f"delete {len(plan.remove_inodes) - damaged} inodes without a name")
+    if plan.remove_entries:
+        lines.append(f"remove {len(plan.remove_entries)} broken directory entries")
+    if plan.nlink:
+        lines.append(f"fix the link counts of {len(plan.nlink)} inodes")
+    if plan.stray_chunks or plan.add_packs or plan.recount:
+        lines.append("rebuild the data accounting")
+    if plan.delete_objects:
+        lines.append(f"delete {len(plan.delete_objects)} objects that nothing references")
+    if plan.changes_metadata() or not state.complete:
+        lines.append("write the result as a new metadata snapshot")
+    return lines
+
+
+def _remember(devices: DeviceStore, fs_id: bytes, head: Head) -> None:
+    def change(state: DeviceState) -> None:
+        state.commit_seq = head.seq
+        state.commit_hash = head.hash
+
+    devices.update_state(fs_id, change)
+
+
+def cmd_salvage(args: argparse.Namespace) -> int:
+    store, _, unlocked = _open(args)
+    progress = TerminalProgress("salvage")
+    try:
+        sealer = Sealer(unlocked.fs_id, unlocked.keys)
+        state, result = salvage(store, sealer, args.dest, partial=args.partial, progress=progress)
+    finally:
+        progress.done()
+        unlocked.wipe()
+    if not state.complete:
+        print(
+            f"encfs-cloud salvage: the newest metadata commit ({state.newest_seq}) cannot be "
+            f"used ({state.problems[0]}); salvaged the state of commit {state.head.seq}",
+            file=sys.stderr,
+        )
+    for path, why in result.lost:
+        print(f"lost: {path}: {why}")
+    print(
+        f"encfs-cloud salvage: saved {result.files} files, {result.dirs} directories, "
+        f"{result.symlinks} symlinks, {result.others} other nodes "
+        f"({result.bytes / (1 << 20):.1f} MiB) into {args.dest}; "
+        f"{len(result.lost)} not saved",
+        file=sys.stderr,
+    )
+    return result.exit_code

@@ -1,0 +1,1 @@
+"""The mounted filesystem: pyfuse3 operations, volume, lease, lifecycle, control socket."""

@@ -1,0 +1,261 @@
+"""The daemon's control socket: answers status requests from memory, never from the bucket."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import trio
+
+from encfs_cloud import __version__
+from encfs_cloud.daemon import runtime
+from encfs_cloud.errors import MountpointError
+
+if TYPE_CHECKING:
+    from encfs_cloud.daemon.volume import Volume
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 4096
+REQUEST_TIMEOUT = 5.0  # a client that connects and says nothing must not pin a task forever
+RATE_WINDOW = 5  # seconds of samples behind each transfer rate
+PROTOCOL = 1
+
+
+def socket_path(mountpoint: Path) -> Path:
+    """The socket sits next to the mount's registry entry, under the same key."""
+    return runtime.registry_entry(mountpoint).with_suffix(".sock")
+
+
+class Rates:
+    """Transfer rates from counter samples taken once a second over a short window."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+        self.samples: deque[tuple[float, int, int]] = deque(maxlen=RATE_WINDOW + 1)
+
+    def sample(self) -> None:
+        self.samples.append(
+            (time.monotonic(), self.volume.uploader.bytes_uploaded, self.volume.data.bytes_fetched)
+        )
+
+    def current(self) -> tuple[float, float]:
+        """(upload, download) in bytes per second over the window; 0 until two samples."""
+        if len(self.samples) < 2:
+            return 0.0, 0.0
+        (t0, up0, down0), (t1, up1, down1) = self.samples[0], self.samples[-1]
+        span = max(t1 - t0, 1e-3)
+        return (up1 - up0) / span, (down1 - down0) / span
+
+    async def run(self) -> None:
+        while True:
+            self.sample()
+            await trio.sleep(1.0)
+
+
+def status(volume: Volume, mountpoint: Path, rates: Rates) -> dict[str, Any]:
+    """Everything `encfs-cloud status` shows; only counters and sizes, never a name."""
+    cache, uploader, data = volume.cache, volume.uploader, volume.data
+    lookups = cache.hits + cache.misses
+    up_rate, down_rate = rates.current()
+    used_bytes, inodes = volume.md.usage()
+    committer = volume.committer
+    head = committer.head
+    pending = list(uploader.pending.values())
+    report: dict[str, Any] = {
+        "protocol": PROTOCOL,
+        "version": __version__,
+        "pid": os.getpid(),
+        "mountpoint": os.path.abspath(mountpoint),
+        "source": volume.store.url,
+        "read_only": volume.options.read_only,
+        "files": {"inodes": inodes, "bytes": used_bytes},
+        "cache": {
+            "clean_bytes": cache.clean_bytes,
+            "capacity": cache.capacity,
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "hit_rate": cache.hits / lookups if lookups else None,
+        },
+        "dirty": {
+            "dirty_bytes": cache.dirty_bytes,
+            "uploading_bytes": cache.inflight_bytes,
+            "limit": cache.dirty_limit,
+        },
+        "transfers": {
+            "uploads_in_flight": len(pending),
+            "upload_bytes_in_flight": sum(p.size for p in pending),
+            "downloads_in_flight": data.fetches_in_flight,
+            "upload_rate": up_rate,
+            "download_rate": down_rate,
+            "bytes_uploaded": uploader.bytes_uploaded,
+            "bytes_fetched": data.bytes_fetched,
+        },
+        "last_commit": {
+            "seq": head.seq,
+            "time_ns": committer.last_commit_ns or None,  # None: no commit since mounting
+            "commits_since_mount": committer.commits,
+            "queued": len(committer.queue),
+        },
+        "key_generation": volume.unlocked.keys.current,
+        "errors": {
+            "upload": uploader.errors + committer.errors,
+            "read": data.store_errors,
+            "integrity": data.integrity_errors,
+        },
+    }
+    if volume.lease is not None:  # a read-only mount holds none
+        lease = volume.lease
+        report["lease"] = {"holder": f"this device ({lease.device_name})", **lease.status()}
+    return report
+
+
+async def _answer(
+    stream: trio.SocketStream, volume: Volume, mountpoint: Path, rates: Rates
+) -> None:
+    try:
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            raw = b""
+            while b"\n" not in raw and len(raw) < MAX_REQUEST:
+                chunk = await stream.receive_some(MAX_REQUEST)
+                if not chunk:
+                    break
+                raw += chunk
+            try:
+                request = json.loads(raw.split(b"\n", 1)[0] or b"{}")
+                op = request.get("op") if isinstance(request, dict) else None
+            except ValueError:
+                op = None
+            reply: dict[str, Any]
+            if op == "status":
+                try:
+                    reply = {"ok": True, "status": status(volume, mountpoint, rates)}
+                except Exception:  # a status bug must never take the mount down with it
+                    log.exception("control: status failed")
+                    reply = {"ok": False, "error": "internal error; see the log"}
+            else:
+                reply = {"ok": False, "error": 'unknown request; send {"op": "status"}'}
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away; nothing to tell anyone
+    finally:
+        await stream.aclose()
+
+
+async def serve(volume: Volume, mountpoint: Path) -> None:
+    """Serve the control socket until cancelled; the socket file goes with us."""
+    path = socket_path(mountpoint)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # left by a daemon that died; the mount point was checked free
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        # Only our user may ask: the folder is 0700 already, the socket is 0600 as well.
+        # (chmod, not umask: the umask is process-wide and worker threads create files.)
+        os.chmod(path, 0o600)
+    except OSError as exc:  # the mount works without it; only `status` will not
+        log.warning("control socket unavailable: %s", exc)
+        sock.close()
+        return
+    sock.listen(16)
+    rates = Rates(volume)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rates.run)
+
+            async def handler(stream: trio.SocketStream) -> None:
+                await _answer(stream, volume, mountpoint, rates)
+
+            await trio.serve_listeners(handler, [trio.SocketListener(sock)])
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# --- the client side ------------------------------------------------------------------------
+
+
+def query(mountpoint: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask the daemon serving `mountpoint` for its status (blocking; no bucket involved)."""
+    path = socket_path(Path(os.path.abspath(mountpoint)))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            # No socket, or one left behind by a daemon that was killed.
+            raise MountpointError(f"{mountpoint} is not mounted by encfs-cloud here") from None
+        except OSError as exc:
+            raise MountpointError(f"cannot reach the daemon of {mountpoint}: {exc}") from None
+        try:
+            sock.sendall(json.dumps({"op": "status"}).encode() + b"\n")
+            raw = b""
+            while not raw.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+        except OSError:  # timed out, or the daemon closed the socket while exiting
+            raise MountpointError(f"the daemon of {mountpoint} did not answer") from None
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        raise MountpointError(f"the daemon of {mountpoint} sent a garbled answer") from None
+    if not reply.get("ok"):
+        raise MountpointError(f"the daemon of {mountpoint} refused: {reply.get('error')}")
+    result: dict[str, Any] = reply["status"]
+    return result
+
+
+class FlushProgress:
+    """The unmount's "uploading 312 MiB, 40 s left" line: on a terminal only, and only once
+    the wait is long enough to wonder about; silent everywhere else."""
+
+    QUIET_FOR = 1.0  # seconds: a quick unmount prints nothing at all
+    EVERY = 0.5
+
+    def __init__(self, mountpoint: Path, stream: TextIO) -> None:
+        self.mountpoint = mountpoint
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.started = time.monotonic()
+        self.next_at = self.started + self.QUIET_FOR
+        self.shown = 0  # width of the line on screen
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if not self.enabled or now < self.next_at:
+            return
+        self.next_at = now + self.EVERY
+        try:
+            report = query(self.mountpoint, timeout=1.0)
+        except MountpointError:
+            return  # the daemon is closing its socket: it is about to exit
+        pending = report["dirty"]["dirty_bytes"] + report["dirty"]["uploading_bytes"]
+        rate = report["transfers"]["upload_rate"]
+        if pending <= 0:
+            line = "encfs-cloud: writing the last commit"
+        elif rate > 0:
+            line = f"encfs-cloud: uploading {_mib(pending)}, {pending / rate:.0f} s left"
+        else:
+            line = f"encfs-cloud: uploading {_mib(pending)}"
+        self.stream.write("\r" + line.ljust(self.shown))
+        self.stream.flush()
+        self.shown = len(line)
+
+    def done(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * self.shown + "\r")
+            self.stream.flush()
+            self.shown = 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"

@@ -1,0 +1,176 @@
+"""An unlocked filesystem in memory: replayed metadata, cache, uploader and FUSE operations."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from encfs_cloud.daemon.lease import Lease, LeaseKeeper
+from encfs_cloud.daemon.operations import Operations
+from encfs_cloud.data import spool
+from encfs_cloud.data.cache import ChunkCache
+from encfs_cloud.data.committer import Committer
+from encfs_cloud.data.filedata import FileData
+from encfs_cloud.data.uploader import Uploader
+from encfs_cloud.errors import DeviceRevokedError, RollbackError, StoreError
+from encfs_cloud.keys.device import DeviceState, DeviceStore
+from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.vault import Unlocked, refresh
+from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.tree.journal import Head, commit_seqs, replay, rollback_problem
+from encfs_cloud.tree.metadata import Metadata
+from encfs_cloud.tree.namespace import Namespace
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SIZE = 256 << 20
+IO_THREADS = 8
+KEY_REFRESH_INTERVAL = 30.0
+
+
+@dataclass
+class VolumeOptions:
+    cache_size: int = DEFAULT_CACHE_SIZE
+    read_only: bool = False
+    commit_interval: float = 5.0
+    allow_rollback: bool = False
+    sync_timeout: float = 120.0
+
+
+class Volume:
+    """Everything a mount needs except the kernel: build, run, flush and wipe."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        unlocked: Unlocked,
+        devices: DeviceStore,
+        options: VolumeOptions | None = None,
+        *,
+        lease: Lease | None = None,
+    ) -> None:
+        self.store = store
+        self.lease = lease  # the single-writer lease a read-write mount holds (see lease.py)
+        self.unlocked = unlocked
+        self.devices = devices
+        self.options = options or VolumeOptions()
+        self.sealer = Sealer(unlocked.fs_id, unlocked.keys)
+        self.limiter = trio.CapacityLimiter(IO_THREADS)
+        md, head = self._replay()
+        self.md = md
+        Namespace(md).ensure_root(os.getuid(), os.getgid())
+        # Dirty and in-flight data also exist sealed in pack buffers while uploading: keep
+        # them small enough that RSS stays within cache_size + ~150 MiB.
+        dirty_limit = max(8 << 20, min(48 << 20, self.options.cache_size // 4))
+        # cache_size bounds all plaintext and ciphertext buffers: clean chunks, dirty and
+        # in-flight chunks, and their sealed copies in pack buffers while they upload.
+        clean = max(self.options.cache_size - 2 * dirty_limit, 16 << 20)
+        self.cache = ChunkCache(clean, dirty_limit)
+        self.uploader = Uploader(md, self.cache, self.sealer, store, limiter=self.limiter)
+        self.committer = Committer(
+            md,
+            self.uploader,
+            head,
+            on_commit=self._remember_head,
+            before_commit=self._refresh_keys,
+            sync_timeout=self.options.sync_timeout,
+        )
+        self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
+        self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
+        self._keys_checked = 0.0
+        self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
+        self._purge_orphans()
+
+    def _replay(self) -> tuple[Metadata, Head]:
+        """Load the newest state and refuse one older than this device has seen."""
+        fs_id = self.unlocked.fs_id
+        state = self.devices.load_state(fs_id)
+        if not self.options.read_only:  # a read-only mount writes nothing to the bucket
+            spool.upload(self.devices.folder(fs_id), self.store)
+        seqs = commit_seqs(self.store)
+        if not seqs:
+            if state.commit_seq and not self.options.allow_rollback:
+                raise RollbackError(
+                    "the bucket holds no metadata but this device has seen commit "
+                    f"{state.commit_seq}: "
+                    "it was emptied or rolled back; mount with -o allow_rollback to accept"
+                )
+            return Metadata(), Head(0, b"", 0, 0, 0)
+        md, head, hashes = replay(self.store, self.sealer, seqs=seqs)
+        problem = rollback_problem(head, hashes, md, state.commit_seq or 0, state.commit_hash)
+        if problem and not self.options.allow_rollback:
+            raise RollbackError(
+                f"{problem}: the bucket was rolled back or forked; mount with "
+                "-o allow_rollback to accept its state"
+            )
+        self._remember_head(head)
+        return md, head
+
+    def _remember_head(self, head: Head) -> None:
+        def seen(state: DeviceState) -> None:
+            state.commit_seq = head.seq
+            state.commit_hash = head.hash
+
+        self.devices.update_state(self.unlocked.fs_id, seen)
+
+    async def _refresh_keys(self) -> None:
+        """Adopt a key generation another device created (a revocation) before committing.
+
+        Checked at most every KEY_REFRESH_INTERVAL seconds: one small GET. A revoked device
+        stops writing.
+        """
+        now = trio.current_time()
+        if now - self._keys_checked < KEY_REFRESH_INTERVAL:
+            return
+        self._keys_checked = now
+        try:
+            changed = await trio.to_thread.run_sync(
+                refresh, self.store, self.devices, self.unlocked, limiter=self.limiter
+            )
+        except DeviceRevokedError:
+            log.error("this device was revoked: the mount is now read-only")
+            self.committer.stopped = True
+            self.ops.read_only = True
+            if self.keeper is not None:  # let the remaining devices write again
+                await self.keeper.stop_and_release()
+            return
+        except StoreError as exc:
+            log.warning("could not check for new key generations: %s", exc)
+            return
+        if changed:
+            log.info("now sealing under key generation %d", self.unlocked.keys.current)
+
+    def _purge_orphans(self) -> None:
+        """Inodes left with no name by a crash while they were open are deleted now."""
+        if self.options.read_only:
+            return
+        for ino in self.md.orphans():
+            self.md.delete_inode(ino)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.data.nursery = nursery
+            await nursery.start(self.uploader.run)
+            nursery.start_soon(self.committer.run, self.options.commit_interval)
+            task_status.started()
+
+    async def flush(self) -> None:
+        """Everything into the bucket (fsync of the whole filesystem)."""
+        if not self.options.read_only:
+            await self.committer.sync()
+
+    def spool(self) -> int:
+        """Keep what could not be uploaded, sealed, in this device's spool; returns its size."""
+        objects = self.committer.spool_contents()
+        if objects:
+            spool.save(self.devices.folder(self.unlocked.fs_id), objects)
+        return sum(len(data) for _, data in objects)
+
+    def wipe(self) -> None:
+        """Drop all plaintext and key material held in memory."""
+        self.cache.clear()
+        self.unlocked.wipe()
+        self.md.db.close()

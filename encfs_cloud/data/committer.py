@@ -1,0 +1,219 @@
+"""Ordered metadata commits: group commit, a queue that survives store outages, the spool."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from encfs_cloud import layout
+from encfs_cloud.data.uploader import Pack, Uploader
+from encfs_cloud.errors import PreconditionFailedError, StoreError
+from encfs_cloud.tree.journal import (
+    KIND_DELTA,
+    KIND_SNAPSHOT,
+    CommitInfo,
+    Head,
+    commit_hash,
+    export_delta,
+    export_snapshot,
+    seal_commit,
+)
+from encfs_cloud.tree.metadata import Metadata
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_EVERY_DELTAS = 256
+SNAPSHOT_MIN_DELTA_BYTES = 8 << 20
+
+
+@dataclass
+class SealedCommit:
+    """A commit sealed but maybe not yet in the bucket, with what it waits for."""
+
+    seq: int
+    sealed: bytes
+    waiting: list[Pack]  # packs it references that were still uploading when it was made
+    dead: list[str]  # packs it no longer references: deletable once it is durable
+    head: Head  # the head once it is durable
+    time_ns: int
+
+
+class Committer:
+    """Turns metadata changes into a hash chain of sealed commits, in order.
+
+    A commit is exported and sealed at once (so it describes one instant), then queued; the
+    queue is written in order once the packs each commit references have landed. If the
+    store is down, the queue just grows and is retried: an exported change is never lost,
+    and at unmount the queue can go to the local spool.
+    """
+
+    def __init__(
+        self,
+        md: Metadata,
+        uploader: Uploader,
+        head: Head,
+        *,
+        on_commit: Callable[[Head], None],
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+        sync_timeout: float = 120.0,
+    ) -> None:
+        self.md = md
+        self.uploader = uploader
+        self.head = head  # the newest commit known to be in the bucket
+        self.on_commit = on_commit
+        self.before_commit = before_commit
+        self.sync_timeout = sync_timeout
+        self.queue: list[SealedCommit] = []
+        self._lock = trio.Lock()
+        self._started = 0
+        self._done_index = 0
+        self.commits = 0
+        self.last_commit_ns = 0
+        self.errors = 0
+        self.stopped = False  # set when writing must stop (lease lost, device revoked)
+
+    def has_changes(self) -> bool:
+        up = self.uploader
+        return bool(up.cache.dirty) or any(self.md.dirty.values()) or up.open_pack is not None
+
+    async def sync(self) -> None:
+        """Return once everything changed before this call is in the bucket (group commit)."""
+        ticket = self._started
+        async with self._lock:
+            if self._done_index > ticket:
+                return  # a commit that began after our call has finished
+            self._started += 1
+            index = self._started
+            if self.before_commit is not None:
+                await self.before_commit()
+            if self.stopped:
+                raise StoreError("this mount may no longer write to the bucket")
+            if self.has_changes():
+                self.queue.append(await self._seal_next())
+            await self._drain()
+            await self.uploader.wait_packs(list(self.uploader.pending.values()), self.sync_timeout)
+            self._done_index = index
+
+    async def _seal_next(self) -> SealedCommit:
+        up = self.uploader
+        # From here to the export nothing awaits, so the exported rows describe one instant
+        # and reference only packs that are in the bucket or uploading.
+        up.flush_dirty()
+        up.close_pack()
+        waiting = list(up.pending.values())
+        tail = self.queue[-1].head if self.queue else self.head
+        if tail.seq:
+            # The chain's history travels inside the tree, so a device can check the commit
+            # it saw last even after snapshots deleted that commit object.
+            self.md.record_commit(tail.seq, tail.hash)
+        snapshot = (
+            tail.seq == 0
+            or tail.deltas_since_snapshot >= SNAPSHOT_EVERY_DELTAS
+            or tail.delta_bytes_since_snapshot > SNAPSHOT_MIN_DELTA_BYTES
+        )
+        seq = tail.seq + 1
+        body = export_snapshot(self.md) if snapshot else export_delta(self.md)
+        info = CommitInfo(
+            seq=seq,
+            kind=KIND_SNAPSHOT if snapshot else KIND_DELTA,
+            prev_hash=tail.hash,
+            snapshot_seq=seq if snapshot else tail.snapshot_seq,
+            time_ns=time.time_ns(),
+        )
+        # Packs dead at this instant are unreferenced by this commit; once it is durable
+        # their objects can go. (A dead pack never comes back: only the open pack gains chunks.)
+        dead = up.dead_packs()
+        sealed = await trio.to_thread.run_sync(
+            seal_commit, up.sealer, info, body, limiter=up.limiter
+        )
+        digest = commit_hash(sealed)
+        if snapshot:
+            head = Head(seq, digest, seq, 0, 0)
+        else:
+            head = Head(
+                seq,
+                digest,
+                tail.snapshot_seq,
+                tail.deltas_since_snapshot + 1,
+                tail.delta_bytes_since_snapshot + len(sealed),
+            )
+        return SealedCommit(seq, sealed, waiting, dead, head, info.time_ns)
+
+    async def _drain(self) -> None:
+        """Write queued commits in order; stops (raising) at the first that cannot go."""
+        while self.queue:
+            commit = self.queue[0]
+            await self.uploader.wait_packs(commit.waiting, self.sync_timeout)
+            await self._put(commit)
+            self.queue.pop(0)
+            self.head = commit.head
+            self.commits += 1
+            self.last_commit_ns = commit.time_ns
+            self.on_commit(commit.head)
+            if commit.dead:
+                self.md.forget_packs(commit.dead)
+                names = [layout.pack_name(p) for p in commit.dead]
+                self._start(self.uploader.delete_objects, names)
+            if commit.head.snapshot_seq == commit.seq:
+                self._start(self._drop_commits_before, commit.seq)
+
+    async def _put(self, commit: SealedCommit) -> None:
+        name = layout.commit_name(commit.seq)
+        deadline = trio.current_time() + self.sync_timeout
+        delay = 0.5
+        up = self.uploader
+        while True:
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: up.store.put(name, commit.sealed, if_none_match=True),
+                    limiter=up.limiter,
+                )
+                return
+            except PreconditionFailedError:
+                # Someone else wrote this seq: never overwrite it, and stop writing.
+                self.stopped = True
+                log.error("commit %s exists: another writer; this mount stops writing", name)
+                raise
+            except StoreError as exc:
+                self.errors += 1
+                if trio.current_time() + delay > deadline:
+                    raise
+                log.warning("commit %s failed (%s); retrying", name, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _start(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        if self.uploader.nursery is not None:
+            self.uploader.nursery.start_soon(fn, *args)
+
+    async def _drop_commits_before(self, seq: int) -> None:
+        up = self.uploader
+        try:
+            names = await trio.to_thread.run_sync(
+                lambda: [o.name for o in up.store.list(layout.META_PREFIX)], limiter=up.limiter
+            )
+        except StoreError as exc:  # clean-up only: fsck or the next snapshot collects them
+            log.warning("could not list old commits to delete (%s)", exc)
+            return
+        await up.delete_objects([n for n in names if (layout.commit_seq(n) or seq) < seq])
+
+    def spool_contents(self) -> list[tuple[str, bytes | bytearray]]:
+        """Everything not yet in the bucket, sealed, in upload order: packs, then commits."""
+        objects: list[tuple[str, bytes | bytearray]] = list(self.uploader.spool_packs())
+        objects += [(layout.commit_name(c.seq), c.sealed) for c in self.queue]
+        return objects
+
+    async def run(self, interval: float) -> None:
+        """Commit every `interval` seconds while anything changed."""
+        while True:
+            await trio.sleep(interval)
+            if self.stopped or not (self.has_changes() or self.queue):
+                continue
+            try:
+                await self.sync()
+            except StoreError as exc:
+                log.warning("periodic commit failed: %s", exc)

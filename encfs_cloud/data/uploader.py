@@ -1,0 +1,196 @@
+"""Write-back: dirty chunks into sealed packs and their parallel uploads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import cast
+
+import trio
+
+from encfs_cloud import layout
+from encfs_cloud.data.cache import ChunkCache, ChunkKey
+from encfs_cloud.errors import StoreError
+from encfs_cloud.keys.sealed import Sealer, sealed_chunk_len
+from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.tree.metadata import ChunkRef, Metadata
+
+log = logging.getLogger(__name__)
+
+UPLOAD_SLOTS = 4  # packs sealed or sending at once; reads keep the other I/O threads
+
+
+@dataclass
+class Pack:
+    id: str
+    gen: int  # every chunk in a pack is sealed under this key generation
+    entries: list[tuple[ChunkKey, int, bytes | bytearray]] = field(
+        default_factory=list
+    )  # key, version, data
+    size: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class Uploader:
+    """Owns the open pack and the uploads in flight.
+
+    Runs entirely on the trio thread; sealing and store calls go to worker threads through
+    one `CapacityLimiter`, so transfers run in parallel and never block FUSE requests.
+    """
+
+    def __init__(
+        self,
+        md: Metadata,
+        cache: ChunkCache,
+        sealer: Sealer,
+        store: ObjectStore,
+        *,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.md = md
+        self.cache = cache
+        self.sealer = sealer
+        self.store = store
+        self.limiter = limiter
+        self.upload_slots = trio.Semaphore(UPLOAD_SLOTS)
+        self.open_pack: Pack | None = None
+        self.pending: dict[str, Pack] = {}
+        self.nursery: trio.Nursery | None = None
+        self.space_freed = trio.Event()
+        self.bytes_uploaded = 0
+        self.errors = 0
+
+    # --- chunks into packs ---------------------------------------------------------------
+
+    def flush_chunk(self, key: ChunkKey) -> None:
+        """Move one dirty chunk into the open pack and point the metadata at its slot."""
+        self.add_chunk(key, self.cache.take_dirty(key))
+
+    def add_chunk(self, key: ChunkKey, data: bytes | bytearray) -> None:
+        """Put `data` (now in flight in the cache, never modified again) into the open pack."""
+        ino, idx = key
+        # Random, not a counter: after a crash a counter would rewind, and a chunk rewritten
+        # then would share (inode, index, version) with an orphaned sealed chunk whose bytes
+        # would still authenticate. 63 random bits never repeat in practice.
+        version = secrets.randbits(63)
+        length = sealed_chunk_len(len(data))
+        pack = self.open_pack
+        gen = self.sealer.keys.current
+        # A new key generation (a revocation) must not reach chunks whose metadata already
+        # names the old one: such a pack is closed as it is.
+        if pack is not None and (pack.size + length > layout.PACK_TARGET or pack.gen != gen):
+            self.close_pack()
+            pack = None
+        if pack is None:
+            pack = Pack(layout.random_id(), gen)
+            self.md.add_pack(pack.id, 0)
+            self.open_pack = pack
+        ref = ChunkRef(pack.id, pack.size, length, len(data), version, pack.gen)
+        pack.entries.append((key, version, data))
+        pack.size += length
+        self.md.set_chunk(ino, idx, ref)
+        if pack.size >= layout.PACK_TARGET:
+            self.close_pack()
+
+    def flush_dirty(self, ino: int | None = None) -> None:
+        for key in self.cache.dirty_keys(ino):
+            self.flush_chunk(key)
+
+    def close_pack(self) -> None:
+        pack = self.open_pack
+        if pack is None:
+            return
+        self.open_pack = None
+        self.pending[pack.id] = pack
+        assert self.nursery is not None, "uploader not started"
+        self.nursery.start_soon(self._upload, pack)
+
+    async def _upload(self, pack: Pack) -> None:
+        delay = 0.5
+        while True:
+            try:
+                # A slot covers sealing and sending, so at most UPLOAD_SLOTS sealed pack
+                # buffers exist at once (each 8 MiB, plus what the HTTP client copies).
+                async with self.upload_slots:
+                    blob = await trio.to_thread.run_sync(
+                        self._build_pack, pack, limiter=self.limiter
+                    )
+                    # Stores treat any bytes-like body alike; the pack is never modified again,
+                    # so it is not copied into an immutable `bytes`.
+                    body = cast(bytes, blob)
+                    await trio.to_thread.run_sync(
+                        self.store.put, layout.pack_name(pack.id), body, limiter=self.limiter
+                    )
+                break
+            except StoreError as exc:
+                self.errors += 1
+                log.warning("upload of pack %s failed (%s); retrying in %.1fs", pack.id, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self.bytes_uploaded += len(blob)
+        for key, version, data in pack.entries:
+            self.cache.landed(key, version, data)
+        pack.entries.clear()
+        del self.pending[pack.id]
+        pack.done.set()
+        self._wake_writers()
+
+    def _build_pack(self, pack: Pack) -> bytearray:
+        total = pack.size
+        blob = bytearray(layout.size_class(total))
+        view = memoryview(blob)
+        off = 0
+        for (ino, idx), version, data in pack.entries:
+            length = sealed_chunk_len(len(data))
+            self.sealer.seal_chunk_into(ino, idx, version, data, view[off : off + length], pack.gen)
+            off += length
+        # Random padding is indistinguishable from ciphertext: the size class is all that shows.
+        view[off:] = os.urandom(len(blob) - off)
+        return blob
+
+    def _wake_writers(self) -> None:
+        if not self.cache.pressure:
+            self.space_freed.set()
+            self.space_freed = trio.Event()
+
+    async def wait_for_space(self) -> None:
+        """Back-pressure: block a writer while too many dirty bytes wait for upload."""
+        while self.cache.pressure:
+            self.flush_dirty()
+            self.close_pack()
+            await self.space_freed.wait()
+
+    async def wait_packs(self, packs: list[Pack], timeout: float) -> None:
+        with trio.move_on_after(timeout) as scope:
+            for pack in packs:
+                await pack.done.wait()
+        if scope.cancelled_caught:
+            raise StoreError("the store is not accepting uploads; changes stay queued in memory")
+
+    def dead_packs(self) -> list[str]:
+        """Packs no chunk refers to any more, except those still being filled or uploaded."""
+        open_id = self.open_pack.id if self.open_pack else None
+        return [p for p in self.md.dead_packs() if p not in self.pending and p != open_id]
+
+    def spool_packs(self) -> list[tuple[str, bytearray]]:
+        """Every pack not yet in the bucket, sealed, for the local spool (ciphertext only)."""
+        self.close_pack()
+        return [(layout.pack_name(p.id), self._build_pack(p)) for p in self.pending.values()]
+
+    async def delete_objects(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                await trio.to_thread.run_sync(self.store.delete, name, limiter=self.limiter)
+            except StoreError as exc:
+                log.warning("could not delete %s (%s); fsck will collect it", name, exc)
+
+    # --- background loop -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Own the nursery that uploads run in, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()

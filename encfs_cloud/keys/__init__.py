@@ -1,0 +1,1 @@
+"""Keys and devices: key generations, device key, key records, vault, enrollment, sealing."""

@@ -1,0 +1,94 @@
+"""Seal and open objects and chunks, each bound to its filesystem, name, kind and generation."""
+
+from __future__ import annotations
+
+import struct
+
+from encfs_cloud import layout
+from encfs_cloud.crypto import aead
+from encfs_cloud.errors import IntegrityError
+from encfs_cloud.keys.master import MasterKeys
+
+OBJECT_MAGIC = b"ECS1"
+_HEADER = struct.Struct(">4sI")  # magic, key generation
+
+
+class Sealer:
+    """Turns payloads into sealed blobs and back; pure CPU work, safe to call from threads."""
+
+    def __init__(self, fs_id: bytes, keys: MasterKeys) -> None:
+        self.fs_id = fs_id
+        self.keys = keys
+
+    # --- whole objects (commits, lease) ------------------------------------------------
+
+    def seal_object(self, name: str, kind: str, payload: bytes, *, pad: bool = True) -> bytes:
+        gen = self.keys.current
+        overhead = _HEADER.size + aead.SEAL_OVERHEAD
+        body_len = len(payload) + 8
+        if pad:
+            body_len = layout.size_class(body_len + overhead) - overhead
+        body = layout.frame(payload, body_len)
+        key = self.keys.subkey(kind, gen)
+        sealed = aead.seal(key, body, aead.object_ad(self.fs_id, name, kind, gen))
+        return _HEADER.pack(OBJECT_MAGIC, gen) + sealed
+
+    def open_object(self, name: str, kind: str, blob: bytes) -> bytes:
+        if len(blob) < _HEADER.size or blob[:4] != OBJECT_MAGIC:
+            raise IntegrityError(f"object {name} is not a sealed {kind}")
+        (_, gen) = _HEADER.unpack_from(blob)
+        if gen not in self.keys.generations:
+            raise IntegrityError(f"object {name} names unknown key generation {gen}")
+        key = self.keys.subkey(kind, gen)
+        try:
+            body = aead.open_sealed(
+                key, memoryview(blob)[_HEADER.size :], aead.object_ad(self.fs_id, name, kind, gen)
+            )
+        except IntegrityError:
+            raise IntegrityError(f"object {name} failed authentication ({kind})") from None
+        return layout.unframe(body)
+
+    # --- chunks (inside packs) -------------------------------------------------------------
+
+    def seal_chunk_into(
+        self,
+        ino: int,
+        idx: int,
+        version: int,
+        data: bytes | bytearray,
+        out: memoryview,
+        gen: int | None = None,
+    ) -> None:
+        """Seal one chunk into `out` (sealed_chunk_len(len(data)) bytes).
+
+        The plaintext is padded to a multiple of CHUNK_PAD; its true length is in the metadata.
+        """
+        gen = self.keys.current if gen is None else gen
+        pad = layout.padded_chunk_len(len(data)) - len(data)
+        plain = data if pad == 0 else bytes(data) + bytes(pad)
+        key = self.keys.subkey("chunk", gen)
+        aead.seal_into(key, plain, aead.chunk_ad(self.fs_id, ino, idx, version, gen), out)
+
+    def seal_chunk(self, ino: int, idx: int, version: int, data: bytes | bytearray) -> bytes:
+        out = bytearray(sealed_chunk_len(len(data)))
+        self.seal_chunk_into(ino, idx, version, data, memoryview(out))
+        return bytes(out)
+
+    def open_chunk(
+        self, ino: int, idx: int, version: int, gen: int, plain_len: int, blob: bytes | memoryview
+    ) -> bytes | memoryview:
+        if gen not in self.keys.generations:
+            raise IntegrityError(f"chunk {ino}/{idx} names unknown key generation {gen}")
+        key = self.keys.subkey("chunk", gen)
+        try:
+            padded = aead.open_sealed(key, blob, aead.chunk_ad(self.fs_id, ino, idx, version, gen))
+        except IntegrityError:
+            raise IntegrityError(f"chunk {idx} of inode {ino} failed authentication") from None
+        if plain_len > len(padded):
+            raise IntegrityError(f"chunk {idx} of inode {ino} is shorter than its metadata says")
+        # A full chunk is returned as is; a short one as a view, without copying.
+        return padded if plain_len == len(padded) else memoryview(padded)[:plain_len]
+
+
+def sealed_chunk_len(plain_len: int) -> int:
+    return layout.padded_chunk_len(plain_len) + aead.SEAL_OVERHEAD

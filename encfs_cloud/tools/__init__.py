@@ -1,0 +1,1 @@
+"""Offline tools over a bucket: fsck, salvage and re-encryption."""

@@ -1,0 +1,238 @@
+"""Metadata commits: delta and snapshot encoding, the hash chain, and replay at mount."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from encfs_cloud import layout
+from encfs_cloud.crypto import aead
+from encfs_cloud.errors import IntegrityError, ObjectMissingError
+from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.tree.metadata import SCHEMA, TABLE_KEYS, Metadata
+
+log = logging.getLogger(__name__)
+
+KIND_SNAPSHOT = "snapshot"
+KIND_DELTA = "delta"
+_PREAMBLE = struct.Struct(">I")  # length of the JSON commit header that precedes the body
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    seq: int
+    kind: str
+    prev_hash: bytes
+    snapshot_seq: int  # the snapshot this commit builds on (itself for a snapshot)
+    time_ns: int
+
+
+@dataclass(frozen=True)
+class Head:
+    """The newest commit: what the next commit chains to."""
+
+    seq: int
+    hash: bytes
+    snapshot_seq: int
+    deltas_since_snapshot: int
+    delta_bytes_since_snapshot: int
+
+
+def export_delta(md: Metadata) -> bytes:
+    """Serialize every row touched since the last export (final state or deletion)."""
+    db = md.db
+    db.execute("ATTACH DATABASE ':memory:' AS delta")
+    try:
+        db.executescript(SCHEMA.format(s="delta."))
+        for table, keys in TABLE_KEYS.items():
+            cols = ",".join(keys)
+            db.execute(f"CREATE TABLE delta.del_{table}({cols})")
+            touched = md.dirty[table]
+            if not touched:
+                continue
+            db.executemany(
+                f"INSERT INTO delta.del_{table} VALUES({','.join('?' * len(keys))})", touched
+            )
+            mcols = ",".join("m." + k for k in keys)
+            db.execute(
+                f"INSERT INTO delta.{table} SELECT m.* FROM main.{table} m "
+                f"WHERE ({mcols}) IN (SELECT {cols} FROM delta.del_{table})"
+            )
+            # What still exists is an upsert, not a deletion.
+            db.execute(
+                f"DELETE FROM delta.del_{table} "
+                f"WHERE ({cols}) IN (SELECT {cols} FROM delta.{table})"
+            )
+        blob = db.serialize(name="delta")
+    finally:
+        db.execute("DETACH DATABASE delta")
+    for touched in md.dirty.values():
+        touched.clear()
+    return blob
+
+
+def apply_delta(md: Metadata, blob: bytes) -> None:
+    db = md.db
+    db.execute("ATTACH DATABASE ':memory:' AS delta")
+    try:
+        db.deserialize(blob, name="delta")
+        for table, keys in TABLE_KEYS.items():
+            cols = ",".join(keys)
+            db.execute(
+                f"DELETE FROM main.{table} WHERE ({cols}) IN (SELECT {cols} FROM delta.del_{table})"
+            )
+            db.execute(f"INSERT OR REPLACE INTO main.{table} SELECT * FROM delta.{table}")
+    except sqlite3.DatabaseError as exc:
+        raise IntegrityError(f"metadata delta is malformed: {exc}") from None
+    finally:
+        db.execute("DETACH DATABASE delta")
+
+
+def export_snapshot(md: Metadata) -> bytes:
+    for touched in md.dirty.values():
+        touched.clear()
+    return md.db.serialize()
+
+
+def load_snapshot(blob: bytes) -> Metadata:
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    try:
+        conn.deserialize(blob)
+        md = Metadata(conn)
+    except sqlite3.DatabaseError as exc:
+        raise IntegrityError(f"metadata snapshot is malformed: {exc}") from None
+    return md
+
+
+def encode_commit(info: CommitInfo, body: bytes) -> bytes:
+    header = json.dumps(
+        {
+            "seq": info.seq,
+            "kind": info.kind,
+            "prev": info.prev_hash.hex(),
+            "snapshot": info.snapshot_seq,
+            "time_ns": info.time_ns,
+        }
+    ).encode()
+    return _PREAMBLE.pack(len(header)) + header + zlib.compress(body, 1)
+
+
+def decode_commit(name: str, payload: bytes) -> tuple[CommitInfo, bytes]:
+    try:
+        (hlen,) = _PREAMBLE.unpack_from(payload)
+        header = json.loads(payload[4 : 4 + hlen])
+        info = CommitInfo(
+            seq=int(header["seq"]),
+            kind=str(header["kind"]),
+            prev_hash=bytes.fromhex(header["prev"]),
+            snapshot_seq=int(header["snapshot"]),
+            time_ns=int(header["time_ns"]),
+        )
+        body = zlib.decompress(payload[4 + hlen :])
+    except (ValueError, KeyError, struct.error, zlib.error) as exc:
+        raise IntegrityError(f"commit {name} is malformed: {exc}") from None
+    if layout.commit_seq(name) != info.seq or info.kind not in (KIND_SNAPSHOT, KIND_DELTA):
+        raise IntegrityError(f"commit {name} does not match its name")
+    return info, body
+
+
+def seal_commit(sealer: Sealer, info: CommitInfo, body: bytes) -> bytes:
+    name = layout.commit_name(info.seq)
+    return sealer.seal_object(name, "commit", encode_commit(info, body))
+
+
+def commit_hash(sealed: bytes) -> bytes:
+    return aead.digest(sealed)
+
+
+def commit_seqs(store: ObjectStore) -> list[int]:
+    """The sequence numbers of every metadata commit in the bucket, ascending."""
+    names = (layout.commit_seq(o.name) for o in store.list(layout.META_PREFIX))
+    return sorted(s for s in names if s is not None)
+
+
+def rollback_problem(
+    head: Head, hashes: dict[int, bytes], md: Metadata, seen_seq: int, seen_hash: bytes | None
+) -> str | None:
+    """Why the replayed state cannot follow the newest commit this device saw, or None.
+
+    The seen commit's hash comes from the commits just read or, when a later snapshot
+    deleted that commit, from the history the tree carries.
+    """
+    if head.seq < seen_seq:
+        return f"the bucket's newest commit is {head.seq} but this device has seen {seen_seq}"
+    seen = hashes.get(seen_seq) or md.commit_hash_of(seen_seq)
+    if seen_seq and seen is not None and seen != seen_hash:
+        return f"commit {seen_seq} in the bucket differs from the one this device saw"
+    return None
+
+
+def replay(
+    store: ObjectStore,
+    sealer: Sealer,
+    on_progress: Callable[[int, int], None] | None = None,
+    seqs: list[int] | None = None,
+) -> tuple[Metadata, Head, dict[int, bytes]]:
+    """Load the newest snapshot and every delta after it, checking the hash chain.
+
+    Returns the metadata, the head, and the hash of each commit read (seq → hash) so the
+    caller can compare them with what this device has seen before (rollback detection).
+    `seqs`, if the caller already listed them, saves listing the commits again.
+    """
+    if seqs is None:
+        seqs = commit_seqs(store)
+    if not seqs:
+        raise IntegrityError("the bucket holds no metadata commit")
+    hashes: dict[int, bytes] = {}
+    # Walk back from the newest commit to its snapshot, then forward checking the chain.
+    newest = seqs[-1]
+    blob = _fetch(store, newest)
+    info, _ = decode_commit(
+        layout.commit_name(newest), sealer.open_object(layout.commit_name(newest), "commit", blob)
+    )
+    snapshot_seq = info.snapshot_seq
+    needed = list(range(snapshot_seq, newest + 1))
+    present = set(seqs)
+    missing = [s for s in needed if s not in present]
+    if missing:
+        raise IntegrityError(f"metadata commit {missing[0]} is missing from the bucket")
+    md: Metadata | None = None
+    prev: bytes | None = None
+    delta_bytes = 0
+    for n, seq in enumerate(needed):
+        name = layout.commit_name(seq)
+        sealed = blob if seq == newest else _fetch(store, seq)
+        cinfo, cbody = decode_commit(name, sealer.open_object(name, "commit", sealed))
+        if cinfo.snapshot_seq != snapshot_seq:
+            raise IntegrityError(f"commit {name} belongs to another snapshot")
+        if seq == snapshot_seq:
+            if cinfo.kind != KIND_SNAPSHOT:
+                raise IntegrityError(f"commit {name} should be a snapshot")
+            md = load_snapshot(cbody)
+        else:
+            if cinfo.kind != KIND_DELTA or prev is None or cinfo.prev_hash != prev:
+                raise IntegrityError(f"commit {name} does not chain to the one before it")
+            assert md is not None
+            apply_delta(md, cbody)
+            delta_bytes += len(sealed)
+        prev = commit_hash(sealed)
+        hashes[seq] = prev
+        if on_progress:
+            on_progress(n + 1, len(needed))
+    assert md is not None and prev is not None
+    head = Head(newest, prev, snapshot_seq, len(needed) - 1, delta_bytes)
+    return md, head, hashes
+
+
+def _fetch(store: ObjectStore, seq: int) -> bytes:
+    name = layout.commit_name(seq)
+    try:
+        return store.get(name)
+    except ObjectMissingError:
+        raise IntegrityError(f"metadata commit {name} vanished while reading") from None
