@@ -8,7 +8,8 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.journal import replay
 from encfs_cloud.tree.metadata import ChunkRef
 from tests.fixtures_mount import Device, daemon_pids, force_unmount
-from tests.fixtures_s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, empty_bucket
+from tests.fixtures_s3 import MotoServer, empty_bucket, point_aws_chain_at
 
 Snapshot = dict[str, bytes]  # object name → its bytes: a saved copy of the whole bucket
 
@@ -206,6 +207,18 @@ def report(config: pytest.Config, line: str) -> None:
         reporter.write_line(line)
 
 
+def tally_fixture(summary: Callable[[Counter[str]], str]) -> Any:
+    """A module-scoped `tally` fixture: a Counter the tests fill, one summary line at the end."""
+
+    @pytest.fixture(scope="module")
+    def tally(request: pytest.FixtureRequest) -> Iterator[Counter[str]]:
+        counts: Counter[str] = Counter()
+        yield counts
+        report(request.config, summary(counts))
+
+    return tally
+
+
 # --- the daemon dies: SIGKILL, clean-up, and the remount that must need no manual step ---------
 
 LEASE_HELD_EXIT = 12
@@ -273,15 +286,7 @@ def open_sources(kind: str, request: pytest.FixtureRequest, base: Path) -> Itera
     server: MotoServer = request.getfixturevalue("s3_server")
     # The same environment as the s3_env fixture, for a whole module (it is function-scoped).
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_CONFIG_FILE", str(base / "no-aws-config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(base / "no-aws-credentials"))
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        mp.setenv("AWS_DEFAULT_REGION", REGION)
-        mp.setenv("AWS_ENDPOINT_URL", server.endpoint_url)
+        point_aws_chain_at(mp, base, server.endpoint_url)
         found = Sources("s3", base, server)
         try:
             yield found

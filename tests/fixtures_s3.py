@@ -177,9 +177,8 @@ def s3_server() -> Iterator[MotoServer]:
         server.stop()
 
 
-@pytest.fixture
-def s3_env(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MotoServer:
-    """Point the standard AWS chain (and any subprocess, like the real CLI) at the server."""
+def point_aws_chain_at(mp: pytest.MonkeyPatch, folder: Path, endpoint_url: str) -> None:
+    """Make the standard AWS chain (and any subprocess, like the real CLI) use the test server."""
     for var in (
         "AWS_PROFILE",
         "AWS_DEFAULT_PROFILE",
@@ -189,15 +188,21 @@ def s3_env(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         "AWS_ENDPOINT_URL_S3",
         "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
     ):
-        monkeypatch.delenv(var, raising=False)
+        mp.delenv(var, raising=False)
     # A developer's ~/.aws must not leak in; the files need not exist.
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    mp.setenv("AWS_CONFIG_FILE", str(folder / "no-aws-config"))
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "no-aws-credentials"))
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    mp.setenv("AWS_DEFAULT_REGION", REGION)
+    mp.setenv("AWS_ENDPOINT_URL", endpoint_url)
+
+
+@pytest.fixture
+def s3_env(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MotoServer:
+    """Point the standard AWS chain (and any subprocess, like the real CLI) at the server."""
+    point_aws_chain_at(monkeypatch, tmp_path, s3_server.endpoint_url)
     return s3_server
 
 

@@ -26,7 +26,7 @@ from tests.bucket_tamper import (
     open_sources,
     pattern,
     read_errno,
-    report,
+    tally_fixture,
     write_synced,
 )
 from tests.fixtures_mount import Device, needs_fuse, unmount
@@ -58,15 +58,9 @@ def file_sources(
         yield found
 
 
-@pytest.fixture(scope="module")
-def tally(request: pytest.FixtureRequest) -> Iterator[Counter[str]]:
-    """Counts attacks tried and detected; prints one summary line when the module ends."""
-    counts: Counter[str] = Counter()
-    yield counts
-    report(
-        request.config,
-        f"[test_attacks] attacks: {counts['tried']} tried, {counts['detected']} detected",
-    )
+tally = tally_fixture(
+    lambda c: f"[test_attacks] attacks: {c['tried']} tried, {c['detected']} detected"
+)
 
 
 # --- attacks on file data ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tests.bucket_tamper import (
     device_id_of,
     open_sources,
     pattern,
-    report,
+    tally_fixture,
     write_synced,
 )
 from tests.fixtures_mount import Device, is_mounted, needs_fuse, unmount
@@ -38,15 +38,9 @@ def s3_sources(
         yield found
 
 
-@pytest.fixture(scope="module")
-def tally(request: pytest.FixtureRequest) -> Iterator[Counter[str]]:
-    """Counts attacks tried and refused; prints one summary line when the module ends."""
-    counts: Counter[str] = Counter()
-    yield counts
-    report(
-        request.config,
-        f"[test_attacks_meta] attacks: {counts['tried']} tried, {counts['detected']} refused",
-    )
+tally = tally_fixture(
+    lambda c: f"[test_attacks_meta] attacks: {c['tried']} tried, {c['detected']} refused"
+)
 
 
 # --- attacks on metadata, header and keys: the mount is refused ----------------------------------

@@ -9,13 +9,18 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.bucket_tamper import fsync_dir, kill_daemon, mount_after_crash, pattern, report
+from tests.bucket_tamper import (
+    fsync_dir,
+    kill_daemon,
+    mount_after_crash,
+    pattern,
+    tally_fixture,
+)
 from tests.fixtures_mount import Device, force_unmount, is_mounted, needs_fuse, unmount
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -183,15 +188,12 @@ def verify(mnt: Path, ledger: Ledger) -> int:
     return len(ledger.durable)
 
 
-@pytest.fixture(scope="module")
-def tally(request: pytest.FixtureRequest) -> Iterator[Counter[str]]:
-    counts: Counter[str] = Counter()
-    yield counts
-    report(
-        request.config,
-        f"[test_crash] kill cycles: {counts['cycles']}, fsync'ed files verified: "
-        f"{counts['verified']} ({counts['durable']} distinct), takeovers: {counts['takeovers']}",
+tally = tally_fixture(
+    lambda c: (
+        f"[test_crash] kill cycles: {c['cycles']}, fsync'ed files verified: "
+        f"{c['verified']} ({c['durable']} distinct), takeovers: {c['takeovers']}"
     )
+)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bucket_tamper import fsync_dir, pattern, report, write_synced
+from tests.bucket_tamper import fsync_dir, pattern, tally_fixture, write_synced
 from tests.faultproxy import Fault, FaultProxy, Rule
 from tests.fixtures_mount import Device, needs_fuse
 from tests.fixtures_s3 import MotoServer
@@ -30,23 +30,17 @@ DATA, META, LEASE, KEYS = r"/data/", r"/meta/", r"/lease", r"/keys/"
 # never lines up more than 5 faults for requests that may be one call's retries. Uploads and
 # commits retry further up, so their plans hold every fault (HANG has a test of its own: it
 # costs a whole read timeout). A cut body only means something for answers that have one.
+EVERY_PUT_FAULT = [
+    Fault.HTTP_500,
+    Fault.SLOW_DOWN,
+    Fault.RESET_BEFORE,
+    Fault.RESET_DURING,
+    Fault.RESET_AFTER,
+    Fault.DELAY,
+]
 PUT_PLAN = {
-    DATA: [
-        Fault.HTTP_500,
-        Fault.SLOW_DOWN,
-        Fault.RESET_BEFORE,
-        Fault.RESET_DURING,
-        Fault.RESET_AFTER,
-        Fault.DELAY,
-    ],
-    META: [
-        Fault.HTTP_500,
-        Fault.SLOW_DOWN,
-        Fault.RESET_BEFORE,
-        Fault.RESET_DURING,
-        Fault.RESET_AFTER,
-        Fault.DELAY,
-    ],
+    DATA: EVERY_PUT_FAULT,
+    META: EVERY_PUT_FAULT,
     LEASE: [Fault.HTTP_500, Fault.RESET_BEFORE, Fault.RESET_AFTER],
 }
 GET_PLAN = {
@@ -63,16 +57,13 @@ def proxy(s3_server: MotoServer) -> Iterator[FaultProxy]:
         yield p
 
 
-@pytest.fixture(scope="module")
-def tally(request: pytest.FixtureRequest) -> Iterator[Counter[str]]:
-    counts: Counter[str] = Counter()
-    yield counts
-    report(
-        request.config,
-        f"[test_faults_mount] faults injected: {counts['faults']}, "
-        f"workloads completed: {counts['workloads']}, fsyncs refused in outages: "
-        f"{counts['refused']}",
+tally = tally_fixture(
+    lambda c: (
+        f"[test_faults_mount] faults injected: {c['faults']}, "
+        f"workloads completed: {c['workloads']}, fsyncs refused in outages: "
+        f"{c['refused']}"
     )
+)
 
 
 def options(proxy: FaultProxy, log: Path, *extra: str) -> list[str]:

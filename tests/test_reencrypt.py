@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,12 +20,13 @@ from encfs_cloud.keys import master as K
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import OBJECT_MAGIC, Sealer
 from encfs_cloud.store.base import ObjectStore
-from encfs_cloud.store.local import LocalStore
 from encfs_cloud.store.memory import MemoryStore
 from encfs_cloud.tools import reencrypt
 from encfs_cloud.tree.journal import replay
 from encfs_cloud.tree.metadata import ROOT_INODE
 from encfs_cloud.tree.namespace import Namespace
+
+pytestmark = pytest.mark.usefixtures("fast_kdf")
 
 Machine = Callable[[str], DeviceStore]
 FILES = {
@@ -33,21 +34,6 @@ FILES = {
     b"small.txt": b"hello " * 100,
     b"empty": b"",
 }
-
-
-@pytest.fixture(autouse=True)
-def _fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ENCFS_CLOUD_TEST_FAST_KDF", "1")
-    monkeypatch.setenv("ENCFS_CLOUD_MACHINE_ID", "test-machine")
-
-
-@pytest.fixture(params=["memory", "local"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    s: ObjectStore = (
-        MemoryStore() if request.param == "memory" else LocalStore(str(tmp_path / "bucket"))
-    )
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,25 +32,11 @@ from encfs_cloud.keys import master as K
 from encfs_cloud.keys.device import STATE_FILE, DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectStore
-from encfs_cloud.store.local import LocalStore
 from encfs_cloud.store.memory import MemoryStore
 
+pytestmark = pytest.mark.usefixtures("fast_kdf")
+
 PW = b"pass phrase"
-
-
-@pytest.fixture(autouse=True)
-def _fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ENCFS_CLOUD_TEST_FAST_KDF", "1")
-    monkeypatch.setenv("ENCFS_CLOUD_MACHINE_ID", "test-machine")
-
-
-@pytest.fixture(params=["memory", "local"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    s: ObjectStore = (
-        MemoryStore() if request.param == "memory" else LocalStore(str(tmp_path / "bucket"))
-    )
-    yield s
-    s.close()
 
 
 Machine = Callable[[str], DeviceStore]
