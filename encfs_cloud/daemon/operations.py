@@ -99,7 +99,14 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         entry.st_rdev = inode.rdev
         entry.st_size = BLOCK if inode.is_dir else inode.size
         entry.st_blksize = BLOCK
-        entry.st_blocks = (entry.st_size + BLOCK - 1) // BLOCK * (BLOCK // 512)
+        # What the chunks hold, not the size: holes take no space (du, sparseness probes).
+        if inode.is_dir:
+            blocks = 1
+        elif inode.is_reg:
+            blocks = self.data.allocated_blocks(inode.id, inode.size, BLOCK)
+        else:
+            blocks = 0  # symlink targets and device numbers live in the metadata
+        entry.st_blocks = blocks * (BLOCK // 512)
         entry.st_atime_ns = inode.atime_ns
         entry.st_mtime_ns = inode.mtime_ns
         entry.st_ctime_ns = inode.ctime_ns

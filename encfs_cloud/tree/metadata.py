@@ -306,6 +306,14 @@ class Metadata:
         )
         return [(ino, idx, ChunkRef(*ref)) for ino, idx, *ref in rows]
 
+    def stored_blocks(self, ino: int, block: int) -> int:
+        """Blocks of `block` bytes the stored chunks of `ino` fill, each chunk rounded up."""
+        row = self.db.execute(
+            "SELECT coalesce(sum((plain_len + ?) / ?), 0) FROM chunks WHERE inode=?",
+            (block - 1, block, ino),
+        ).fetchone()
+        return int(row[0])
+
     def chunk_indices(self, ino: int) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT idx FROM chunks WHERE inode=?", (ino,))]
 
