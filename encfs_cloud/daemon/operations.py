@@ -13,9 +13,11 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from encfs_cloud.daemon.caller import in_group
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.errors import EncfsCloudError, FsError, errno_of
+from encfs_cloud.tree import acl
 from encfs_cloud.tree.metadata import Inode, Metadata
 from encfs_cloud.tree.namespace import Namespace, now_ns
 
@@ -59,6 +61,7 @@ def handler(
 
 class Operations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = True
+    enable_acl = True  # FUSE_POSIX_ACL: the kernel checks ACLs; we store them (namespace.py)
 
     def __init__(
         self,
@@ -184,6 +187,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         node = self.ns.inode(inode)
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            self.ns.chmod_acl(node)  # FUSE leaves posix_acl_chmod to us
         if fields.update_uid:
             node.uid = attr.st_uid
         if fields.update_gid:
@@ -405,7 +409,10 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         self._writable()
-        self.ns.setxattr(inode, name, value, 0)
+        kill_sgid = name == acl.ACCESS and not in_group(
+            ctx.uid, ctx.gid, ctx.pid, self.ns.inode(inode).gid
+        )
+        self.ns.setxattr(inode, name, value, 0, kill_sgid=kill_sgid)
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
