@@ -23,7 +23,7 @@ from encfs_cloud.tree import acl
 from encfs_cloud.tree.acl import GROUP_OBJ, MASK, OTHER, USER, USER_OBJ, Entry
 from encfs_cloud.tree.metadata import ROOT_INODE, Metadata
 from encfs_cloud.tree.namespace import Namespace
-from tests.fixtures_mount import is_mounted, needs_fuse
+from tests.fixtures_mount import Device, is_mounted, needs_fuse
 from tests.posix_ops import MountedFs, Twin, shared_mount, write
 
 NOBODY = 65534
@@ -153,6 +153,14 @@ def getfacl(twin: Twin, *names: str) -> str:
 
 def setfacl(twin: Twin, *args: str) -> None:
     twin.do(lambda r: run(r, "setfacl", *args), f"setfacl {args}")
+
+
+def by_file(getfacl_output: tuple[int, str]) -> dict[str, str]:
+    """getfacl -R output per file (directories list in their own order on each side)."""
+    code, text = getfacl_output
+    assert code == 0, text
+    blocks = [block for block in text.split("\n\n") if block.strip()]
+    return {block.splitlines()[0].removeprefix("# file: "): block for block in blocks}
 
 
 def as_nobody(root: Path, *names: str) -> dict[str, dict[str, object]]:
@@ -342,6 +350,28 @@ def test_access_checks_as_another_user(twin: Twin) -> None:
     twin.stat("open_dir/mine")
     twin.do(lambda r: os.chmod(r / "open_dir", 0o705), "the mask now shuts nobody out")
     assert twin.do(lambda r: nobody_creates(r, "refused")) != 0
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_salvage_copies_acls_as_they_are(device: Device, local_source: str, tmp_path: Path) -> None:
+    """Files salvaged into a copied directory with a default ACL keep their own ACL, not an
+    inherited one (a file whose ACL was removed must not gain the default's entries)."""
+    device.init(local_source)
+    with device.mounted(local_source, tmp_path / "mnt") as root:
+        (root / "d").mkdir()
+        assert run(root, "setfacl", "-d", "-m", "u:nobody:rwx", "d")[0] == 0
+        (root / "d" / "sub").mkdir()
+        write(root / "d" / "inherited", b"i", 0o640)
+        write(root / "d" / "bare", b"b", 0o640)
+        write(root / "own", b"o", 0o600)
+        assert run(root, "setfacl", "-b", "d/bare")[0] == 0
+        assert run(root, "setfacl", "-m", "g:nogroup:r", "own")[0] == 0
+        expected = by_file(run(root, "getfacl", "-R", "-n", "d", "own"))
+        assert "user:65534:rwx" in expected["d/inherited"] and len(expected) == 5
+    done = device.run("salvage", local_source, str(tmp_path / "out"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert by_file(run(tmp_path / "out", "getfacl", "-R", "-n", "d", "own")) == expected
 
 
 @needs_fuse
