@@ -354,6 +354,34 @@ def test_access_checks_as_another_user(twin: Twin) -> None:
 
 @needs_fuse
 @pytest.mark.fuse
+def test_setfacl_by_an_owner_outside_the_group_drops_set_group_id(twin: Twin) -> None:
+    def setup(root: Path) -> None:
+        for name in ("by_owner", "by_root"):
+            write(root / name, b"", 0o664)
+            os.chown(root / name, NOBODY, 0)
+            os.chmod(root / name, 0o2775)
+
+    twin.do(setup)
+
+    def owner_sets_acl(root: Path) -> int:
+        return subprocess.run(
+            ["setfacl", "-m", "u:nobody:rwx", str(root / "by_owner")],
+            user=NOBODY,
+            group=NOGROUP,
+            extra_groups=[],
+            cwd="/",
+            capture_output=True,
+            timeout=60,
+        ).returncode
+
+    assert twin.do(owner_sets_acl, "nobody (not in group root) sets an ACL") == 0
+    assert not twin.stat("by_owner")["mode"] & stat.S_ISGID
+    setfacl(twin, "-m", "u:nobody:rwx", "by_root")
+    assert twin.stat("by_root")["mode"] & stat.S_ISGID, "root may keep the bit"
+
+
+@needs_fuse
+@pytest.mark.fuse
 def test_salvage_copies_acls_as_they_are(device: Device, local_source: str, tmp_path: Path) -> None:
     """Files salvaged into a copied directory with a default ACL keep their own ACL, not an
     inherited one (a file whose ACL was removed must not gain the default's entries)."""
