@@ -89,7 +89,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         if self.read_only:
             raise FsError(errno.EROFS)
 
-    def attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+    def attrs(self, inode: Inode, stored: int | None = None) -> pyfuse3.EntryAttributes:
+        """`stored`: blocks of its committed chunks, if already known (readdir batches it)."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = inode.id
         entry.generation = 0
@@ -106,7 +107,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         if inode.is_dir:
             blocks = 1
         elif inode.is_reg:
-            blocks = self.data.allocated_blocks(inode.id, inode.size, BLOCK)
+            blocks = self.data.allocated_blocks(inode.id, inode.size, BLOCK, stored)
         else:
             blocks = 0  # symlink targets and device numbers live in the metadata
         entry.st_blocks = blocks * (BLOCK // 512)
@@ -387,9 +388,11 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             rows = self.md.list_entries(fh, after)
             if not rows:
                 return
+            stored = self.md.stored_blocks([node.id for _, _, node in rows if node.is_reg], BLOCK)
             for entry_id, name, node in rows:
                 after = entry_id
-                if not pyfuse3.readdir_reply(token, name, self.attrs(node), entry_id + 2):
+                attrs = self.attrs(node, stored.get(node.id, 0))
+                if not pyfuse3.readdir_reply(token, name, attrs, entry_id + 2):
                     return
                 self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
 

@@ -262,14 +262,17 @@ class FileData:
                 del buf[tail:]
                 self.cache.resized((ino, idx), old_len)
 
-    def allocated_blocks(self, ino: int, size: int, block: int) -> int:
+    def allocated_blocks(self, ino: int, size: int, block: int, stored: int | None = None) -> int:
         """Blocks of `block` bytes that `ino`'s chunks fill, stored or waiting for upload.
 
-        Holes (chunks never written) count nothing, so `du` sees a sparse file as sparse. A
-        waiting chunk replaces its stored version; the pending keys of this inode are found
+        Holes (chunks never written) count nothing, so `du` sees a sparse file as sparse.
+        `stored`: the committed part, if the caller already has it (Metadata.stored_blocks).
+        A waiting chunk replaces its stored version; the pending keys of this inode are found
         by whichever is smaller to walk: its chunk indices, or every pending chunk.
         """
-        blocks = self.md.stored_blocks(ino, block)
+        if stored is None:
+            stored = self.md.stored_blocks([ino], block).get(ino, 0)
+        blocks = stored
         dirty, inflight = self.cache.dirty, self.cache.inflight
         if not dirty and not inflight:
             return blocks
