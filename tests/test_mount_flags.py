@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -59,10 +60,11 @@ def test_noexec_refuses_a_script_that_exec_runs(
 
 @needs_fuse
 @pytest.mark.fuse
-def test_set_user_id_bits_count_only_with_suid(
+def test_set_user_id_bits_and_device_nodes_count_only_with_suid_and_dev(
     device: Device, local_source: str, tmp_path: Path
 ) -> None:
-    """A set-user-id file whose owner is nobody: only a `suid` mount runs it as nobody."""
+    """A set-user-id file whose owner is nobody: only a `suid` mount runs it as nobody. A
+    device node (here /dev/null's numbers) opens only on a `dev` mount."""
     id_program = shutil.which("id")
     assert id_program is not None
     device.init(local_source)
@@ -74,8 +76,14 @@ def test_set_user_id_bits_count_only_with_suid(
         os.chmod(root / "id", 0o4755)
         done = subprocess.run([str(root / "id"), "-u"], capture_output=True, text=True, timeout=60)
         assert done.stdout.strip() == "0", "nosuid mount honoured a set-user-id bit"
+        os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        with pytest.raises(PermissionError):
+            open(root / "null", "wb").close()
     with device.mounted(local_source, mnt, "suid", "dev") as root:
         assert not {"nosuid", "nodev"} & mount_flags(root)
         assert os.stat(root / "id").st_mode & 0o4000
         done = subprocess.run([str(root / "id"), "-u"], capture_output=True, text=True, timeout=60)
         assert done.stdout.strip() == str(NOBODY), "suid mount ignored the set-user-id bit"
+        with open(root / "null", "wb") as null:
+            assert null.write(b"into /dev/null") == 14
+        assert (root / "null").read_bytes() == b""
