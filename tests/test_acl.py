@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from encfs_cloud.daemon.caller import in_group
 from encfs_cloud.errors import FsError
 from encfs_cloud.tree import acl
 from encfs_cloud.tree.acl import GROUP_OBJ, MASK, OTHER, USER, USER_OBJ, Entry
@@ -113,6 +114,25 @@ def test_namespace_keeps_mode_and_acls_in_step() -> None:
     assert md.get_xattr(child.id, acl.DEFAULT) is None and child.mode & 0o777 == 0o660
     link = ns.create(d.id, b"link", stat.S_IFLNK | 0o777, 0, 0, target=b"child")
     assert md.list_xattrs(link.id) == [] and link.mode & 0o777 == 0o777
+
+
+def test_caller_groups_come_from_proc() -> None:
+    me = os.getpid()
+    assert in_group(0, 1, me, 4242), "root keeps set-group-id bits"
+    assert in_group(1000, 4242, me, 4242), "the primary group"
+    if os.geteuid() == 0:
+        child = subprocess.Popen(
+            ["sleep", "60"], user=NOBODY, group=NOGROUP, extra_groups=[4243, 4244]
+        )
+        try:
+            assert in_group(NOBODY, NOGROUP, child.pid, 4244), "a supplementary group"
+            assert not in_group(NOBODY, NOGROUP, child.pid, 4245)
+        finally:
+            child.kill()
+            child.wait()
+    assert not in_group(1000, 4242, me, 4243)
+    assert not in_group(1000, 4242, 0, 4243), "a caller we cannot see"
+    assert not in_group(1000, 4242, 2**22 + 12345, 4243), "a caller that is gone"
 
 
 # --- a real mount, step by step against ext4 -------------------------------------------------
