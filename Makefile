@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config
-# Real programs the end-to-end tests run on mounts (test_programs, test_gio, test_admin).
+# Real programs the end-to-end tests run on mounts (test_programs, test_gio, test_admin, test_acl).
 TEST_APT_PACKAGES := restic borgbackup rsync git sqlite3 libglib2.0-bin gvfs dbus-daemon \
-	util-linux man-db
+	util-linux man-db acl
 DEMO_DIR ?= $(CURDIR)/demo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

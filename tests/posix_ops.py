@@ -255,10 +255,11 @@ class MountedFs:
     source: str
     mnt: Path
     twins: list[Twin] = field(default_factory=list)
+    options: tuple[str, ...] = ()
 
     def mount(self) -> None:
         self.mnt.mkdir(exist_ok=True)
-        done = self.device.mount(self.source, self.mnt)
+        done = self.device.mount(self.source, self.mnt, *self.options)
         assert done.returncode == 0, f"mount failed: {done.stderr.strip()}"
 
     def remount(self) -> None:
@@ -277,10 +278,12 @@ class MountedFs:
 
 
 @contextlib.contextmanager
-def shared_mount(base: Path) -> Iterator[MountedFs]:
+def shared_mount(base: Path, *options: str) -> Iterator[MountedFs]:
     """A new filesystem in `base`, mounted until the block ends (unmounted even on failure)."""
     (base / "bucket").mkdir()
-    mounted = MountedFs(Device(base / "device"), f"file://{base / 'bucket'}", base / "mnt")
+    mounted = MountedFs(
+        Device(base / "device"), f"file://{base / 'bucket'}", base / "mnt", options=options
+    )
     mounted.device.init(mounted.source)
     mounted.mount()
     try:

@@ -7,6 +7,7 @@ import mmap
 import os
 import random
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -316,6 +317,52 @@ def test_blocks_statfs_access(twin: Twin, fs: MountedFs) -> None:
     for rel in ("f1", "exe", "missing"):
         for how in (os.F_OK, os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.W_OK):
             twin.do(lambda r, rel=rel, how=how: os.access(r / rel, how), f"access {rel} {how}")
+
+
+def test_blocks_count_what_was_written_not_holes(twin: Twin, fs: MountedFs) -> None:
+    """st_blocks comes from the chunks stored: `du` of a sparse file shows its real usage.
+
+    Allocation granularity differs (4 KiB blocks on ext4, up to a 1 MiB chunk here), so the
+    sides are compared by property: a hole counts nothing, written data is always covered.
+    """
+    gib = 1 << 30
+
+    def blocks(rel: str) -> dict[str, int]:
+        return {
+            side: os.stat(root / rel).st_blocks * 512
+            for side, root in zip("ml", twin.roots, strict=True)
+        }
+
+    twin.do(lambda r: (write(r / "sparse", b""), os.truncate(r / "sparse", gib)))
+    assert blocks("sparse") == {"m": 0, "l": 0}, "a file of holes takes no space"
+    f = twin.open("sparse", os.O_RDWR)
+    try:
+        f.do(lambda fd: os.pwrite(fd, b"x" * 4096, 512 * MiB + 8192), "one 4 KiB write")
+        f.do(os.fsync)
+    finally:
+        f.close()
+    for side, used in blocks("sparse").items():
+        assert 4096 <= used < 2 * MiB, f"{side}: 1 GiB file with one 4 KiB write uses {used}"
+    for size in (1, 4096, 4097, 3 * MiB + 1):
+        twin.do(lambda r, size=size: write(r / f"dense{size}", b"d" * size))
+        for side, used in blocks(f"dense{size}").items():
+            assert size <= used < size + 2 * MiB, f"{side}: {size} bytes written, {used} used"
+
+    def du(*args: str) -> list[int]:
+        return [
+            int(
+                subprocess.check_output(["du", "-B1", *args, root / "sparse"], text=True).split()[0]
+            )
+            for root in twin.roots
+        ]
+
+    assert du("--apparent-size") == [gib, gib]
+    assert all(used < 2 * MiB for used in du()), f"du says {du()}"
+    before = blocks("sparse")["m"], blocks("dense4097")["m"]
+    fs.remount()  # now every chunk comes from the replayed metadata, none from the cache
+    assert (blocks("sparse")["m"], blocks("dense4097")["m"]) == before
+    twin.do(lambda r: os.truncate(r / "sparse", 512 * MiB), "truncate below the data")
+    assert blocks("sparse") == {"m": 0, "l": 0}
 
 
 def test_xattrs(twin: Twin) -> None:

@@ -169,7 +169,8 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         help="ro, cache_size=SIZE, passphrase_file=FILE, endpoint_url=URL, region=NAME, "
         "profile=NAME, allow_other, allow_root, uid=N, gid=N, umask=M, max_read=N, log=FILE, "
         "commit_interval=SECONDS, sync_timeout=SECONDS, read_timeout=SECONDS, "
-        "connect_timeout=SECONDS, takeover, allow_rollback, debug",
+        "connect_timeout=SECONDS, takeover, allow_rollback, debug, "
+        "exec, noexec, suid, nosuid, dev, nodev",
     )
     # mount(8) passes these; they mean nothing to us.
     p.add_argument("-s", "-n", dest="_ignored", action="store_true", help=argparse.SUPPRESS)

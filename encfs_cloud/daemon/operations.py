@@ -13,9 +13,11 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from encfs_cloud.daemon.caller import in_group
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.errors import EncfsCloudError, FsError, errno_of
+from encfs_cloud.tree import acl
 from encfs_cloud.tree.metadata import Inode, Metadata
 from encfs_cloud.tree.namespace import Namespace, now_ns
 
@@ -59,6 +61,7 @@ def handler(
 
 class Operations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = True
+    enable_acl = True  # FUSE_POSIX_ACL: the kernel checks ACLs; we store them (namespace.py)
 
     def __init__(
         self,
@@ -86,7 +89,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         if self.read_only:
             raise FsError(errno.EROFS)
 
-    def attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+    def attrs(self, inode: Inode, stored: int | None = None) -> pyfuse3.EntryAttributes:
+        """`stored`: blocks of its committed chunks, if already known (readdir batches it)."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = inode.id
         entry.generation = 0
@@ -99,7 +103,14 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         entry.st_rdev = inode.rdev
         entry.st_size = BLOCK if inode.is_dir else inode.size
         entry.st_blksize = BLOCK
-        entry.st_blocks = (entry.st_size + BLOCK - 1) // BLOCK * (BLOCK // 512)
+        # What the chunks hold, not the size: holes take no space (du, sparseness probes).
+        if inode.is_dir:
+            blocks = 1
+        elif inode.is_reg:
+            blocks = self.data.allocated_blocks(inode.id, inode.size, BLOCK, stored)
+        else:
+            blocks = 0  # symlink targets and device numbers live in the metadata
+        entry.st_blocks = blocks * (BLOCK // 512)
         entry.st_atime_ns = inode.atime_ns
         entry.st_mtime_ns = inode.mtime_ns
         entry.st_ctime_ns = inode.ctime_ns
@@ -177,6 +188,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         node = self.ns.inode(inode)
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            self.ns.chmod_acl(node)  # FUSE leaves posix_acl_chmod to us
         if fields.update_uid:
             node.uid = attr.st_uid
         if fields.update_gid:
@@ -376,9 +388,11 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             rows = self.md.list_entries(fh, after)
             if not rows:
                 return
+            stored = self.md.stored_blocks([node.id for _, _, node in rows if node.is_reg], BLOCK)
             for entry_id, name, node in rows:
                 after = entry_id
-                if not pyfuse3.readdir_reply(token, name, self.attrs(node), entry_id + 2):
+                attrs = self.attrs(node, stored.get(node.id, 0))
+                if not pyfuse3.readdir_reply(token, name, attrs, entry_id + 2):
                     return
                 self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
 
@@ -398,7 +412,10 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         self._writable()
-        self.ns.setxattr(inode, name, value, 0)
+        kill_sgid = name == acl.ACCESS and not in_group(
+            ctx.uid, ctx.gid, ctx.pid, self.ns.inode(inode).gid
+        )
+        self.ns.setxattr(inode, name, value, 0, kill_sgid=kill_sgid)
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

@@ -23,12 +23,6 @@ GENERIC = {
     "user",
     "users",
     "nouser",
-    "exec",
-    "noexec",
-    "suid",
-    "nosuid",
-    "dev",
-    "nodev",
     "async",
     "sync",
     "atime",
@@ -42,6 +36,10 @@ GENERIC = {
     "loop",
 }
 GENERIC_PREFIXES = ("x-", "comment=", "_")
+# Flags the kernel enforces on the mount itself: handed to FUSE's mount(2), never dropped.
+# Without them libfuse mounts nosuid,nodev (and exec): a forged set-id file or device node
+# in the bucket stays harmless unless the user asks for `suid` or `dev`.
+KERNEL_FLAGS = ("exec", "noexec", "suid", "nosuid", "dev", "nodev")
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -131,6 +129,10 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
             pairs[key] = value
         elif item in GENERIC or item.startswith(GENERIC_PREFIXES):
             continue
+        elif item in KERNEL_FLAGS:
+            # FUSE gets its options as a set: the last of a pair (exec,noexec) must win here.
+            opposite = item[2:] if item.startswith("no") else "no" + item
+            fuse_extra = [o for o in fuse_extra if o not in (item, opposite)] + [item]
         elif key in ("uid", "gid", "umask", "max_read"):
             fuse_extra.append(item)
         else:

@@ -262,6 +262,34 @@ class FileData:
                 del buf[tail:]
                 self.cache.resized((ino, idx), old_len)
 
+    def allocated_blocks(self, ino: int, size: int, block: int, stored: int | None = None) -> int:
+        """Blocks of `block` bytes that `ino`'s chunks fill, stored or waiting for upload.
+
+        Holes (chunks never written) count nothing, so `du` sees a sparse file as sparse.
+        `stored`: the committed part, if the caller already has it (Metadata.stored_blocks).
+        A waiting chunk replaces its stored version; the pending keys of this inode are found
+        by whichever is smaller to walk: its chunk indices, or every pending chunk.
+        """
+        if stored is None:
+            stored = self.md.stored_blocks([ino], block).get(ino, 0)
+        blocks = stored
+        dirty, inflight = self.cache.dirty, self.cache.inflight
+        if not dirty and not inflight:
+            return blocks
+        count = layout.chunk_count(size)
+        if count <= len(dirty) + len(inflight):
+            keys = {(ino, i) for i in range(count) if (ino, i) in dirty or (ino, i) in inflight}
+        else:
+            keys = {k for k in dirty if k[0] == ino} | {k for k in inflight if k[0] == ino}
+        for key in keys:
+            waiting = dirty.get(key)
+            length = len(waiting) if waiting is not None else len(inflight[key])
+            ref = self.md.get_chunk(*key)
+            if ref is not None:
+                blocks -= -(-ref.plain_len // block)
+            blocks += -(-length // block)
+        return blocks
+
     def forget(self, ino: int) -> None:
         """The inode is gone: drop its chunks from cache and metadata."""
         self.cache.forget(ino)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -14,6 +15,7 @@ from encfs_cloud import layout
 from encfs_cloud.errors import IntegrityError, ObjectMissingError, StoreError, UsageError
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.tree import acl
 from encfs_cloud.tree.journal import (
     KIND_DELTA,
     KIND_SNAPSHOT,
@@ -316,7 +318,14 @@ class Salvager:
         return len(data)
 
     def _xattrs(self, path: bytes, rel: bytes, inode: Inode) -> None:
-        for name in self.md.list_xattrs(inode.id):
+        names = self.md.list_xattrs(inode.id)
+        if not stat.S_ISLNK(inode.mode):
+            # Made inside a copied directory with a default ACL, the copy inherited an ACL
+            # that the original may not have had (removed, or set after it was created).
+            for name in set(acl.NAMES) - set(names):
+                with contextlib.suppress(OSError):
+                    os.removexattr(path, name)
+        for name in names:
             value = self.md.get_xattr(inode.id, name) or b""
             try:
                 os.setxattr(path, name, value, follow_symlinks=False)

@@ -7,6 +7,7 @@ import stat
 import time
 
 from encfs_cloud.errors import FsError
+from encfs_cloud.tree import acl
 from encfs_cloud.tree.metadata import ROOT_INODE, Inode, Metadata
 
 NAME_MAX = 255
@@ -92,10 +93,21 @@ class Namespace:
             gid = directory.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
+        access, default = None, None
+        inherited = self.md.get_xattr(parent, acl.DEFAULT) if acl.inherits_default(mode) else None
+        if inherited is not None:
+            # The kernel leaves default-ACL inheritance to us (FUSE_POSIX_ACL); it has already
+            # applied the umask to `mode`, which POSIX would skip here (see docs/design.md).
+            entries, mode = acl.inherit(acl.parse(inherited), mode)
+            access = None if acl.is_minimal(entries) else acl.serialize(entries)
+            default = inherited if stat.S_ISDIR(mode) else None
         when = now_ns()
         inode = self.md.create_inode(mode, uid, gid, when, rdev=rdev, target=target)
         inode.nlink = 2 if inode.is_dir else 1
         self.md.put_inode(inode)
+        for acl_name, value in ((acl.ACCESS, access), (acl.DEFAULT, default)):
+            if value is not None:
+                self.md.set_xattr(inode.id, acl_name, value)
         self.md.add_entry(parent, name, inode.id)
         if inode.is_dir:
             directory.nlink += 1
@@ -244,16 +256,22 @@ class Namespace:
     def _xattr_allowed(self, inode: Inode, name: bytes) -> None:
         if not name or len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE)
-        if not name.startswith(XATTR_NAMESPACES):
+        if not name.startswith(XATTR_NAMESPACES) and name not in acl.NAMES:
             raise FsError(errno.EOPNOTSUPP)
         if name.startswith(b"user.") and not (inode.is_reg or inode.is_dir):
             raise FsError(errno.EPERM)  # as Linux: user.* only on files and directories
 
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+    def setxattr(
+        self, ino: int, name: bytes, value: bytes, flags: int, *, kill_sgid: bool = False
+    ) -> None:
+        """Set an xattr; `kill_sgid`: an access ACL set by a caller who may not keep S_ISGID."""
         inode = self.inode(ino)
         self._xattr_allowed(inode, name)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
+        if name in acl.NAMES:
+            self._set_acl(inode, name, acl.parse(value), kill_sgid)
+            return
         exists = self.md.get_xattr(ino, name) is not None
         if flags & XATTR_CREATE and exists:
             raise FsError(errno.EEXIST)
@@ -276,3 +294,31 @@ class Namespace:
             raise FsError(errno.ENODATA)
         inode.ctime_ns = now_ns()
         self.md.put_inode(inode)
+
+    # --- POSIX ACLs (the kernel enforces them; we store them and keep the mode in step) ---
+
+    def _set_acl(
+        self, inode: Inode, name: bytes, entries: list[acl.Entry], kill_sgid: bool
+    ) -> None:
+        if name == acl.DEFAULT:
+            if not inode.is_dir:
+                raise FsError(errno.EACCES)  # as Linux: only directories have a default ACL
+            self.md.set_xattr(inode.id, name, acl.serialize(entries))
+        else:
+            # FUSE leaves the mode to us: setfacl's mask becomes the group bits.
+            inode.mode = acl.mode_of(entries, inode.mode)
+            if kill_sgid:
+                inode.mode &= ~stat.S_ISGID
+            if acl.is_minimal(entries):
+                self.md.remove_xattr(inode.id, name)  # the mode says it all (as ext4)
+            else:
+                self.md.set_xattr(inode.id, name, acl.serialize(entries))
+        inode.ctime_ns = now_ns()
+        self.md.put_inode(inode)
+
+    def chmod_acl(self, inode: Inode) -> None:
+        """After a chmod: the access ACL's owner, mask (or group) and other follow the mode."""
+        stored = self.md.get_xattr(inode.id, acl.ACCESS)
+        if stored is not None:
+            entries = acl.chmod(acl.parse(stored), inode.mode)
+            self.md.set_xattr(inode.id, acl.ACCESS, acl.serialize(entries))
