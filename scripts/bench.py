@@ -16,9 +16,11 @@ from types import FrameType
 from typing import Any
 
 from bench_install import ensure_tools, machine_baseline, versions
-from bench_report import Report, metric_table, targets
+from bench_readme import publish
+from bench_report import Report, metric_table
 from bench_s3 import BUCKET, S3Server, choose_server
 from bench_systems import SYSTEM_NAMES, Env, System, make_systems
+from bench_targets import targets
 from bench_util import (
     REPO,
     SCRIPTS,
@@ -95,11 +97,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="round trip(s) in ms between the S3 systems and the server; each value is a "
         "separate column (default 0,20; --smoke: 0)",
     )
-    p.add_argument("--s3-server", choices=["auto", "moto", "rclone"], default="auto")
+    p.add_argument(
+        "--s3-server",
+        choices=["seaweedfs", "moto", "rclone", "auto"],
+        default="seaweedfs",
+        help="S3 server on 127.0.0.1 (default seaweedfs: it enforces conditional writes; "
+        "auto probes all and keeps the cheapest one that enforces them)",
+    )
     p.add_argument("--cache-size-mib", type=int, default=256, help="encfs-cloud cache_size")
     p.add_argument("--encfs-opts", default="", help="extra -o options for mount.encfs-cloud")
     p.add_argument("--rclone-write-back", default="100ms", help="rclone --vfs-write-back")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one run")
+    p.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="write the results to docs/bench/ and regenerate the README's table (make bench)",
+    )
     p.add_argument("--no-install", action="store_true", help="never pip/apt install")
     p.add_argument("--out-dir", default=str(REPO / "bench-results"))
     p.add_argument("--json", help="write the results here instead of --out-dir/bench-<ts>.json")
@@ -158,7 +171,8 @@ def needed_tools(systems: list[System], workloads: list[str], s3_server: str) ->
     if "gocryptfs" in bases:
         need.add("gocryptfs")
     if any(s.uses_s3 for s in systems):
-        need |= {"moto_server", "rclone"} if s3_server == "auto" else set()
+        need |= {"weed", "moto_server", "rclone"} if s3_server == "auto" else set()
+        need |= {"weed"} if s3_server == "seaweedfs" else set()
         need |= {"moto_server"} if s3_server == "moto" else set()
         need |= {"rclone"} if s3_server == "rclone" else set()
     if "fio" in workloads:
@@ -303,7 +317,7 @@ class Bench:
             }
             for s in self.systems
         ]
-        return Report(sysdocs, self.raw, metrics, targets(a.cache_size_mib))
+        return Report(sysdocs, self.raw, metrics, targets(a.cache_size_mib, a.size_mib))
 
     def header(self) -> list[str]:
         m, a = self.machine, self.args
@@ -329,6 +343,15 @@ class Bench:
             )
         if self.s3_doc:
             lines.append(f"S3 server: {self.s3_doc.get('why') or self.s3_doc.get('error')}")
+            probe = self.s3_doc.get("probe", {}).get(self.server.name if self.server else "", {})
+            if self.server is not None and not probe:
+                probe = next(iter(self.s3_doc.get("probe", {}).values()), {})
+            if "server_cpu_ms_per_request" in probe:
+                lines.append(
+                    f"  server CPU in the probe: {probe['server_cpu_ms_per_request']} ms per "
+                    f"small request (4 KiB PUT, 4 KiB ranged GET), {probe['server_cpu_s_per_GB']} "
+                    "s per GB moved (8 MiB PUT+GET); per run: 'S3 server CPU per request' below"
+                )
             lines.extend(f"  note: {n}" for n in self.s3_doc.get("notes", []))
         if any(r > 0 for r in a.rtts) and self.server is not None:
             lines.append(
@@ -339,7 +362,7 @@ class Bench:
         lines.extend(f"note: {n}" for n in self.notes)
         return lines
 
-    def write_json(self, final: bool) -> None:
+    def write_json(self, final: bool) -> dict[str, Any]:
         rep = self.report()
         doc: dict[str, Any] = {
             "schema": "encfs-cloud-bench/1",
@@ -379,6 +402,7 @@ class Bench:
         tmp = self.json_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         tmp.replace(self.json_path)
+        return doc
 
     def cleanup(self) -> None:
         for s in self.systems:
@@ -413,8 +437,14 @@ def main(argv: list[str] | None = None) -> int:
         for line in bench.header():
             print(line, flush=True)
         bench.run()
-        bench.write_json(final=True)
-        print(bench.report().render([]))
+        doc = bench.write_json(final=True)
+        report = bench.report()
+        table = report.render([])
+        print(table)
+        if args.update_readme:
+            text = "\n".join([*bench.header(), table])
+            for path in publish(report, doc, text, REPO):
+                log(f"wrote {path}")
         print(f"\nresults: {bench.json_path}  ({time.monotonic() - t0:.0f}s)")
         return 0
     except KeyboardInterrupt:
