@@ -30,6 +30,14 @@ class EncfsCloud(System):
     _probe: str | None = None
     _probed = False
     _has_log_option = False
+    # mount.encfs-cloud has the sealed disk cache (cache_dir option): the cache workload runs.
+    has_disk_cache = False
+    # Set while the cache workload mounts through the throttled proxy.
+    endpoint_override = ""
+
+    @property
+    def s3_url(self) -> str:
+        return self.endpoint_override or super().s3_url
 
     def unavailable(self) -> str | None:
         if self.uses_s3 and self.env.s3 is None:
@@ -50,6 +58,7 @@ class EncfsCloud(System):
         except BenchError as exc:
             return f"encfs-cloud not usable yet: {exc}"
         EncfsCloud._has_log_option = "log=FILE" in helptext
+        EncfsCloud.has_disk_cache = "cache_dir" in helptext
         return None
 
     def _environ(self) -> dict[str, str]:

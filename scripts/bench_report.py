@@ -47,6 +47,13 @@ def metric_table(size_mib: int, files: int, fio_s: int, rename_files: int) -> li
             "read_cached_MBps", f"read {size_mib} MiB after remount, disk cache kept", "MB/s", True
         ),
         Metric(
+            "read_cached_requests",
+            "S3 requests: read after remount, disk cache kept",
+            "req",
+            False,
+            0,
+        ),
+        Metric(
             "copy_throttled_MBps",
             f"copy {size_mib} MiB onto a store throttled to 20 MB/s, until close",
             "MB/s",

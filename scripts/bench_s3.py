@@ -63,6 +63,8 @@ class S3Server:
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / f"{self.name}.log"
+        # Server CPU per second with no request (heartbeats...), subtracted from per-run costs.
+        self.idle_cpu_per_s = 0.0
         # Extra environment every boto3 client of this server needs (see RcloneS3Server).
         self.client_env: dict[str, str] = {}
         self.notes: list[str] = []
@@ -252,11 +254,14 @@ class SeaweedServer(S3Server):
         while True:
             try:
                 client.list_buckets()
-                return
+                break
             except Exception as exc:  # botocore raises several unrelated classes here
                 if time.monotonic() > deadline:
                     raise BenchError(f"seaweedfs not answering: {exc}") from None
                 time.sleep(0.2)
+        cpu0, t0 = self.cpu(), time.monotonic()
+        time.sleep(2.0)
+        self.idle_cpu_per_s = (self.cpu() - cpu0) / (time.monotonic() - t0)
 
     def stop(self) -> None:
         super().stop()

@@ -29,6 +29,7 @@ class Env:
     workdir: Path
     s3: S3Server | None = None
     s3_urls: dict[float, str] = field(default_factory=dict)  # rtt_ms -> endpoint URL
+    s3_throttled_url: str = ""  # the server behind a bandwidth-capped proxy (cache workload)
     cache_size_mib: int = 256
     encfs_opts: str = ""
     rclone_write_back: str = "100ms"

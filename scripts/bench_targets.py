@@ -128,6 +128,7 @@ def verdict(goal: Target, value: float | None, ratio: float | None) -> dict[str,
     measured = value if goal.kind == "max" else ratio
     if value is None:
         out["status"] = "not measured"
+        out["why"] = "no figure: workload not run, failed or unsupported (see above)"
         return out
     if measured is None:
         out["status"] = "not measured"

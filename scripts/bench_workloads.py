@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_cache import CACHE_METRICS, run_cache_cases
 from bench_systems import System
 from bench_util import SCRIPTS, BenchError, drop_caches, log, rmtree, run, tail, venv_bin
 
-WORKLOADS = ["write", "read", "untar", "ls", "fio", "rename", "rss"]
+WORKLOADS = ["write", "read", "untar", "ls", "fio", "rename", "cache", "rss"]
 TEST_DIRS = {"test", "tests", "idle_test"}
 
 
@@ -150,21 +151,24 @@ class Runner:
         with contextlib.suppress(OSError):
             self.rss_kib = max(self.rss_kib, self.sys.peak_rss_kib())
 
-    def s3_mark(self) -> tuple[float, int] | None:
-        """S3 server CPU seconds and requests served so far (None: not on a counting server)."""
+    def s3_mark(self) -> tuple[float, int, float] | None:
+        """S3 server CPU seconds, requests served so far and the time (None: no counts)."""
         srv = self.sys.env.s3
         if not self.sys.uses_s3 or srv is None:
             return None
         reqs = srv.requests()
-        return (srv.cpu(), sum(reqs.values())) if reqs else None
+        return (srv.cpu(), sum(reqs.values()), time.monotonic()) if reqs else None
 
-    def s3_count(self, metric: str, since: tuple[float, int] | None) -> None:
-        """Record the S3 requests made since the mark as metric; add to the CPU/request tally."""
+    def s3_count(self, metric: str, since: tuple[float, int, float] | None) -> None:
+        """Record the S3 requests made since the mark as metric; add to the CPU/request tally
+        (less the server's idle CPU over the same time)."""
         now = self.s3_mark()
-        if since is None or now is None:
+        srv = self.sys.env.s3
+        if since is None or now is None or srv is None:
             return
         self.values[metric] = now[1] - since[1]
-        self.server_cpu += now[0] - since[0]
+        idle = srv.idle_cpu_per_s * (now[2] - since[2])
+        self.server_cpu += max(0.0, now[0] - since[0] - idle)
         self.server_reqs += now[1] - since[1]
 
     def stored(self) -> int | None:
@@ -339,6 +343,8 @@ class Runner:
         if need_ren:
             self.session("rename", ["rename_ms", "rename_durable_s"], s4)
 
+        if self.want("cache"):
+            run_cache_cases(self, big_ok)
         if self.server_reqs:
             self.values["server_cpu_ms_per_req"] = self.server_cpu * 1000 / self.server_reqs
         if self.want("rss"):
@@ -405,6 +411,7 @@ WORKLOAD_METRICS: dict[str, list[str]] = {
     "ls": ["find_s", "ls_lR_s", "find_ls_s"],
     "fio": ["fio_iops"],
     "rename": ["rename_ms", "rename_durable_s"],
+    "cache": CACHE_METRICS,
     "rss": ["rss_MiB"],
 }
 
