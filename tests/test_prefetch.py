@@ -1,4 +1,5 @@
-"""Sequential read-ahead: whole packs per GET, a window that widens, nothing for random reads."""
+"""Sequential read-ahead: whole packs per GET, a window that widens, nothing for random reads;
+the kernel reads a whole chunk per FUSE request."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import pytest
 import trio
 
 from encfs_cloud import layout
+from encfs_cloud.daemon.mount import READ_AHEAD_KB, bdi_of
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.memory import MemoryStore
 from encfs_cloud.tree.metadata import ROOT_INODE
 from encfs_cloud.tree.namespace import Namespace
+from tests.fixtures_mount import Device, needs_fuse
 
 CHUNKS = 48
 READ_SIZE = 128 << 10  # what the kernel sends for a buffered sequential read
@@ -134,3 +137,30 @@ def test_random_reads_fetch_only_what_they_touch(
     assert read_back(store, devices, ranges) == expected
     assert len(store.gets) == len(picks)
     assert all(length is not None and length < 2 * layout.CHUNK_SIZE for _, _, length in store.gets)
+
+
+def test_bdi_of_reads_escaped_and_stacked_mounts() -> None:
+    mountinfo = (
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "40 22 0:41 / /tmp/a\\040b rw,nosuid - fuse.encfs-cloud file:///x rw\n"
+        "41 22 0:42 / /mnt rw - fuse.encfs-cloud s3://b rw\n"
+        "42 41 0:43 / /mnt rw - fuse.encfs-cloud s3://c rw\n"
+    )
+    assert bdi_of(Path("/tmp/a b"), mountinfo) == "0:41"
+    assert bdi_of(Path("/mnt"), mountinfo) == "0:43"
+    assert bdi_of(Path("/elsewhere"), mountinfo) is None
+
+
+@needs_fuse
+@pytest.mark.skipif(os.geteuid() != 0, reason="the bdi's read_ahead_kb is writable by root only")
+def test_mount_reads_a_chunk_per_request(device: Device, local_source: str, tmp_path: Path) -> None:
+    device.init(local_source)
+    with device.mounted(local_source, tmp_path / "mnt") as mnt:
+        real = Path(os.path.realpath(mnt))
+        bdi = bdi_of(real, Path("/proc/self/mountinfo").read_text())
+        assert bdi is not None
+        ra = Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").read_text().strip()
+        assert int(ra) == READ_AHEAD_KB == 1024
+        payload = os.urandom(3 * layout.CHUNK_SIZE + 5)
+        (mnt / "f").write_bytes(payload)
+        assert (mnt / "f").read_bytes() == payload
