@@ -106,6 +106,10 @@ class EncfsCloud(System):
             opts.append(f"endpoint_url={self.s3_url}")
         if EncfsCloud._has_log_option:
             opts.append(f"log={self.log_path}")
+        if EncfsCloud.has_disk_cache:
+            # Named, not left to the default, so a cold remount is sure to find it empty.
+            (self.run_dir / "disk-cache").mkdir(mode=0o700, exist_ok=True)
+            opts.append(f"cache_dir={self.run_dir / 'disk-cache'}")
         if self.env.encfs_opts:
             opts.append(self.env.encfs_opts)
         cmd = [tool("mount.encfs-cloud") or "mount.encfs-cloud", self.source, str(self.mnt)]
@@ -149,7 +153,8 @@ class EncfsCloud(System):
         return self._s3_stored() if self.uses_s3 else dir_bytes(self.store)
 
     def forget_local_cache(self) -> None:
-        # Sealed-object disk cache, if encfs-cloud keeps one under XDG_CACHE_HOME.
+        # The sealed disk cache (ours, or under XDG_CACHE_HOME where it defaults to).
+        shutil.rmtree(self.run_dir / "disk-cache", ignore_errors=True)
         cache = self.run_dir / "xdg-cache"
         if cache.exists():
             shutil.rmtree(cache, ignore_errors=True)
