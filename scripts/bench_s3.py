@@ -229,6 +229,7 @@ class SeaweedServer(S3Server):
             "-master.volumeSizeLimitMB=1024",
             "-master.telemetry=false",
             "-volume.max=0",
+            "-volume.preStopSeconds=0",
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume_grpc']}",
             f"-filer.port={p['filer']}",
