@@ -53,9 +53,12 @@ def markdown(report: Report, doc: dict[str, Any]) -> str:
             continue
         lines.append(f"| {m.label} ({m.unit}) | " + " | ".join(cells) + " |")
     lines += ["", "| target (issue #13) | column | reached | status |", "|---|---|---|---|"]
+    by_key = {s["key"]: s for s in report.systems}
     for row in report.target_rows():
         reached = row.get("shown") or row.get("why", "")
-        lines.append(f"| {row['target']} | {row['system']} | {reached} | {row['status']} |")
+        system = by_key.get(row.get("system_key", ""))
+        column = short_title(system) if system else row["system"]
+        lines.append(f"| {row['target']} | {column} | {reached} | {row['status']} |")
     lines.append(END)
     return "\n".join(lines)
 

@@ -39,7 +39,7 @@ def metric_table(size_mib: int, files: int, fio_s: int, rename_files: int) -> li
         Metric("find_s", "find over the tree after remount (cold)", "s", False, 3),
         Metric("ls_lR_s", "ls -lR over the tree, right after find", "s", False, 3),
         Metric("find_ls_s", "find + ls -lR", "s", False, 3),
-        Metric("fio_iops", f"4 KiB random reads, fio {fio_s}s O_DIRECT (IOPS)", "IOPS", True, 0),
+        Metric("fio_iops", f"4 KiB random reads, fio {fio_s}s O_DIRECT", "IOPS", True, 0),
         Metric("rename_ms", f"rename(2) of a directory of {rename_files} files", "ms", False, 2),
         Metric("rename_durable_s", "rename + unmount until durable", "s", False, 2),
         Metric("rss_MiB", "daemon peak RSS (sum of VmHWM)", "MiB", False, 0),
@@ -267,7 +267,7 @@ class Report:
                 ]
                 tgt = found[0] if found else verdict(goal, None, None)
                 shown = format_measured(goal, tgt, units.get(goal.metric, ""))
-                rows.append({**tgt, "system": s["title"], "shown": shown})
+                rows.append({**tgt, "system": s["title"], "system_key": s["key"], "shown": shown})
             if not hits:
                 rows.append(
                     {
