@@ -265,6 +265,10 @@ class SeaweedServer(S3Server):
         self.idle_cpu_per_s = (self.cpu() - cpu0) / (time.monotonic() - t0)
 
     def stop(self) -> None:
+        # `weed server` ignores SIGTERM and SIGINT for a long while (checked: > 15 s), and
+        # its data is thrown away anyway: kill it at once.
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
         super().stop()
         # weed leaves unix sockets behind in /tmp, named after our ports.
         socks = [f"s3-{self.port}"]
