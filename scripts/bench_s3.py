@@ -234,11 +234,9 @@ class SeaweedServer(S3Server):
             f"-volume.port.grpc={p['volume_grpc']}",
             f"-filer.port={p['filer']}",
             f"-filer.port.grpc={p['filer_grpc']}",
-            f"-filer.localSocket={self.data / 'filer.sock'}",
             "-s3",
             f"-s3.port={self.port}",
             f"-s3.port.grpc={p['s3_grpc']}",
-            f"-s3.localSocket={self.data / 's3.sock'}",
             f"-s3.config={conf}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
@@ -270,8 +268,9 @@ class SeaweedServer(S3Server):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
         super().stop()
-        # weed leaves unix sockets behind in /tmp, named after our ports.
-        socks = [f"s3-{self.port}"]
+        # weed leaves unix sockets behind in /tmp, named after our ports (they stay there: a
+        # socket path under a deep work dir can pass the 108-byte limit).
+        socks = [f"s3-{self.port}", f"filer-{self.ports.get('filer', 0)}"]
         socks += [f"{k.split('_')[0]}-grpc-{p}" for k, p in self.ports.items() if "grpc" in k]
         for sock in socks:
             with contextlib.suppress(OSError):

