@@ -65,6 +65,7 @@ def metric_table(size_mib: int, files: int, fio_s: int, rename_files: int) -> li
         Metric("read_requests", f"S3 requests: cold read of {size_mib} MiB", "req", False, 0),
         Metric("untar_requests", "S3 requests: untar until unmounted", "req", False, 0),
         Metric("server_cpu_ms_per_req", "S3 server CPU per request", "ms", False, 2),
+        Metric("server_cpu_s", "S3 server CPU over the counted steps", "s", False, 2),
     ]
 
 

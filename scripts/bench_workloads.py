@@ -347,6 +347,7 @@ class Runner:
             run_cache_cases(self, big_ok)
         if self.server_reqs:
             self.values["server_cpu_ms_per_req"] = self.server_cpu * 1000 / self.server_reqs
+            self.values["server_cpu_s"] = self.server_cpu
         if self.want("rss"):
             if self.rss_kib:
                 self.values["rss_MiB"] = self.rss_kib / 1024
@@ -405,6 +406,7 @@ WORKLOAD_METRICS: dict[str, list[str]] = {
         "write_requests",
         "stored_ratio_file",
         "server_cpu_ms_per_req",
+        "server_cpu_s",
     ],
     "read": ["read_cold_MBps", "mount_cold_s", "read_requests", "server_cpu_ms_per_req"],
     "untar": ["untar_s", "untar_durable_s", "untar_requests", "stored_ratio_tree"],
