@@ -56,7 +56,7 @@ stress: install
 	ENCFS_STRESS=1 $(BIN)/python -m pytest -q -m slow tests
 
 bench: install
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py --update-readme
 
 install-system: install
 	ln -sf $(CURDIR)/$(BIN)/mount.encfs-cloud /sbin/mount.encfs-cloud

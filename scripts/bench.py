@@ -15,10 +15,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench_args import FAIRNESS, parse_args
+from bench_cache import THROTTLE_MBPS
 from bench_install import ensure_tools, machine_baseline, versions
-from bench_report import Report, metric_table, targets
+from bench_readme import publish
+from bench_report import Report, metric_table
 from bench_s3 import BUCKET, S3Server, choose_server
-from bench_systems import SYSTEM_NAMES, Env, System, make_systems
+from bench_systems import Env, System, make_systems
+from bench_targets import targets
 from bench_util import (
     REPO,
     SCRIPTS,
@@ -30,108 +34,14 @@ from bench_util import (
     unmount_all_under,
     venv_bin,
 )
-from bench_workloads import WORKLOADS, Config, Tree, build_tree, run_once
-
-SMOKE: dict[str, Any] = {
-    "size_mib": 8,
-    "runs": 1,
-    "fio_seconds": 2,
-    "tree_files": 200,
-    "rename_files": 100,
-    "rtt": "0",
-}
-DEFAULTS: dict[str, Any] = {
-    "size_mib": 256,
-    "runs": 3,
-    "fio_seconds": 15,
-    "tree_files": 0,
-    "rename_files": 1000,
-    "rtt": "0,20",
-}
-
-EPILOG = """\
-workloads: write (256 MiB, until fsync and until unmounted), read (cold, after remount),
-  untar (stdlib tree, until unmounted), ls (find + ls -lR, cold), fio (4 KiB random reads),
-  rename (rename(2) of a 1,000-file directory), rss (daemon peak VmHWM).
-examples:
-  scripts/bench.py                          # full: 3 runs, RTT 0 and 20 ms (~25 min)
-  scripts/bench.py --rtt 0                  # no delayed profile (~13 min)
-  scripts/bench.py --smoke                  # every system, tiny sizes, 1 run (< 2 min)
-  scripts/bench.py --smoke --only passthrough --no-install
-  scripts/bench.py --only encfs-s3,rclone-crypt --rtt 20 --workloads ls,rename
-"""
-
-FAIRNESS = [
-    "rclone's fsync only reaches its local VFS cache and `rclone mount` exits on unmount without "
-    "uploading what is still queued, so rclone's 'until durable' waits (rc vfs/stats, polled "
-    "every 20 ms) until its upload queue is empty, then unmounts; --vfs-write-back is 100ms "
-    "(default 5s) so rclone is not charged an idle delay.",
-    "Local-directory systems (encfs-cloud file://, gocryptfs, passthrough): 'durable' "
-    "includes a sync(2) after the unmount.",
-    "The S3 server, the delay proxy, fio/tar and the daemons share the same cores.",
-    "Cold = sync + drop_caches + remount; rclone's VFS cache dir and encfs-cloud's "
-    "XDG_CACHE_HOME are wiped before each cold remount.",
-]
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EPILOG,
-    )
-    p.add_argument("--runs", type=int, help="runs per system, interleaved (default 3)")
-    p.add_argument("--size-mib", type=int, help="sequential file size (default 256)")
-    p.add_argument("--fio-seconds", type=int, help="random-read duration (default 15)")
-    p.add_argument("--fio-jobs", type=int, default=1, help="fio jobs (psync, default 1)")
-    p.add_argument("--rename-files", type=int, help="files in the renamed dir (default 1000)")
-    p.add_argument("--tree-files", type=int, help="cap on files in the untar tree (0 = all)")
-    p.add_argument(
-        "--only", default=",".join(SYSTEM_NAMES), help=f"systems, from {','.join(SYSTEM_NAMES)}"
-    )
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="subset of the workloads")
-    p.add_argument(
-        "--rtt",
-        help="round trip(s) in ms between the S3 systems and the server; each value is a "
-        "separate column (default 0,20; --smoke: 0)",
-    )
-    p.add_argument("--s3-server", choices=["auto", "moto", "rclone"], default="auto")
-    p.add_argument("--cache-size-mib", type=int, default=256, help="encfs-cloud cache_size")
-    p.add_argument("--encfs-opts", default="", help="extra -o options for mount.encfs-cloud")
-    p.add_argument("--rclone-write-back", default="100ms", help="rclone --vfs-write-back")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, one run")
-    p.add_argument("--no-install", action="store_true", help="never pip/apt install")
-    p.add_argument("--out-dir", default=str(REPO / "bench-results"))
-    p.add_argument("--json", help="write the results here instead of --out-dir/bench-<ts>.json")
-    p.add_argument("--workdir", default=None, help="parent of the temp dir (default $TMPDIR)")
-    p.add_argument("--step-timeout", type=float, default=900.0)
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (debugging)")
-    args = p.parse_args(argv)
-    base = SMOKE if args.smoke else DEFAULTS
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    bad = [s for s in args.only if s not in SYSTEM_NAMES] + [
-        w for w in args.workloads if w not in WORKLOADS
-    ]
-    if bad:
-        p.error(f"unknown system/workload: {', '.join(bad)}")
-    try:
-        args.rtts = sorted({float(x) for x in str(args.rtt).split(",") if x.strip()})
-    except ValueError:
-        p.error("--rtt takes numbers in ms, e.g. 0,20")
-    if args.runs < 1:
-        p.error("--runs must be >= 1")
-    return args
+from bench_workloads import Config, Tree, build_tree, run_once
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def start_proxy(workdir: Path, upstream_port: int, rtt_ms: float) -> str:
+def start_proxy(workdir: Path, upstream_port: int, rtt_ms: float, rate_mbps: float = 0) -> str:
     """Start bench_proxy.py in front of the S3 server and return its URL."""
     cmd = [
         str(venv_bin() / "python"),
@@ -140,8 +50,11 @@ def start_proxy(workdir: Path, upstream_port: int, rtt_ms: float) -> str:
         f"127.0.0.1:{upstream_port}",
         "--rtt-ms",
         f"{rtt_ms:g}",
+        "--rate-mbps",
+        f"{rate_mbps:g}",
     ]
-    proc = spawn(cmd, log_path=workdir / f"proxy-{rtt_ms:g}.log", stdout_pipe=True)
+    name = f"proxy-{rtt_ms:g}" + (f"-{rate_mbps:g}MBps" if rate_mbps else "")
+    proc = spawn(cmd, log_path=workdir / f"{name}.log", stdout_pipe=True)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 15)
     line = proc.stdout.readline().decode() if ready else ""
@@ -158,7 +71,8 @@ def needed_tools(systems: list[System], workloads: list[str], s3_server: str) ->
     if "gocryptfs" in bases:
         need.add("gocryptfs")
     if any(s.uses_s3 for s in systems):
-        need |= {"moto_server", "rclone"} if s3_server == "auto" else set()
+        need |= {"weed", "moto_server", "rclone"} if s3_server == "auto" else set()
+        need |= {"weed"} if s3_server == "seaweedfs" else set()
         need |= {"moto_server"} if s3_server == "moto" else set()
         need |= {"rclone"} if s3_server == "rclone" else set()
     if "fio" in workloads:
@@ -229,6 +143,10 @@ class Bench:
                 for rtt in a.rtts:
                     env.s3_urls[rtt] = (
                         start_proxy(self.workdir, self.server.port, rtt) if rtt else self.server.url
+                    )
+                if "cache" in a.workloads and any(s.base == "encfs-s3" for s in wants_s3):
+                    env.s3_throttled_url = start_proxy(
+                        self.workdir, self.server.port, 0, THROTTLE_MBPS
                     )
                 self.s3_doc = {
                     "server": self.server.name,
@@ -303,7 +221,7 @@ class Bench:
             }
             for s in self.systems
         ]
-        return Report(sysdocs, self.raw, metrics, targets(a.cache_size_mib))
+        return Report(sysdocs, self.raw, metrics, targets(a.cache_size_mib, a.size_mib))
 
     def header(self) -> list[str]:
         m, a = self.machine, self.args
@@ -329,6 +247,15 @@ class Bench:
             )
         if self.s3_doc:
             lines.append(f"S3 server: {self.s3_doc.get('why') or self.s3_doc.get('error')}")
+            probe = self.s3_doc.get("probe", {}).get(self.server.name if self.server else "", {})
+            if self.server is not None and not probe:
+                probe = next(iter(self.s3_doc.get("probe", {}).values()), {})
+            if "server_cpu_ms_per_request" in probe:
+                lines.append(
+                    f"  server CPU in the probe: {probe['server_cpu_ms_per_request']} ms per "
+                    f"small request (4 KiB PUT, 4 KiB ranged GET), {probe['server_cpu_s_per_GB']} "
+                    "s per GB moved (8 MiB PUT+GET); per run: 'S3 server CPU per request' below"
+                )
             lines.extend(f"  note: {n}" for n in self.s3_doc.get("notes", []))
         if any(r > 0 for r in a.rtts) and self.server is not None:
             lines.append(
@@ -339,7 +266,7 @@ class Bench:
         lines.extend(f"note: {n}" for n in self.notes)
         return lines
 
-    def write_json(self, final: bool) -> None:
+    def write_json(self, final: bool) -> dict[str, Any]:
         rep = self.report()
         doc: dict[str, Any] = {
             "schema": "encfs-cloud-bench/1",
@@ -379,6 +306,7 @@ class Bench:
         tmp = self.json_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         tmp.replace(self.json_path)
+        return doc
 
     def cleanup(self) -> None:
         for s in self.systems:
@@ -413,8 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         for line in bench.header():
             print(line, flush=True)
         bench.run()
-        bench.write_json(final=True)
-        print(bench.report().render([]))
+        doc = bench.write_json(final=True)
+        report = bench.report()
+        table = report.render([])
+        print(table)
+        if args.update_readme:
+            text = "\n".join([*bench.header(), table])
+            for path in publish(report, doc, text, REPO):
+                log(f"wrote {path}")
         print(f"\nresults: {bench.json_path}  ({time.monotonic() - t0:.0f}s)")
         return 0
     except KeyboardInterrupt:

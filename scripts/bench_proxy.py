@@ -9,6 +9,8 @@ The model, and how it approximates a real link:
   not modelled (the S3 server speaks plain HTTP).
 - Bytes in flight per direction are bounded (a crude receive window) so memory stays flat.
 - With --rtt-ms 0 the proxy only relays, which measures the proxy's own cost.
+- --rate-mbps caps each direction of the whole link (all connections together), as a slow
+  uplink would: the disk-cache benchmark copies onto a store throttled to 20 MB/s.
 """
 
 from __future__ import annotations
@@ -25,6 +27,22 @@ CHUNK = 1024 * 1024
 WINDOW = 32 * 1024 * 1024
 
 
+class Link:
+    """One direction of a link of fixed bandwidth shared by every connection."""
+
+    def __init__(self, rate_bps: float) -> None:
+        self.rate = rate_bps
+        self.free_at = 0.0
+
+    async def take(self, nbytes: int) -> None:
+        """Wait until nbytes have gone through the link after everything queued before."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.free_at = max(now, self.free_at) + nbytes / self.rate
+        if self.free_at > now:
+            await asyncio.sleep(self.free_at - now)
+
+
 class Pipe:
     """One direction of a proxied connection with a constant one-way delay."""
 
@@ -34,7 +52,9 @@ class Pipe:
         writer: asyncio.StreamWriter,
         delay: float,
         ready_at: float,
+        link: Link | None = None,
     ) -> None:
+        self.link = link
         self.reader = reader
         self.writer = writer
         self.delay = delay
@@ -86,6 +106,8 @@ class Pipe:
                 self.queued -= len(data)
                 if self.queued < WINDOW:
                     self.room.set()
+                if self.link is not None:
+                    await self.link.take(len(data))
                 self.writer.write(data)
                 await self.writer.drain()
             if self.writer.can_write_eof():
@@ -97,8 +119,11 @@ class Pipe:
 class DelayProxy:
     """Accepts on a local port and relays to one upstream with the configured delay."""
 
-    def __init__(self, upstream_host: str, upstream_port: int, rtt_ms: float) -> None:
+    def __init__(
+        self, upstream_host: str, upstream_port: int, rtt_ms: float, rate_mbps: float = 0.0
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.links = (Link(rate_mbps * 1e6), Link(rate_mbps * 1e6)) if rate_mbps else (None, None)
         self.one_way = rtt_ms / 2000.0
         self.rtt = rtt_ms / 1000.0
         self.connections = 0
@@ -112,8 +137,8 @@ class DelayProxy:
         except OSError:
             c_writer.close()
             return
-        up = Pipe(c_reader, u_writer, self.one_way, ready_at)
-        down = Pipe(u_reader, c_writer, self.one_way, ready_at)
+        up = Pipe(c_reader, u_writer, self.one_way, ready_at, self.links[0])
+        down = Pipe(u_reader, c_writer, self.one_way, ready_at, self.links[1])
         try:
             await asyncio.gather(up.pump_in(), up.pump_out(), down.pump_in(), down.pump_out())
         finally:
@@ -141,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 = any)")
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the real server")
     parser.add_argument("--rtt-ms", type=float, default=20.0)
+    parser.add_argument("--rate-mbps", type=float, default=0.0, help="MB/s each way (0 = no cap)")
     args = parser.parse_args(argv)
     lhost, lport = args.listen.rsplit(":", 1)
     uhost, uport = args.upstream.rsplit(":", 1)
-    proxy = DelayProxy(uhost, int(uport), args.rtt_ms)
+    proxy = DelayProxy(uhost, int(uport), args.rtt_ms, args.rate_mbps)
     started = time.monotonic()
     asyncio.run(serve(lhost, int(lport), proxy))
     print(

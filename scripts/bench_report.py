@@ -6,6 +6,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from bench_targets import REFS, Target, applies, format_measured, unmatched_reason, verdict
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -37,41 +39,33 @@ def metric_table(size_mib: int, files: int, fio_s: int, rename_files: int) -> li
         Metric("find_s", "find over the tree after remount (cold)", "s", False, 3),
         Metric("ls_lR_s", "ls -lR over the tree, right after find", "s", False, 3),
         Metric("find_ls_s", "find + ls -lR", "s", False, 3),
-        Metric("fio_iops", f"4 KiB random reads, fio {fio_s}s O_DIRECT (IOPS)", "IOPS", True, 0),
+        Metric("fio_iops", f"4 KiB random reads, fio {fio_s}s O_DIRECT", "IOPS", True, 0),
         Metric("rename_ms", f"rename(2) of a directory of {rename_files} files", "ms", False, 2),
         Metric("rename_durable_s", "rename + unmount until durable", "s", False, 2),
         Metric("rss_MiB", "daemon peak RSS (sum of VmHWM)", "MiB", False, 0),
-    ]
-
-
-@dataclass(frozen=True)
-class Target:
-    """A goal from the project's issue; applies to encfs-cloud rows."""
-
-    metric: str
-    text: str
-    kind: str  # "x_rclone" (speed-up >= value), "max" (value <= limit)
-    value: float
-    min_rtt_ms: float = 0.0
-    s3_only: bool = True
-
-
-def targets(cache_size_mib: int) -> list[Target]:
-    """The project's targets for encfs-cloud."""
-    return [
-        Target("write_durable_MBps", ">=1.0x rclone", "x_rclone", 1.0),
-        Target("read_cold_MBps", ">=1.0x rclone", "x_rclone", 1.0),
-        Target("untar_durable_s", ">=3x rclone", "x_rclone", 3.0),
-        Target("find_ls_s", ">=5x rclone at >=20 ms RTT", "x_rclone", 5.0, min_rtt_ms=20),
-        Target("fio_iops", ">=1.0x rclone", "x_rclone", 1.0),
-        Target("rename_ms", "<=50 ms", "max", 50.0, s3_only=False),
-        Target(
-            "rss_MiB",
-            f"<= cache_size+150 = {cache_size_mib + 150} MiB",
-            "max",
-            cache_size_mib + 150.0,
-            s3_only=False,
+        Metric(
+            "read_cached_MBps", f"read {size_mib} MiB after remount, disk cache kept", "MB/s", True
         ),
+        Metric(
+            "read_cached_requests",
+            "S3 requests: read after remount, disk cache kept",
+            "req",
+            False,
+            0,
+        ),
+        Metric(
+            "copy_throttled_MBps",
+            f"copy {size_mib} MiB onto a store throttled to 20 MB/s, until close",
+            "MB/s",
+            True,
+        ),
+        Metric("stored_ratio_file", f"bytes stored / written, {size_mib} MiB file", "x", False, 3),
+        Metric("stored_ratio_tree", f"bytes stored / written, {files}-file tree", "x", False, 3),
+        Metric("write_requests", "S3 requests: mount, write, unmount", "req", False, 0),
+        Metric("read_requests", f"S3 requests: cold read of {size_mib} MiB", "req", False, 0),
+        Metric("untar_requests", "S3 requests: untar until unmounted", "req", False, 0),
+        Metric("server_cpu_ms_per_req", "S3 server CPU per request", "ms", False, 2),
+        Metric("server_cpu_s", "S3 server CPU over the counted steps", "s", False, 2),
     ]
 
 
@@ -140,42 +134,37 @@ class Report:
         return None if med is None else float(med)
 
     def evaluate(self) -> dict[str, Any]:
-        """Ratios and target verdicts per system and metric."""
+        """Ratios to each reference system and target verdicts, per system and metric."""
         out: dict[str, Any] = {}
         for s in self.systems:
             per: dict[str, Any] = {}
             for m in self.metrics:
                 value = self.median(s["key"], m.key)
-                r_key = self._ref_key(s, "rclone-crypt")
-                p_key = self._ref_key(s, "passthrough")
-                entry: dict[str, Any] = {
-                    "x_rclone": speedup(value, self.median(r_key, m.key), m.higher_better),
-                    "x_passthrough": speedup(value, self.median(p_key, m.key), m.higher_better),
-                    "rclone_ref": r_key,
-                    "passthrough_ref": p_key,
-                }
-                goal = next((g for g in self.goals if g.metric == m.key), None)
-                if goal is not None and s["base"].startswith("encfs"):
-                    entry["target"] = self._verdict(s, goal, value, entry["x_rclone"])
+                entry: dict[str, Any] = {}
+                for kind, base in REFS.items():
+                    ref = self._ref_key(s, base)
+                    entry[kind] = speedup(value, self.median(ref, m.key), m.higher_better)
+                    entry[kind.replace("x_", "") + "_ref"] = ref
+                verdicts = [self.judge(g, s) for g in self.goals if g.metric == m.key]
+                verdicts = [v for v in verdicts if v is not None]
+                if verdicts:
+                    entry["targets"] = verdicts
                 per[m.key] = entry
             out[s["key"]] = per
         return out
 
-    @staticmethod
-    def _verdict(
-        s: dict[str, Any], goal: Target, value: float | None, x_rclone: float | None
-    ) -> dict[str, Any] | None:
-        if goal.s3_only and not s["uses_s3"]:
+    def judge(self, goal: Target, s: dict[str, Any]) -> dict[str, Any] | None:
+        """The verdict of one target on one column, None if it is not that column's target."""
+        if not applies(goal, s):
             return None
-        if s["rtt_ms"] < goal.min_rtt_ms:
-            return {"target": goal.text, "status": f"n/a (needs --rtt {goal.min_rtt_ms:g})"}
-        measured = x_rclone if goal.kind == "x_rclone" else value
-        if value is None:
-            return {"target": goal.text, "status": "unknown (no figure)"}
-        if measured is None:
-            return {"target": goal.text, "status": "unknown (no rclone figure)"}
-        met = measured >= goal.value if goal.kind == "x_rclone" else measured <= goal.value
-        return {"target": goal.text, "status": "met" if met else "NOT met", "measured": measured}
+        metric = next((m for m in self.metrics if m.key == goal.metric), None)
+        value = self.median(s["key"], goal.metric)
+        ratio = None
+        if goal.kind in REFS and metric is not None:
+            ref = self._ref_key(s, REFS[goal.kind])
+            ref_value = self.median(ref, goal.ref_metric or goal.metric)
+            ratio = speedup(value, ref_value, metric.higher_better)
+        return verdict(goal, value, ratio)
 
     def render(self, header: list[str]) -> str:
         """The human table: one block per metric, one row per system."""
@@ -207,8 +196,7 @@ class Report:
                 med = fmt_num(summ["median"], m.digits)
                 if summ["median"] is None and summ["errors"]:
                     med = "ERR"
-                tgt = e.get("target")
-                tcell = f"{tgt['status']} ({tgt['target']})" if tgt else ""
+                tcell = "; ".join(f"{t['status']} ({t['target']})" for t in e.get("targets", []))
                 lines.append(
                     f"  {s['title']:<{width}}  {med:>10}  {runs[:26]:<26}  "
                     f"{fmt_x(e['x_rclone']):>9}  {fmt_x(e['x_passthrough']):>11}  {tcell}"
@@ -232,7 +220,7 @@ class Report:
         tsum = self.target_lines(ev)
         if tsum:
             lines.append("")
-            lines.append("Targets (encfs-cloud):")
+            lines.append("Targets of issue #13 (encfs-cloud):")
             lines.extend(tsum)
         return "\n".join(lines)
 
@@ -257,28 +245,41 @@ class Report:
         return out
 
     def target_lines(self, ev: dict[str, Any]) -> list[str]:
-        out: list[str] = []
-        for s in self.systems:
-            if s.get("skipped") or not s["base"].startswith("encfs"):
-                continue
-            for m in self.metrics:
-                tgt = ev[s["key"]][m.key].get("target")
-                if not tgt:
-                    continue
-                measured = tgt.get("measured")
-                shown = ""
-                if measured is not None:
-                    goal = next(g for g in self.goals if g.metric == m.key)
-                    shown = (
-                        f"{measured:.2f}x rclone"
-                        if goal.kind == "x_rclone"
-                        else f"{measured:.1f} {m.unit}"
-                    )
-                out.append(
-                    f"  {tgt['status']:<9} {s['title']}: {m.label}: {shown} "
-                    f"(target {tgt['target']})"
+        """Every target of the issue, once per column it applies to, with the figure reached."""
+        return [
+            f"  {t['status']:<12} {t['target']}: {t['system']}"
+            + (f": {t['shown']}" if t.get("shown") else "")
+            + (f" ({t['why']})" if t.get("why") else "")
+            for t in self.target_rows(ev)
+        ]
+
+    def target_rows(self, ev: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """One row per (target, column), or one "not measured" row if no column fits."""
+        ev = self.evaluate() if ev is None else ev
+        units = {m.key: m.unit for m in self.metrics}
+        rows: list[dict[str, Any]] = []
+        for goal in self.goals:
+            hits = [s for s in self.systems if applies(goal, s)]
+            for s in hits:
+                found = [
+                    t
+                    for t in ev[s["key"]].get(goal.metric, {}).get("targets", [])
+                    if t["target"] == goal.text
+                ]
+                tgt = found[0] if found else verdict(goal, None, None)
+                shown = format_measured(goal, tgt, units.get(goal.metric, ""))
+                rows.append({**tgt, "system": s["title"], "system_key": s["key"], "shown": shown})
+            if not hits:
+                rows.append(
+                    {
+                        "target": goal.text,
+                        "metric": goal.metric,
+                        "status": "not measured",
+                        "system": "-",
+                        "why": unmatched_reason(goal, self.systems),
+                    }
                 )
-        return out
+        return rows
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -288,4 +289,5 @@ class Report:
             },
             "summary": self.summary,
             "comparisons": self.evaluate(),
+            "targets": self.target_rows(),
         }

@@ -346,6 +346,16 @@ def rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def dir_bytes(root: Path) -> int:
+    """Apparent size of every regular file below root (what a bucket would bill)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
 def drop_caches() -> str | None:
     """sync and drop the page/dentry/inode caches; return a note if that was impossible."""
     os.sync()

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_cache import CACHE_METRICS, run_cache_cases
 from bench_systems import System
 from bench_util import SCRIPTS, BenchError, drop_caches, log, rmtree, run, tail, venv_bin
 
-WORKLOADS = ["write", "read", "untar", "ls", "fio", "rename", "rss"]
+WORKLOADS = ["write", "read", "untar", "ls", "fio", "rename", "cache", "rss"]
 TEST_DIRS = {"test", "tests", "idle_test"}
 
 
@@ -114,6 +115,8 @@ class Runner:
         self.gave_up = ""
         self.size = cfg.size_mib << 20
         self.big = "big.bin"
+        self.server_cpu = 0.0  # S3 server CPU seconds and requests over the counted steps
+        self.server_reqs = 0
 
     # -- small tools ----------------------------------------------------------------------
     def want(self, workload: str) -> bool:
@@ -147,6 +150,34 @@ class Runner:
     def sample_rss(self) -> None:
         with contextlib.suppress(OSError):
             self.rss_kib = max(self.rss_kib, self.sys.peak_rss_kib())
+
+    def s3_mark(self) -> tuple[float, int, float] | None:
+        """S3 server CPU seconds, requests served so far and the time (None: no counts)."""
+        srv = self.sys.env.s3
+        if not self.sys.uses_s3 or srv is None:
+            return None
+        reqs = srv.requests()
+        return (srv.cpu(), sum(reqs.values()), time.monotonic()) if reqs else None
+
+    def s3_count(self, metric: str, since: tuple[float, int, float] | None) -> None:
+        """Record the S3 requests made since the mark as metric; add to the CPU/request tally
+        (less the server's idle CPU over the same time)."""
+        now = self.s3_mark()
+        srv = self.sys.env.s3
+        if since is None or now is None or srv is None:
+            return
+        self.values[metric] = now[1] - since[1]
+        idle = srv.idle_cpu_per_s * (now[2] - since[2])
+        self.server_cpu += max(0.0, now[0] - since[0] - idle)
+        self.server_reqs += now[1] - since[1]
+
+    def stored(self) -> int | None:
+        """Bytes in the system's backing store, or None (logged) if it cannot be measured."""
+        try:
+            return self.sys.stored_bytes()
+        except Exception as exc:  # a listing failure must not lose the timings
+            self.notes.append(f"stored bytes unknown: {type(exc).__name__}: {exc}"[:300])
+            return None
 
     def unmount_durable(self) -> float:
         """Seconds until unmounted and durable (plus sync(2) for local-directory systems)."""
@@ -203,6 +234,7 @@ class Runner:
         need_tree = self.want("untar") or self.want("ls")
         need_ren = self.want("rename")
         big_ok = tree_ok = ren_ok = False
+        stored_big: int | None = None
         all_metrics = [m for w in self.cfg.workloads for m in WORKLOAD_METRICS.get(w, [])]
         if not self.session("prepare", all_metrics, lambda: self.sys.prepare(self.run_dir)):
             return self.result()
@@ -210,7 +242,8 @@ class Runner:
 
         # Session 1: sequential write, timed until fsync and until the unmount is durable.
         def s1() -> None:
-            nonlocal big_ok
+            nonlocal big_ok, stored_big
+            mark = self.s3_mark()
             self.sys.mount()
             out = self.io("write", str(mnt / self.big), str(self.size))
             durable = out["close_s"] + self.unmount_durable()
@@ -218,6 +251,10 @@ class Runner:
             if self.want("write"):
                 self.values["write_fsync_MBps"] = self.size / out["fsync_s"] / 1e6
                 self.values["write_durable_MBps"] = self.size / durable / 1e6
+                self.s3_count("write_requests", mark)
+                stored_big = self.stored()
+                if stored_big is not None:
+                    self.values["stored_ratio_file"] = stored_big / self.size
 
         if need_big:
             self.session("write", ["write_fsync_MBps", "write_durable_MBps"], s1)
@@ -231,11 +268,15 @@ class Runner:
             if self.want("read"):
                 if not big_ok:
                     raise BenchError("no file to read (write failed)")
+                mark = self.s3_mark()
                 out = self.io("read", str(mnt / self.big))
                 if out["bytes"] != self.size:
                     raise BenchError(f"read {out['bytes']} bytes, wrote {self.size}")
                 self.values["read_cold_MBps"] = self.size / out["s"] / 1e6
+                self.s3_count("read_requests", mark)
             if need_tree:
+                before = self.stored() if self.want("untar") else None
+                mark = self.s3_mark()
                 untar, _ = self.timed(
                     ["tar", "--no-same-owner", "-xf", str(self.tree.tarball), "-C", str(mnt)]
                 )
@@ -244,6 +285,10 @@ class Runner:
                 if self.want("untar"):
                     self.values["untar_s"] = untar
                     self.values["untar_durable_s"] = total
+                    self.s3_count("untar_requests", mark)
+                    after = self.stored()
+                    if before is not None and after is not None and self.tree.nbytes:
+                        self.values["stored_ratio_tree"] = (after - before) / self.tree.nbytes
             else:
                 self.unmount_durable()
 
@@ -298,6 +343,11 @@ class Runner:
         if need_ren:
             self.session("rename", ["rename_ms", "rename_durable_s"], s4)
 
+        if self.want("cache"):
+            run_cache_cases(self, big_ok)
+        if self.server_reqs:
+            self.values["server_cpu_ms_per_req"] = self.server_cpu * 1000 / self.server_reqs
+            self.values["server_cpu_s"] = self.server_cpu
         if self.want("rss"):
             if self.rss_kib:
                 self.values["rss_MiB"] = self.rss_kib / 1024
@@ -350,12 +400,20 @@ class Runner:
 
 
 WORKLOAD_METRICS: dict[str, list[str]] = {
-    "write": ["write_fsync_MBps", "write_durable_MBps"],
-    "read": ["read_cold_MBps", "mount_cold_s"],
-    "untar": ["untar_s", "untar_durable_s"],
+    "write": [
+        "write_fsync_MBps",
+        "write_durable_MBps",
+        "write_requests",
+        "stored_ratio_file",
+        "server_cpu_ms_per_req",
+        "server_cpu_s",
+    ],
+    "read": ["read_cold_MBps", "mount_cold_s", "read_requests", "server_cpu_ms_per_req"],
+    "untar": ["untar_s", "untar_durable_s", "untar_requests", "stored_ratio_tree"],
     "ls": ["find_s", "ls_lR_s", "find_ls_s"],
     "fio": ["fio_iops"],
     "rename": ["rename_ms", "rename_durable_s"],
+    "cache": CACHE_METRICS,
     "rss": ["rss_MiB"],
 }
 

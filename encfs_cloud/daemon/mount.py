@@ -13,6 +13,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from encfs_cloud import layout
 from encfs_cloud.daemon import control, runtime
 from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseKeeper
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
@@ -23,6 +24,11 @@ from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import StoreOptions, open_store
 
 log = logging.getLogger(__name__)
+
+# The kernel reads ahead 128 KiB on a FUSE mount, so a sequential read arrives as one FUSE
+# request per 128 KiB, and pyfuse3's dispatch costs more than our handler. One chunk per
+# request cuts the requests eightfold (measured: 997 -> 97 reads for 128 MiB).
+READ_AHEAD_KB = layout.CHUNK_SIZE >> 10
 
 
 @dataclass
@@ -85,6 +91,42 @@ def fuse_options(request: MountRequest) -> set[str]:
         opts.add("allow_other")
     opts.update(request.fuse_options)
     return opts
+
+
+def _mountinfo_path(path: Path) -> str:
+    """A path as /proc/self/mountinfo writes it (octal escapes for space, tab, newline, \\)."""
+    out = str(path)
+    for char in "\\ \t\n":
+        out = out.replace(char, f"\\{ord(char):03o}")
+    return out
+
+
+def bdi_of(mountpoint: Path, mountinfo: str) -> str | None:
+    """The backing device ("major:minor") of the mount at mountpoint, from mountinfo text.
+
+    Read from mountinfo rather than stat(): a stat of our own mount point before the FUSE
+    loop runs would wait for ourselves.
+    """
+    wanted = _mountinfo_path(mountpoint)
+    found = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == wanted:
+            found = fields[2]  # the last one: a mount stacked on the same path wins
+    return found
+
+
+def raise_read_ahead(mountpoint: Path) -> None:
+    """Let the kernel send whole-chunk reads (see READ_AHEAD_KB); needs root, else skipped."""
+    # The kernel names the mount by its real path; resolving the mount point itself would
+    # stat our own, not yet served, mount: resolve its parent only.
+    real = Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
+    try:
+        bdi = bdi_of(real, Path("/proc/self/mountinfo").read_text())
+        if bdi is not None:
+            Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
+    except OSError as exc:
+        log.debug("read-ahead left at the kernel's default: %s", exc)
 
 
 async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> None:
@@ -172,6 +214,8 @@ def run_mounted(volume: Volume, request: MountRequest, notify_fd: int | None) ->
             runtime.notify_error(notify_fd, error.exit_code, str(error))
             return error.exit_code
         raise error from None
+    # INIT's reply caps read-ahead at the kernel's 128 KiB default: raise it after INIT.
+    volume.ops.after_init = lambda: raise_read_ahead(request.mountpoint)
     runtime.register(request.mountpoint, os.getpid(), request.source, volume.unlocked.fs_id)
     code = 0
     try:

@@ -82,6 +82,13 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.handles: dict[int, int] = {}  # fh → inode
         self._next_fh = 1
         self.locks: dict[int, trio.Lock] = {}
+        self.after_init: Callable[[], None] | None = None  # mount settings INIT would undo
+
+    def init(self) -> None:
+        # pyfuse3 calls this while answering the kernel's INIT, which the kernel applies only
+        # once the reply is written: run the hook after that, at the next trio tick.
+        if self.after_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
     # --- helpers ---------------------------------------------------------------------
 

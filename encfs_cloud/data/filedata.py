@@ -17,7 +17,14 @@ from encfs_cloud.tree.metadata import ChunkRef, Metadata
 
 log = logging.getLogger(__name__)
 
-PREFETCH_CHUNKS = 16
+# Sequential read-ahead, in chunks: a file that turns sequential starts with a small window
+# (cheap for a reader that stops after the header), which doubles at every top-up while the
+# reads stay sequential, up to PREFETCH_MAX or a quarter of the clean cache, whichever is less.
+PREFETCH_MIN = 8
+PREFETCH_MAX = 64
+# A run may reach this many chunks past the window to end where its pack ends: GETs then
+# cover whole packs instead of being cut in two at every top-up.
+PACK_SLACK = 8
 READ_AROUND_BYTES = 1 << 20  # a miss on a small chunk also fetches the small chunks after it
 
 Run = list[tuple[int, int, ChunkRef]]  # (inode, chunk index, where) back to back in a pack
@@ -44,6 +51,7 @@ class FileData:
         self._fetching: dict[tuple[int, int, int], trio.Event] = {}
         self._last_read: dict[int, int] = {}  # inode → last chunk index read (sequential?)
         self._prefetched: dict[int, int] = {}  # inode → prefetch scheduled below this index
+        self._window: dict[int, int] = {}  # inode → read-ahead window in chunks
         self.nursery: trio.Nursery | None = None
         self.bytes_fetched = 0
         self.integrity_errors = 0
@@ -91,12 +99,24 @@ class FileData:
             end = near.off + near.len
         return run
 
-    async def _fetch_run(self, run: Run) -> list[bytes | memoryview | IntegrityError]:
-        """Fetch chunks lying back to back in one pack with one ranged GET; cache them."""
-        tokens = [(ino, idx, ref.version) for ino, idx, ref in run]
+    def _claim(self, run: Run) -> trio.Event:
+        """Mark the run's chunks as being fetched, so no other reader fetches them again."""
         event = trio.Event()
-        for token in tokens:
-            self._fetching[token] = event
+        for ino, idx, ref in run:
+            self._fetching[(ino, idx, ref.version)] = event
+        return event
+
+    async def _fetch_run(
+        self, run: Run, event: trio.Event | None = None
+    ) -> list[bytes | memoryview | IntegrityError]:
+        """Fetch chunks lying back to back in one pack with one ranged GET; cache them.
+
+        A prefetch claims its chunks when it is scheduled (event given), not when its task
+        starts: a reader served from the cache can run ahead of tasks not yet started.
+        """
+        tokens = [(ino, idx, ref.version) for ino, idx, ref in run]
+        if event is None:
+            event = self._claim(run)
         try:
             results = await trio.to_thread.run_sync(self._fetch, run, limiter=self.limiter)
             self.bytes_fetched += sum(ref.len for _, _, ref in run)  # trio thread: no race
@@ -166,41 +186,57 @@ class FileData:
         return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
     def _maybe_prefetch(self, ino: int, indices: range, size: int) -> None:
-        """On sequential reads keep PREFETCH_CHUNKS chunks ahead being fetched.
+        """On sequential reads keep a growing window of chunks ahead being fetched.
 
         Chunks written in sequence usually sit back to back in one pack; such runs are
-        fetched with one ranged GET, which matters most when each request costs a round trip.
+        fetched with one ranged GET each, several in flight, which matters most when each
+        request costs a round trip.
         """
         last = self._last_read.get(ino)
         self._last_read[ino] = indices[-1]
         if last is None or indices[0] not in (last, last + 1) or self.nursery is None:
             self._prefetched.pop(ino, None)  # a jump: start over when reads turn sequential
+            self._window.pop(ino, None)
             return
         if indices[-1] == last:
             return  # still inside the chunk we already prefetched past
-        if self._prefetched.get(ino, 0) - indices[-1] > PREFETCH_CHUNKS // 2:
+        window = self._window.get(ino, PREFETCH_MIN)
+        if self._prefetched.get(ino, 0) - indices[-1] > window // 2:
             return  # enough in flight; top up in batches so runs stay long (one GET each)
-        end = min(indices[-1] + 1 + PREFETCH_CHUNKS, layout.chunk_count(size))
+        if ino in self._prefetched:  # the reader used half a window: widen it
+            window = max(PREFETCH_MIN, min(2 * window, self._max_window()))
+        self._window[ino] = window
+        count = layout.chunk_count(size)
+        end = min(indices[-1] + 1 + window, count)
         run: Run = []
-        for idx in range(max(indices[-1] + 1, self._prefetched.get(ino, 0)), end):
+        idx = max(indices[-1] + 1, self._prefetched.get(ino, 0))
+        while idx < min(end + PACK_SLACK, count):
             ref = self.md.get_chunk(ino, idx)
             wanted = (
                 ref is not None
                 and (ino, idx, ref.version) not in self._fetching
                 and self.cache.get((ino, idx), ref.version, count=False) is None
             )
-            if run and (not wanted or not _adjacent(run[-1][2], ref)):
-                self.nursery.start_soon(self._prefetch, run)
+            adjacent = bool(run) and _adjacent(run[-1][2], ref)
+            if idx >= end and not (wanted and adjacent):
+                break  # past the window, and the current run's pack has ended
+            if run and (not wanted or not adjacent):
+                self.nursery.start_soon(self._prefetch, run, self._claim(run))
                 run = []
             if wanted and ref is not None:
                 run.append((ino, idx, ref))
+            idx += 1
         if run:
-            self.nursery.start_soon(self._prefetch, run)
-        self._prefetched[ino] = end
+            self.nursery.start_soon(self._prefetch, run, self._claim(run))
+        self._prefetched[ino] = idx
 
-    async def _prefetch(self, run: Run) -> None:
+    def _max_window(self) -> int:
+        """The widest read-ahead window: prefetched chunks must not evict each other."""
+        return max(PREFETCH_MIN, min(PREFETCH_MAX, self.cache.capacity // layout.CHUNK_SIZE // 4))
+
+    async def _prefetch(self, run: Run, event: trio.Event) -> None:
         with contextlib.suppress(StoreError):  # the real read reports it
-            await self._fetch_run(run)
+            await self._fetch_run(run, event)
 
     # --- writing -------------------------------------------------------------------------
 
@@ -295,6 +331,7 @@ class FileData:
         self.cache.forget(ino)
         self._last_read.pop(ino, None)
         self._prefetched.pop(ino, None)
+        self._window.pop(ino, None)
 
 
 def _adjacent(prev: ChunkRef, ref: ChunkRef | None) -> bool:
