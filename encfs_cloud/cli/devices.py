@@ -20,6 +20,7 @@ from encfs_cloud.errors import (
     AbortedError,
     DeviceKeyMissingError,
     EncfsCloudError,
+    Interrupted,
     MountpointError,
     UsageError,
 )
@@ -99,7 +100,14 @@ def _progress_bar() -> Progress | None:
 
 
 def _run_reencrypt(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked) -> None:
-    report = reencrypt(store, unlocked, devices, _progress_bar())
+    try:
+        report = reencrypt(store, unlocked, devices, _progress_bar())
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted: the data not yet rewritten stays readable as before; packs this run "
+            "already wrote are not referenced yet (fsck lists them as garbage): run "
+            "encfs-cloud device reencrypt SOURCE again to resume, and it deletes them"
+        ) from None
     print(
         f"re-encrypted {report.chunks} chunks into {report.packs_written} packs under key "
         f"generation {report.generation}; removed {report.objects_deleted} old objects"

@@ -100,7 +100,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         from encfs_cloud.cli.devices import umount_and_wipe
 
         return umount_and_wipe(args)
-    unmount(Path(args.mountpoint))
+    unmount(Path(args.mountpoint))  # raises unless every change is in the bucket
     return 0
 
 
@@ -190,7 +190,8 @@ def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; nothing was changed", file=sys.stderr)
+        # Commands that change things say what they did themselves (Interrupted above).
+        print(f"{parser.prog}: interrupted before it finished", file=sys.stderr)
         return 130
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import os
 import sys
 import time
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from encfs_cloud.cli.args import EXIT_HELP, store_from_args
 from encfs_cloud.daemon.lease import FencedStore, Lease
 from encfs_cloud.daemon.options import read_secret_file
+from encfs_cloud.errors import Interrupted
 from encfs_cloud.keys.device import DeviceState, DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import Unlocked, read_header, unlock
@@ -254,12 +256,30 @@ def _remember(devices: DeviceStore, fs_id: bytes, head: Head) -> None:
     devices.update_state(fs_id, change)
 
 
+def _written(dest: str) -> tuple[int, int]:
+    """How many files and bytes an interrupted salvage left in DEST."""
+    files = size = 0
+    for folder, _, names in os.walk(dest):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(folder, name)).st_size
+                files += 1
+    return files, size
+
+
 def cmd_salvage(args: argparse.Namespace) -> int:
     store, _, unlocked = _open(args)
     progress = TerminalProgress("salvage")
     try:
         sealer = Sealer(unlocked.fs_id, unlocked.keys)
         state, result = salvage(store, sealer, args.dest, partial=args.partial, progress=progress)
+    except KeyboardInterrupt:
+        files, size = _written(args.dest)
+        raise Interrupted(
+            f"interrupted: {files} files ({size / (1 << 20):.1f} MiB) were written into "
+            f"{args.dest}, which is incomplete; the bucket was not changed. Run salvage again "
+            "into a new empty folder (or empty this one first) to copy everything"
+        ) from None
     finally:
         progress.done()
         unlocked.wipe()

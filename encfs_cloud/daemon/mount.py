@@ -16,6 +16,7 @@ import trio
 from encfs_cloud.daemon import control, runtime
 from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseKeeper
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.data import spool
 from encfs_cloud.errors import EncfsCloudError, MountpointError
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import Sealer
@@ -87,8 +88,13 @@ def fuse_options(request: MountRequest) -> set[str]:
     return opts
 
 
-async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> None:
-    """Run the FUSE loop until the kernel unmounts us, then flush everything."""
+async def serve(
+    volume: Volume, request: MountRequest, ready: trio.Event, outcome: dict[str, object]
+) -> None:
+    """Run the FUSE loop until the kernel unmounts us, then flush everything.
+
+    `outcome` receives the final flush's verdict, which the waiting `umount` reports.
+    """
     keeper: LeaseKeeper | None = None
     if volume.lease is not None:
 
@@ -117,35 +123,45 @@ async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> Non
             await pyfuse3.main()
         finally:
             with trio.CancelScope(shield=True):
-                await _final_flush(volume)
+                outcome.update(await _final_flush(volume))
                 if keeper is not None:  # renewed during the flush; released only after it
                     await keeper.stop_and_release()
             nursery.cancel_scope.cancel()
 
 
-async def _final_flush(volume: Volume) -> None:
-    """Put every change in the bucket; if the store cannot take it, spool it sealed locally."""
+async def _final_flush(volume: Volume) -> dict[str, object]:
+    """Put every change in the bucket; if the store cannot take it, spool it sealed locally.
+
+    Returns the verdict for `umount`: result ok, spooled (with bytes and spool), dropped
+    (the lease was lost) or failed (with the error).
+    """
     if volume.committer.stopped:
         log.error("unmount: this mount lost the right to write; uncommitted changes are dropped")
-        return
+        return {"result": "dropped"}
     try:
         await volume.flush()
         if not volume.options.read_only:
             log.info("unmount: every change is in the bucket")
-        return
+        return {"result": "ok"}
     except EncfsCloudError as exc:
         log.error("unmount: could not write the last changes to the bucket: %s", exc)
+        error = str(exc)
     if volume.committer.stopped:
-        return  # another writer owns the filesystem now: our changes must not land
+        return {"result": "dropped"}  # another writer owns the filesystem: ours must not land
     try:
         size = volume.spool()
-        if size:
-            log.warning(
-                "unmount: %d bytes kept sealed in the local spool; the next mount uploads them",
-                size,
-            )
     except OSError as exc:
         log.error("unmount: could not write the local spool: %s", exc)
+        return {"result": "failed", "error": f"{error}; the local spool failed too: {exc}"}
+    if not size:
+        return {"result": "failed", "error": error}
+    folder = volume.devices.folder(volume.unlocked.fs_id) / spool.SPOOL_DIR
+    log.warning(
+        "unmount: %d bytes kept sealed in the local spool %s; the next mount uploads them",
+        size,
+        folder,
+    )
+    return {"result": "spooled", "bytes": size, "spool": str(folder)}
 
 
 async def _watch_signals(mountpoint: Path) -> None:
@@ -174,22 +190,26 @@ def run_mounted(volume: Volume, request: MountRequest, notify_fd: int | None) ->
         raise error from None
     runtime.register(request.mountpoint, os.getpid(), request.source, volume.unlocked.fs_id)
     code = 0
+    outcome: dict[str, object] = {}
     try:
         ready = trio.Event()
 
         async def main() -> None:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve, volume, request, ready)
+                nursery.start_soon(serve, volume, request, ready, outcome)
                 await ready.wait()
                 runtime.notify_ready(notify_fd)
 
         trio.run(main)
-    except BaseException:
+    except BaseException as exc:
         log.exception("the mount stopped on an error")
         code = 1
+        if not outcome:
+            outcome.update(result="failed", error=f"the daemon stopped on an error: {exc}")
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
+        runtime.report_outcome(request.mountpoint, outcome or {"result": "failed"})
         runtime.unregister(request.mountpoint)
         volume.wipe()
     return code

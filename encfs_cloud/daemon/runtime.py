@@ -120,6 +120,8 @@ def registry_entry(mountpoint: Path) -> Path:
 
 def register(mountpoint: Path, pid: int, source: str, fs_id: bytes | None = None) -> None:
     path = _entry_path(mountpoint)
+    with contextlib.suppress(FileNotFoundError):  # an earlier mount's verdict is not ours
+        _outcome_path(mountpoint).unlink()
     tmp = path.with_suffix(".tmp")
     entry = {"pid": pid, "mountpoint": os.path.abspath(mountpoint), "source": source}
     if fs_id is not None:  # lets `umount --wipe` and re-encryption find the filesystem
@@ -153,6 +155,37 @@ def live_mounts() -> list[dict[str, object]]:
 def unregister(mountpoint: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         _entry_path(mountpoint).unlink()
+
+
+def _outcome_path(mountpoint: Path) -> Path:
+    return _entry_path(mountpoint).with_suffix(".outcome")
+
+
+def report_outcome(mountpoint: Path, outcome: dict[str, object]) -> None:
+    """Leave the final flush's verdict for the `umount` that waits for this daemon to exit.
+
+    Written before the daemon exits and tagged with its pid, so the waiting command can tell
+    it from a verdict an earlier mount left behind.
+    """
+    path = _outcome_path(mountpoint)
+    tmp = path.with_suffix(".outcome-tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps({"pid": os.getpid(), **outcome}))
+        os.replace(tmp, path)
+
+
+def take_outcome(mountpoint: Path, pid: int) -> dict[str, object] | None:
+    """The verdict daemon `pid` left for `mountpoint` (consumed), or None if it left none."""
+    path = _outcome_path(mountpoint)
+    try:
+        outcome = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(outcome, dict) or outcome.get("pid") != pid:
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return outcome
 
 
 def daemon_pid(mountpoint: Path) -> int | None:
