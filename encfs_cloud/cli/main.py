@@ -15,6 +15,7 @@ from types import ModuleType
 
 from encfs_cloud import __version__
 from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, store_from_args
+from encfs_cloud.daemon.logs import setup_command_logging
 from encfs_cloud.daemon.options import parse_mount_options
 from encfs_cloud.daemon.unmount import unmount
 from encfs_cloud.errors import EncfsCloudError
@@ -179,10 +180,7 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(levelname)s: %(message)s",
-    )
+    setup_command_logging(getattr(args, "verbose", False))
     try:
         result: int = args.func(args)
         return result

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from encfs_cloud.daemon import control, runtime
+from encfs_cloud.daemon import control, logs, runtime
 from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseKeeper
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.data import spool
@@ -224,7 +224,8 @@ def mount(request: MountRequest) -> int:
     check_mountpoint(request.mountpoint)
     runtime.tame_malloc()
     runtime.keep_secrets_off_disk()
-    runtime.setup_logging(request.log_file, request.debug, foreground=True)
+    # In the foreground of the command until the fork: a bad log=FILE fails here, not later.
+    logs.setup_logging(request.log_file, request.debug, foreground=True)
     volume = prepare(request)
     if request.foreground:
         return run_mounted(volume, request, None)
@@ -235,5 +236,10 @@ def mount(request: MountRequest) -> int:
 
 
 def _daemon_main(volume: Volume, request: MountRequest, notify_fd: int) -> int:
-    runtime.setup_logging(request.log_file, request.debug, foreground=False)
+    logs.setup_logging(
+        request.log_file,
+        request.debug,
+        foreground=False,
+        state_folder=volume.devices.folder(volume.unlocked.fs_id),
+    )
     return run_mounted(volume, request, notify_fd)

@@ -7,7 +7,6 @@ import ctypes
 import hashlib
 import json
 import logging
-import logging.handlers
 import os
 import resource
 import socket
@@ -252,41 +251,3 @@ def keep_secrets_off_disk() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-
-
-# --- logging ----------------------------------------------------------------------------------
-
-
-def _syslog_handler() -> logging.Handler:
-    """syslog/journald through /dev/log, or nothing if no logger listens there."""
-    if not Path("/dev/log").exists():
-        return logging.NullHandler()
-    try:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-    except OSError:  # a stale socket (the syslog daemon stopped) must not stop the mount
-        return logging.NullHandler()
-    handler.ident = "encfs-cloud: "
-    return handler
-
-
-def setup_logging(log_file: str | None, debug: bool, *, foreground: bool) -> None:
-    """Log to a file, to stderr in the foreground, or to syslog/journald as a daemon."""
-    level = logging.DEBUG if debug else logging.INFO
-    handler: logging.Handler
-    if log_file:
-        handler = logging.FileHandler(log_file)
-    elif foreground:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = _syslog_handler()
-    if isinstance(handler, logging.handlers.SysLogHandler):
-        # syslog and journald stamp the time and map the priority to the level themselves.
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # boto at debug level would log request bodies and headers: keep it quiet.
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
