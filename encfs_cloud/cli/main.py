@@ -17,8 +17,9 @@ from encfs_cloud import __version__
 from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, store_from_args
 from encfs_cloud.daemon.logs import setup_command_logging
 from encfs_cloud.daemon.options import parse_mount_options
+from encfs_cloud.daemon.runtime import keep_secrets_off_disk
 from encfs_cloud.daemon.unmount import unmount
-from encfs_cloud.errors import EncfsCloudError
+from encfs_cloud.errors import EncfsCloudError, NotEmptyError
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store import StoreOptions, open_store
 
@@ -50,6 +51,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     from encfs_cloud.keys.vault import init_filesystem
 
     store = open_store(args.source, store_from_args(args))
+    # The store first: an unreachable or non-empty one must not cost typing a passphrase.
+    if next(iter(store.list("")), None) is not None:
+        raise NotEmptyError(f"{store.url} is not empty; init needs an empty bucket or prefix")
     passphrase = ask_new_passphrase(args)
     unlocked, recovery = init_filesystem(store, DeviceStore(), passphrase, args.device_name)
     try:
@@ -181,6 +185,9 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
 def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     setup_command_logging(getattr(args, "verbose", False))
+    # Before any command can unlock a key: a crash must not write keys, passphrases or
+    # names into a core file, and other processes of this user must not ptrace us.
+    keep_secrets_off_disk()
     try:
         result: int = args.func(args)
         return result
