@@ -168,17 +168,30 @@ def cmd_approve(args: argparse.Namespace) -> int:
         pending = enrollment.list_requests(store, unlocked.fs_id)
         request = enrollment.find_request(pending, args.request_id)
         print(f"request from {request.name!r} (id {request.device_id}) made {request.requested_at}")
-        code = args.code
-        if code is None:
-            if not _interactive():
-                raise UsageError("no terminal to type the verification code: use --code CODE")
-            code = input("Type the verification code shown on the new device: ")
+        code = _verification_code(args)
         enrollment.verify_request(unlocked.fs_id, request, code)  # a typo enrolls nothing
         _confirm(args, f"Enroll device {request.name!r}?")
         entry = enrollment.approve(store, unlocked, devices, code, request.device_id)
         print(f"approved device {entry.name!r} with key generations up to {entry.generation}")
         print(f"device id: {entry.device_id}")
     return 0
+
+
+def _verification_code(args: argparse.Namespace) -> str:
+    """The code from --code-file (- for stdin) or typed on the terminal; never from argv,
+    where every local user could read it in the process list while it is still valid."""
+    if args.code is not None:
+        raise UsageError(
+            "--code would show the code to every local user; use --code-file FILE "
+            "(- for stdin) or type it when asked"
+        )
+    if args.code_file == "-":
+        return sys.stdin.readline().strip()
+    if args.code_file:
+        return read_secret_file(args.code_file).decode(errors="replace").strip()
+    if not _interactive():
+        raise UsageError("no terminal to type the verification code: use --code-file FILE")
+    return input("Type the verification code shown on the new device: ")
 
 
 def cmd_deny(args: argparse.Namespace) -> int:
@@ -373,7 +386,8 @@ _FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "request_id": (("request_id",), {"metavar": "REQUEST_ID"}),
     "device_id": (("device_id",), {"metavar": "DEVICE_ID"}),
     "name": (("name",), {"metavar": "NAME"}),
-    "code": (("--code",), {"help": "the verification code the new device shows"}),
+    "code": (("--code",), {"help": argparse.SUPPRESS}),  # refused: argv is public
+    "code-file": (("--code-file",), {"metavar": "FILE", "help": "read the code (- for stdin)"}),
     "yes": (("--yes", "-y"), {"action": "store_true", "help": "do not ask for confirmation"}),
     "reencrypt": (("--reencrypt",), {"action": "store_true", "help": "also rewrite old data"}),
     "takeover": (("--takeover",), {"action": "store_true", "help": "take a crashed mount's lease"}),
@@ -399,7 +413,7 @@ _COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
     ("device list", cmd_list, "enrolled devices and pending requests", "unlock"),
     ("device request", cmd_request, "ask to enroll this device (shows a code)", "new-device"),
     ("device approve", cmd_approve, "enroll a device if its code matches",
-     "request_id code unlock yes"),
+     "request_id code code-file unlock yes"),
     ("device deny", cmd_deny, "delete a pending enrollment request", "request_id"),
     ("device rename", cmd_rename, "rename an enrolled device", "device_id name unlock"),
     ("device revoke", cmd_revoke, "remove a device; new data uses a key it never had",
