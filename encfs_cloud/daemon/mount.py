@@ -17,7 +17,13 @@ from encfs_cloud.daemon import control, logs, runtime
 from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseKeeper
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.data import spool
-from encfs_cloud.errors import EncfsCloudError, MountpointError
+from encfs_cloud.errors import (
+    ChangesSpooledError,
+    EncfsCloudError,
+    LeaseHeldError,
+    MountpointError,
+    StoreError,
+)
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import unlock
@@ -123,10 +129,52 @@ async def serve(
             await pyfuse3.main()
         finally:
             with trio.CancelScope(shield=True):
-                outcome.update(await _final_flush(volume))
+                runtime.sd_notify("STOPPING=1")
+                async with trio.open_nursery() as reporting:
+                    reporting.start_soon(_report_flush, volume)
+                    outcome.update(await _final_flush(volume))
+                    reporting.cancel_scope.cancel()
+                runtime.sd_notify(f"STATUS={_verdict_line(outcome)}")
                 if keeper is not None:  # renewed during the flush; released only after it
                     await keeper.stop_and_release()
             nursery.cancel_scope.cancel()
+
+
+# systemd's stop timeout is pushed this far ahead on every report while the final upload runs,
+# so a long upload is never killed half-way while it makes progress reports.
+EXTEND_USEC = 60_000_000
+REPORT_EVERY = 10.0
+
+
+async def _report_flush(volume: Volume) -> None:
+    """Tell systemd what the final flush is doing, and that it needs more time."""
+    while True:
+        pending = volume.cache.dirty_bytes + volume.cache.inflight_bytes
+        queued = len(volume.committer.queue)
+        runtime.sd_notify(
+            f"STATUS=unmounting: uploading {pending / (1 << 20):.1f} MiB and "
+            f"{queued} queued commits\nEXTEND_TIMEOUT_USEC={EXTEND_USEC}"
+        )
+        await trio.sleep(REPORT_EVERY)
+
+
+def _verdict_line(outcome: dict[str, object]) -> str:
+    result = outcome.get("result")
+    if result == "ok":
+        return "unmounted: every change is in the bucket"
+    if result == "spooled":
+        return f"unmounted: {outcome.get('bytes')} bytes kept in the local spool"
+    if result == "dropped":
+        return "unmounted: the lease was lost; uncommitted changes were discarded"
+    return f"unmounted: {outcome.get('error', 'the last changes may be lost')}"
+
+
+# What a foreground mount (systemd's main process) exits with after the final flush.
+_VERDICT_CODES = {
+    "ok": 0,
+    "spooled": ChangesSpooledError.exit_code,
+    "dropped": LeaseHeldError.exit_code,
+}
 
 
 async def _final_flush(volume: Volume) -> dict[str, object]:
@@ -212,7 +260,7 @@ def run_mounted(volume: Volume, request: MountRequest, notify_fd: int | None) ->
         runtime.report_outcome(request.mountpoint, outcome or {"result": "failed"})
         runtime.unregister(request.mountpoint)
         volume.wipe()
-    return code
+    return code or _VERDICT_CODES.get(str(outcome.get("result")), StoreError.exit_code)
 
 
 def mount(request: MountRequest) -> int:
