@@ -190,6 +190,9 @@ async def _final_flush(volume: Volume) -> dict[str, object]:
         await volume.flush()
         if not volume.options.read_only:
             log.info("unmount: every change is in the bucket")
+            # Packs the last commits freed go now, while the lease still lets us delete.
+            if not await volume.committer.cleanups_done(volume.options.sync_timeout):
+                log.warning("unmount: some freed objects are not deleted yet; fsck lists them")
         return {"result": "ok"}
     except EncfsCloudError as exc:
         log.error("unmount: could not write the last changes to the bucket: %s", exc)
