@@ -6,7 +6,7 @@ import argparse
 import getpass
 import sys
 
-from encfs_cloud.daemon.options import read_secret_file
+from encfs_cloud.daemon.options import check_endpoint_url, read_secret_file
 from encfs_cloud.errors import EXIT_CODES, UsageError
 from encfs_cloud.store import StoreOptions
 
@@ -35,4 +35,4 @@ def ask_new_passphrase(args: argparse.Namespace) -> bytes | None:
 
 
 def store_from_args(args: argparse.Namespace) -> StoreOptions:
-    return StoreOptions(endpoint_url=getattr(args, "endpoint_url", None))
+    return StoreOptions(endpoint_url=check_endpoint_url(getattr(args, "endpoint_url", None)))

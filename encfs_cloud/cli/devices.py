@@ -368,6 +368,7 @@ def umount_and_wipe(args: argparse.Namespace) -> int:
     fs_id = bytes.fromhex(fs_hex) if isinstance(fs_hex, str) else fs_id_of(read_header(store))
     devices = DeviceStore()
     enrollment.check_not_last(store, _own_id(devices, fs_id))  # a refusal leaves it mounted
+    _confirm(args, f"Unmount {mountpoint} and destroy this device's key for {fs_id.hex()}?")
     unmount(mountpoint)
     _wipe_local(devices, fs_id)
     return 0

@@ -16,10 +16,10 @@ from types import ModuleType
 from encfs_cloud import __version__
 from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, store_from_args
 from encfs_cloud.daemon.logs import setup_command_logging
-from encfs_cloud.daemon.options import parse_mount_options
+from encfs_cloud.daemon.options import check_endpoint_url, parse_mount_options
 from encfs_cloud.daemon.runtime import keep_secrets_off_disk
 from encfs_cloud.daemon.unmount import unmount
-from encfs_cloud.errors import EncfsCloudError, NotEmptyError
+from encfs_cloud.errors import EncfsCloudError, NotEmptyError, UsageError
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store import StoreOptions, open_store
 
@@ -73,13 +73,18 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from encfs_cloud.daemon.mount import mount
 
+    if "://" in args.mountpoint and "://" not in args.source:
+        raise UsageError(
+            f"SOURCE comes first, then MOUNTPOINT: {Path(sys.argv[0]).name} "
+            f"{args.mountpoint} {args.source}"
+        )
     # Absolute now: the daemon changes to "/" before it mounts.
     mountpoint = Path(os.path.abspath(args.mountpoint))
     request = parse_mount_options(args.source, mountpoint, args.options or [])
     request.foreground = request.foreground or args.foreground
     if args.endpoint_url:
         request.store_options = dataclasses.replace(
-            request.store_options, endpoint_url=args.endpoint_url
+            request.store_options, endpoint_url=check_endpoint_url(args.endpoint_url)
         )
     if request.passphrase is None:
         request.passphrase = _ask_unlock_passphrase(request.source, request.store_options)
@@ -155,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--wipe", action="store_true", help="also destroy this device's key")
+    p.add_argument("-y", "--yes", action="store_true", help="with --wipe: do not ask")
     p.set_defaults(func=cmd_umount)
 
     for module in _command_modules():
@@ -172,7 +178,7 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="OPTION[,OPTION...]",
         help="ro, cache_size=SIZE, passphrase_file=FILE, endpoint_url=URL, region=NAME, "
-        "profile=NAME, allow_other, allow_root, uid=N, gid=N, umask=M, max_read=N, log=FILE, "
+        "profile=NAME, allow_other, allow_root, max_read=N, log=FILE, "
         "commit_interval=SECONDS, sync_timeout=SECONDS, read_timeout=SECONDS, "
         "connect_timeout=SECONDS, takeover, allow_rollback, debug",
     )
