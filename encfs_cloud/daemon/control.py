@@ -16,6 +16,7 @@ import trio
 
 from encfs_cloud import __version__
 from encfs_cloud.daemon import runtime
+from encfs_cloud.daemon.health import find_watch, iso
 from encfs_cloud.errors import MountpointError
 
 if TYPE_CHECKING:
@@ -98,9 +99,11 @@ def status(volume: Volume, mountpoint: Path, rates: Rates) -> dict[str, Any]:
             "bytes_uploaded": uploader.bytes_uploaded,
             "bytes_fetched": data.bytes_fetched,
         },
+        "time": iso(time.time()),
         "last_commit": {
             "seq": head.seq,
             "time_ns": committer.last_commit_ns or None,  # None: no commit since mounting
+            "time": iso(committer.last_commit_ns / 1e9) if committer.last_commit_ns else None,
             "commits_since_mount": committer.commits,
             "queued": len(committer.queue),
         },
@@ -111,6 +114,9 @@ def status(volume: Volume, mountpoint: Path, rates: Rates) -> dict[str, Any]:
             "integrity": data.integrity_errors,
         },
     }
+    watch = find_watch(volume.store)
+    if watch is not None:  # from memory: says the store is unreachable without asking it
+        report["store"] = watch.report()
     if volume.lease is not None:  # a read-only mount holds none
         lease = volume.lease
         report["lease"] = {"holder": f"this device ({lease.device_name})", **lease.status()}

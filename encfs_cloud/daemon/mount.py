@@ -14,6 +14,7 @@ import pyfuse3
 import trio
 
 from encfs_cloud.daemon import control, logs, runtime
+from encfs_cloud.daemon.health import WatchedStore
 from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseKeeper
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.data import spool
@@ -28,6 +29,7 @@ from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import StoreOptions, open_store
+from encfs_cloud.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,8 @@ def check_mountpoint(path: Path) -> None:
 
 def prepare(request: MountRequest) -> Volume:
     """Open the store, unlock the keys, take the lease (read-write) and replay (blocking)."""
-    store = open_store(request.source, request.store_options)
+    # Watched from the start: `status` then tells whether the store answers.
+    store: ObjectStore = WatchedStore(open_store(request.source, request.store_options))
     devices = DeviceStore()
     unlocked = unlock(store, devices, request.passphrase)
     lease: Lease | None = None

@@ -1,0 +1,135 @@
+"""Whether the store answers: a store wrapper that remembers its last success and failure."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from encfs_cloud.errors import ObjectMissingError, PreconditionFailedError, StoreError
+from encfs_cloud.store.base import ObjectInfo, ObjectStore
+
+# Answers that prove the store is there, even though the operation failed.
+ANSWERED = (ObjectMissingError, PreconditionFailedError)
+
+
+def iso(epoch: float | None) -> str | None:
+    """An ISO 8601 UTC time for programs (status --json), or None."""
+    if epoch is None:
+        return None
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat(timespec="seconds")
+
+
+class WatchedStore:
+    """Passes every call through and notes when the store last answered and last failed.
+
+    `status` reads it from memory, so it can say that the store is unreachable without
+    asking the store.
+    """
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.last_success: float | None = None
+        self.last_failure: float | None = None
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
+
+    def _ok(self) -> None:
+        self.last_success = time.time()
+        self.failing_since = None
+
+    def _failed(self, exc: StoreError) -> None:
+        if isinstance(exc, ANSWERED):
+            self._ok()
+            return
+        now = time.time()
+        self.last_failure = now
+        self.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if self.failing_since is None:
+            self.failing_since = now
+
+    def report(self) -> dict[str, Any]:
+        """Plain values for `status`: reachable is None until the store was asked once."""
+        reachable = None
+        if self.last_success is not None or self.last_failure is not None:
+            reachable = self.failing_since is None
+        return {
+            "reachable": reachable,
+            "last_success": iso(self.last_success),
+            "last_failure": iso(self.last_failure),
+            "failing_since": iso(self.failing_since),
+            "last_error": None if reachable else self.last_error,
+        }
+
+    def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        try:
+            data = self.inner.get(name, start, length)
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._ok()
+        return data
+
+    def get_with_etag(self, name: str) -> tuple[bytes, str]:
+        try:
+            found = self.inner.get_with_etag(name)
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._ok()
+        return found
+
+    def put(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        try:
+            etag = self.inner.put(name, data, if_none_match=if_none_match, if_match=if_match)
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._ok()
+        return etag
+
+    def delete(self, name: str) -> None:
+        try:
+            self.inner.delete(name)
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._ok()
+
+    def head(self, name: str) -> ObjectInfo | None:
+        try:
+            info = self.inner.head(name)
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._ok()
+        return info
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        try:
+            yield from self.inner.list(prefix)
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._ok()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def find_watch(store: object) -> WatchedStore | None:
+    """The WatchedStore somewhere inside a chain of wrappers (each keeps its `inner`)."""
+    while store is not None:
+        if isinstance(store, WatchedStore):
+            return store
+        store = getattr(store, "inner", None)
+    return None
