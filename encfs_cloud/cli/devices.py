@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from encfs_cloud.cli.args import ask_new_passphrase, store_from_args
+from encfs_cloud.cli.progress import FlushView, Progress
 from encfs_cloud.daemon import runtime
 from encfs_cloud.daemon.options import read_secret_file
 from encfs_cloud.daemon.unmount import unmount
@@ -30,7 +31,7 @@ from encfs_cloud.keys.records import fs_id_of, read_header, record_name
 from encfs_cloud.keys.vault import Unlocked, unlock, unlock_with_recovery
 from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
-from encfs_cloud.tools.reencrypt import Progress, exclusive, mounted_here, reencrypt
+from encfs_cloud.tools.reencrypt import exclusive, mounted_here, reencrypt
 
 _FULL_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -83,31 +84,18 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
         raise AbortedError("not confirmed; nothing was changed")
 
 
-def _progress_bar() -> Progress | None:
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // total if total else width
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\rre-encrypting [{bar}] {done}/{total} packs")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
 def _run_reencrypt(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked) -> None:
+    bar = Progress("re-encrypting", "packs")
     try:
-        report = reencrypt(store, unlocked, devices, _progress_bar())
+        report = reencrypt(store, unlocked, devices, bar.update)
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted: the data not yet rewritten stays readable as before; packs this run "
             "already wrote are not referenced yet (fsck lists them as garbage): run "
             "encfs-cloud device reencrypt SOURCE again to resume, and it deletes them"
         ) from None
+    finally:
+        bar.close()
     print(
         f"re-encrypted {report.chunks} chunks into {report.packs_written} packs under key "
         f"generation {report.generation}; removed {report.objects_deleted} old objects"
@@ -369,7 +357,11 @@ def umount_and_wipe(args: argparse.Namespace) -> int:
     devices = DeviceStore()
     enrollment.check_not_last(store, _own_id(devices, fs_id))  # a refusal leaves it mounted
     _confirm(args, f"Unmount {mountpoint} and destroy this device's key for {fs_id.hex()}?")
-    unmount(mountpoint)
+    view = FlushView(mountpoint)
+    try:
+        unmount(mountpoint, on_wait=view.tick)
+    finally:
+        view.close()
     _wipe_local(devices, fs_id)
     return 0
 

@@ -15,6 +15,7 @@ from types import ModuleType
 
 from encfs_cloud import __version__
 from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, store_from_args
+from encfs_cloud.cli.progress import FlushView
 from encfs_cloud.daemon.logs import setup_command_logging
 from encfs_cloud.daemon.options import check_endpoint_url, parse_mount_options
 from encfs_cloud.daemon.runtime import keep_secrets_off_disk
@@ -110,7 +111,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         from encfs_cloud.cli.devices import umount_and_wipe
 
         return umount_and_wipe(args)
-    unmount(Path(args.mountpoint))  # raises unless every change is in the bucket
+    view = FlushView(Path(os.path.abspath(args.mountpoint)))
+    try:
+        unmount(Path(args.mountpoint), on_wait=view.tick)  # raises unless all is in the bucket
+    finally:
+        view.close()
     return 0
 
 

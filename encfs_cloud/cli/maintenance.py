@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from encfs_cloud.cli.args import EXIT_HELP, store_from_args
+from encfs_cloud.cli.progress import Progress
 from encfs_cloud.daemon.lease import FencedStore, Lease
 from encfs_cloud.daemon.options import read_secret_file
 from encfs_cloud.errors import Interrupted
@@ -87,31 +88,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_salvage)
 
 
-class TerminalProgress:
-    """One self-overwriting status line on stderr, only if stderr is a terminal."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.enabled = sys.stderr.isatty()
-        self.width = 0
-        self.last = 0.0
-
-    def __call__(self, text: str) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < 0.1:
-            return
-        self.last = now
-        line = f"{self.label}: {text}"
-        sys.stderr.write("\r" + line.ljust(self.width))
-        sys.stderr.flush()
-        self.width = max(self.width, len(line))
-
-    def done(self) -> None:
-        if self.enabled and self.width:
-            sys.stderr.write("\r" + " " * self.width + "\r")
-            sys.stderr.flush()
-
-
 def _open(args: argparse.Namespace) -> tuple[ObjectStore, DeviceStore, Unlocked]:
     store = open_store(args.source, store_from_args(args))
     devices = DeviceStore()
@@ -160,17 +136,17 @@ def _fsck(
     devices: DeviceStore,
     fs_id: bytes,
 ) -> int:
-    progress = TerminalProgress("fsck")
+    bar = Progress("fsck:", "")
     try:
         report = check(
             store,
             sealer,
             writer_active=not lease.held and _writer_active(lease),
             seen_seq=devices.load_state(fs_id).commit_seq,
-            progress=progress,
+            progress=lambda stage, done, total: bar.update(done, total, label=f"fsck: {stage}"),
         )
     finally:
-        progress.done()
+        bar.close()
     try:
         return _conclude(args, store, sealer, lease, devices, fs_id, report)
     finally:
@@ -269,10 +245,10 @@ def _written(dest: str) -> tuple[int, int]:
 
 def cmd_salvage(args: argparse.Namespace) -> int:
     store, _, unlocked = _open(args)
-    progress = TerminalProgress("salvage")
+    bar = Progress("salvage: copied")
     try:
         sealer = Sealer(unlocked.fs_id, unlocked.keys)
-        state, result = salvage(store, sealer, args.dest, partial=args.partial, progress=progress)
+        state, result = salvage(store, sealer, args.dest, partial=args.partial, progress=bar.update)
     except KeyboardInterrupt:
         files, size = _written(args.dest)
         raise Interrupted(
@@ -281,7 +257,7 @@ def cmd_salvage(args: argparse.Namespace) -> int:
             "into a new empty folder (or empty this one first) to copy everything"
         ) from None
     finally:
-        progress.done()
+        bar.close()
         unlocked.wipe()
     if not state.complete:
         print(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from encfs_cloud.daemon.control import FlushProgress
 from encfs_cloud.daemon.runtime import daemon_pid, fusermount, pid_alive, take_outcome
 from encfs_cloud.errors import (
     ChangesSpooledError,
@@ -19,8 +18,14 @@ from encfs_cloud.errors import (
 )
 
 
-def unmount(mountpoint: Path, timeout: float | None = None) -> None:
+def unmount(
+    mountpoint: Path,
+    timeout: float | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> None:
     """Unmount and wait until the daemon has put everything in the bucket and exited.
+
+    `on_wait` is called about every 50 ms while waiting (the command's progress line).
 
     Returns only if every change reached the bucket; otherwise raises with what happened
     to them (kept in the local spool, discarded after losing the lease, or an error).
@@ -38,22 +43,20 @@ def unmount(mountpoint: Path, timeout: float | None = None) -> None:
     if pid is None:
         return
     deadline = None if timeout is None else time.monotonic() + timeout
-    progress = FlushProgress(mountpoint, sys.stderr)
     try:
         while pid_alive(pid):
             if deadline is not None and time.monotonic() > deadline:
                 raise EncfsCloudError(
                     f"the daemon (pid {pid}) is still flushing; it will finish alone"
                 )
-            progress.tick()
+            if on_wait is not None:
+                on_wait()
             time.sleep(0.05)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted: {mountpoint} is unmounted, but the daemon (pid {pid}) goes on "
             "uploading the last changes in the background; its log says when it is done"
         ) from None
-    finally:
-        progress.done()
     _check_outcome(mountpoint, pid)
 
 

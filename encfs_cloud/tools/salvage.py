@@ -34,7 +34,7 @@ READ_WINDOW = 16  # chunks of one file fetched ahead of the writer
 PARTIAL_SUFFIX = b".salvage-partial"
 _FATAL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # DEST itself fails: stop, do not go on
 
-Progress = Callable[[str], None]
+Progress = Callable[[int, int], None]  # (bytes copied, bytes in all files)
 
 
 # --- the newest replayable state ----------------------------------------------------------
@@ -182,6 +182,7 @@ class Salvager:
         self.partial = partial
         self.progress = progress
         self.result = SalvageResult()
+        self.total_bytes = md.usage()[0]
         self.copied: dict[int, bytes] = {}  # inode → first path saved (hard links)
         self.pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="salvage")
 
@@ -312,7 +313,7 @@ class Salvager:
         if data:
             os.pwrite(fd, data, base)
             if self.progress:
-                self.progress(f"{self.result.files} files, {self.result.bytes >> 20} MiB")
+                self.progress(self.result.bytes + len(data), self.total_bytes)
         return len(data)
 
     def _xattrs(self, path: bytes, rel: bytes, inode: Inode) -> None:
