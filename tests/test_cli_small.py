@@ -83,8 +83,8 @@ def test_swapped_source_and_mountpoint_get_a_hint(device: Device, tmp_path: Path
     assert "mkdir" not in err
 
 
-def _answer_on_a_terminal(device: Device, args: list[str], answer: str) -> tuple[int, str]:
-    """Run the command on a pseudo-terminal, answer its question, return (code, output)."""
+def _dialogue(device: Device, args: list[str], answers: list[tuple[bytes, str]]) -> tuple[int, str]:
+    """Run the command on a pseudo-terminal, answer each prompt, return (code, output)."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         args, stdin=slave, stdout=slave, stderr=slave, env=device.env, start_new_session=True
@@ -93,11 +93,13 @@ def _answer_on_a_terminal(device: Device, args: list[str], answer: str) -> tuple
     seen = b""
     try:
         deadline = time.monotonic() + 120
-        while b"[y/N]" not in seen:
-            assert time.monotonic() < deadline and proc.poll() is None, seen
-            if select.select([master], [], [], 0.5)[0]:
-                seen += os.read(master, 4096)
-        os.write(master, answer.encode() + b"\n")
+        for prompt, answer in answers:
+            while prompt not in seen:
+                assert time.monotonic() < deadline and proc.poll() is None, seen
+                if select.select([master], [], [], 0.5)[0]:
+                    seen += os.read(master, 4096)
+            seen = seen.replace(prompt, b"", 1)
+            os.write(master, answer.encode() + b"\n")
         code = proc.wait(timeout=120)
         while select.select([master], [], [], 0.2)[0]:
             try:
@@ -115,6 +117,20 @@ def _answer_on_a_terminal(device: Device, args: list[str], answer: str) -> tuple
     return code, seen.decode(errors="replace")
 
 
+def test_approve_reads_the_code_from_the_terminal(
+    device: Device, second_device: Device, local_source: str
+) -> None:
+    from tests.test_devices_e2e import field
+
+    device.init(local_source)
+    out = second_device.run("device", "request", local_source, "--no-passphrase").stdout
+    request_id, code = field(out, "request id"), field(out, "verification code")
+    args = [ENCFS, "device", "approve", local_source, request_id]
+    done, shown = _dialogue(device, args, [(b"verification code", code), (b"[y/N]", "y")])
+    assert done == 0, shown
+    assert f"device id: {request_id}" in shown
+
+
 @needs_fuse
 def test_umount_wipe_asks_on_a_terminal(
     device: Device, second_device: Device, local_source: str, tmp_path: Path
@@ -125,7 +141,8 @@ def test_umount_wipe_asks_on_a_terminal(
     enroll(device, second_device, local_source, "phone")
     mnt = tmp_path / "mnt"
     with second_device.mounted(local_source, mnt):
-        code, out = _answer_on_a_terminal(second_device, [ENCFS, "umount", "--wipe", str(mnt)], "n")
+        args = [ENCFS, "umount", "--wipe", str(mnt)]
+        code, out = _dialogue(second_device, args, [(b"[y/N]", "n")])
         assert code == 17, out
         assert "destroy this device's key" in out
         assert is_mounted(mnt)

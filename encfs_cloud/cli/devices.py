@@ -360,6 +360,9 @@ def umount_and_wipe(args: argparse.Namespace) -> int:
     view = FlushView(mountpoint)
     try:
         unmount(mountpoint, on_wait=view.tick)
+    except EncfsCloudError as exc:  # not all in the bucket: the key is still needed
+        exc.args = (f"{exc}; this device's key was NOT wiped",)
+        raise
     finally:
         view.close()
     _wipe_local(devices, fs_id)
