@@ -104,4 +104,16 @@ def test_interrupted_salvage_says_what_it_wrote_where(
     assert "nothing was changed" not in err
     written = sum(1 for p in dest.rglob("*") if p.is_file())
     assert f"interrupted: {written} files" in err, err
-    assert str(dest) in err and "again into a new empty folder" in err, err
+    assert str(dest) in err and "salvage command again to resume" in err, err
+    # And so it does: the same command into the same folder completes the copy.
+    proxy.clear()
+    done = device.run("salvage", "--endpoint-url", proxy.endpoint_url, s3_bucket, str(dest))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in dest.iterdir()) == [f"f{n:02d}.bin" for n in range(40)]
+    assert all(p.stat().st_size == 4096 * 8 for p in dest.iterdir())
+    # A folder that no salvage left behind is still refused.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    refused = device.run("salvage", "--endpoint-url", proxy.endpoint_url, s3_bucket, str(other))
+    assert refused.returncode == 2 and (other / "mine.txt").read_text() == "keep"

@@ -43,7 +43,8 @@ other {OTHER_CODES}"""
 
 SALVAGE_EPILOG = f"""\
 salvage copies every file whose data authenticates (with modes, owners, times, symlinks, hard
-links and extended attributes) into DEST, which must be missing or empty. If the newest
+links and extended attributes) into DEST, which must be missing or empty (or left by an
+interrupted salvage, which the same command then resumes). If the newest
 metadata commit is damaged, it uses the newest state that still replays and says so. Each
 thing it could not save is one line on stdout: "lost: PATH: why".
 
@@ -253,8 +254,8 @@ def cmd_salvage(args: argparse.Namespace) -> int:
         files, size = _written(args.dest)
         raise Interrupted(
             f"interrupted: {files} files ({size / (1 << 20):.1f} MiB) were written into "
-            f"{args.dest}, which is incomplete; the bucket was not changed. Run salvage again "
-            "into a new empty folder (or empty this one first) to copy everything"
+            f"{args.dest}, which is incomplete; the bucket was not changed. Run the same "
+            "salvage command again to resume: it writes everything again over what is there"
         ) from None
     finally:
         bar.close()
