@@ -117,3 +117,48 @@ def test_interrupted_salvage_says_what_it_wrote_where(
     (other / "mine.txt").write_text("keep")
     refused = device.run("salvage", "--endpoint-url", proxy.endpoint_url, s3_bucket, str(other))
     assert refused.returncode == 2 and (other / "mine.txt").read_text() == "keep"
+
+
+def test_interrupted_reencrypt_says_a_rerun_resumes(
+    device: Device, second_device: Device, s3_bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    from tests.test_devices_e2e import enroll
+
+    device.init(s3_bucket)
+    phone = enroll(device, second_device, s3_bucket, "phone")
+    mnt = tmp_path / "mnt"
+    with device.mounted(s3_bucket, mnt, f"endpoint_url={proxy.endpoint_url}"):
+        for n in range(3):  # three commits: three packs under generation 1
+            (mnt / f"f{n}.bin").write_bytes(os.urandom(3 << 20))
+            fd = os.open(mnt / f"f{n}.bin", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    device.run("device", "revoke", s3_bucket, phone, "--yes", check=True)
+    # Pack uploads answer late, so Ctrl-C comes while the rewrite is under way.
+    slow = proxy.inject(Fault.DELAY, count=1_000_000, method="PUT", path="/data/", delay=1.0)
+    cmd = [ENCFS, "device", "reencrypt", "--endpoint-url", proxy.endpoint_url, s3_bucket]
+    run = subprocess.Popen(
+        cmd,
+        env=device.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: slow.hits >= 1, "the first pack upload")
+        code, err = _interrupt(run)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert code == 130, err
+    assert "nothing was changed" not in err
+    assert "device reencrypt SOURCE again to resume" in err, err
+    proxy.clear()
+    done = device.run("device", "reencrypt", s3_bucket)
+    assert done.returncode == 0, done.stderr
+    fsck = device.run("fsck", s3_bucket)
+    assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
