@@ -187,6 +187,8 @@ async def _final_flush(volume: Volume) -> dict[str, object]:
     (the lease was lost) or failed (with the error).
     """
     if volume.committer.stopped:
+        if not (volume.committer.has_changes() or volume.committer.queue):
+            return {"result": "ok"}  # it lost the right to write, but every change had landed
         log.error("unmount: this mount lost the right to write; uncommitted changes are dropped")
         return {"result": "dropped"}
     try:
