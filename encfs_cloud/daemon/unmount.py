@@ -79,8 +79,8 @@ def _check_outcome(mountpoint: Path, pid: int) -> None:
         )
     if result == "dropped":
         raise LeaseHeldError(
-            "this mount had lost the single-writer lease to another writer: changes not yet "
-            "committed were discarded"
+            "this mount had lost the right to write (another writer took the lease, or this "
+            "device was revoked): changes not yet committed were discarded"
         )
     raise StoreError(
         f"the last changes may not be in the bucket: {outcome.get('error', 'unknown error')}"
