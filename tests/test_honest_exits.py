@@ -84,7 +84,7 @@ def test_interrupted_salvage_says_what_it_wrote_where(
             (mnt / f"f{n:02d}.bin").write_bytes(os.urandom(4096) * 8)
     dest = tmp_path / "rescued"
     # Every data read answers late, so the copy is still running when Ctrl-C comes.
-    proxy.inject(Fault.DELAY, count=1_000_000, method="GET", delay=0.5)
+    proxy.inject(Fault.DELAY, count=1_000_000, method="GET", delay=2.0)
     salvage = subprocess.Popen(
         [ENCFS, "salvage", "--endpoint-url", proxy.endpoint_url, s3_bucket, str(dest)],
         env=device.env,
@@ -137,7 +137,7 @@ def test_interrupted_reencrypt_says_a_rerun_resumes(
                 os.close(fd)
     device.run("device", "revoke", s3_bucket, phone, "--yes", check=True)
     # Pack uploads answer late, so Ctrl-C comes while the rewrite is under way.
-    slow = proxy.inject(Fault.DELAY, count=1_000_000, method="PUT", path="/data/", delay=1.0)
+    slow = proxy.inject(Fault.DELAY, count=1_000_000, method="PUT", path="/data/", delay=2.0)
     cmd = [ENCFS, "device", "reencrypt", "--endpoint-url", proxy.endpoint_url, s3_bucket]
     run = subprocess.Popen(
         cmd,
