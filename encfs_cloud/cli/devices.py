@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from encfs_cloud.cli.args import ask_new_passphrase, store_from_args
+from encfs_cloud.cli.args import ask_new_passphrase, open_source
 from encfs_cloud.cli.progress import FlushView, Progress
 from encfs_cloud.daemon import runtime
 from encfs_cloud.daemon.options import read_secret_file
@@ -29,7 +29,6 @@ from encfs_cloud.keys import enrollment
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.records import fs_id_of, read_header, record_name
 from encfs_cloud.keys.vault import Unlocked, unlock, unlock_with_recovery
-from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tools.reencrypt import exclusive, mounted_here, reencrypt
 
@@ -44,7 +43,7 @@ def _interactive() -> bool:
 
 
 def _store(args: argparse.Namespace) -> ObjectStore:
-    return open_store(args.source, store_from_args(args))
+    return open_source(args)
 
 
 def _unlock_passphrase(
@@ -352,7 +351,7 @@ def umount_and_wipe(args: argparse.Namespace) -> int:
     fs_hex, source = entry.get("fs_id"), entry.get("source")
     if not isinstance(source, str):
         raise MountpointError(f"{mountpoint} is not an encfs-cloud mount of this machine")
-    store = open_store(source, store_from_args(args))
+    store = open_source(args, source)
     fs_id = bytes.fromhex(fs_hex) if isinstance(fs_hex, str) else fs_id_of(read_header(store))
     devices = DeviceStore()
     enrollment.check_not_last(store, _own_id(devices, fs_id))  # a refusal leaves it mounted

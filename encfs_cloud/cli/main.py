@@ -14,8 +14,9 @@ from pathlib import Path
 from types import ModuleType
 
 from encfs_cloud import __version__
-from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, store_from_args
-from encfs_cloud.cli.progress import FlushView
+from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, open_source
+from encfs_cloud.cli.progress import FlushView, StoreWaitNotice
+from encfs_cloud.daemon.health import WatchedStore
 from encfs_cloud.daemon.logs import setup_command_logging
 from encfs_cloud.daemon.options import check_endpoint_url, parse_mount_options
 from encfs_cloud.daemon.runtime import keep_secrets_off_disk
@@ -51,7 +52,7 @@ def _command_modules() -> list[ModuleType]:
 def cmd_init(args: argparse.Namespace) -> int:
     from encfs_cloud.keys.vault import init_filesystem
 
-    store = open_store(args.source, store_from_args(args))
+    store = open_source(args)
     # The store first: an unreachable or non-empty one must not cost typing a passphrase.
     if next(iter(store.list("")), None) is not None:
         raise NotEmptyError(f"{store.url} is not empty; init needs an empty bucket or prefix")
@@ -98,7 +99,7 @@ def _ask_unlock_passphrase(source: str, options: StoreOptions) -> bytes | None:
 
     if not sys.stdin.isatty():
         return None
-    header = read_header(open_store(source, options))
+    header = read_header(WatchedStore(open_store(source, options)))
     devices = DeviceStore()
     fs_id = bytes.fromhex(str(header["fs_id"]))
     if not devices.has(fs_id) or not devices.needs_passphrase(fs_id):
@@ -199,6 +200,7 @@ def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     # Before any command can unlock a key: a crash must not write keys, passphrases or
     # names into a core file, and other processes of this user must not ptrace us.
     keep_secrets_off_disk()
+    StoreWaitNotice(parser.prog).start()  # on a terminal: says so when the store is silent
     try:
         result: int = args.func(args)
         return result

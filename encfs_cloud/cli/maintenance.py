@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from encfs_cloud.cli.args import EXIT_HELP, store_from_args
+from encfs_cloud.cli.args import EXIT_HELP, open_source
 from encfs_cloud.cli.progress import Progress
 from encfs_cloud.daemon.lease import FencedStore, Lease
 from encfs_cloud.daemon.options import read_secret_file
@@ -18,7 +18,6 @@ from encfs_cloud.errors import Interrupted
 from encfs_cloud.keys.device import DeviceState, DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import Unlocked, read_header, unlock
-from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tools.fsck import EXIT_CLEAN, EXIT_DAMAGED, EXIT_REPAIRED, Report, check, repair
 from encfs_cloud.tools.salvage import EXIT_ALL_SAVED, EXIT_SOME_LOST, salvage
@@ -90,7 +89,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> tuple[ObjectStore, DeviceStore, Unlocked]:
-    store = open_store(args.source, store_from_args(args))
+    store = open_source(args)
     devices = DeviceStore()
     passphrase = None
     if args.passphrase_file:

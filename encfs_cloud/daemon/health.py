@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import itertools
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +16,17 @@ from encfs_cloud.store.base import ObjectInfo, ObjectStore
 
 # Answers that prove the store is there, even though the operation failed.
 ANSWERED = (ObjectMissingError, PreconditionFailedError)
+_WATCHED: weakref.WeakSet[WatchedStore] = weakref.WeakSet()
+
+
+def longest_wait() -> tuple[str, str, float] | None:
+    """(store URL, "GET name", seconds) of the oldest request still unanswered, if any."""
+    found: tuple[str, str, float] | None = None
+    for store in list(_WATCHED):
+        wait = store.oldest()
+        if wait is not None and (found is None or wait[1] > found[2]):
+            found = (store.url, wait[0], wait[1])
+    return found
 
 
 def iso(epoch: float | None) -> str | None:
@@ -35,6 +50,29 @@ class WatchedStore:
         self.last_failure: float | None = None
         self.failing_since: float | None = None
         self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._pending: dict[int, tuple[str, float]] = {}  # requests under way, for `oldest`
+        _WATCHED.add(self)
+
+    @contextlib.contextmanager
+    def _request(self, what: str) -> Iterator[None]:
+        key = next(self._ids)
+        with self._lock:
+            self._pending[key] = (what, time.monotonic())
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._pending[key]
+
+    def oldest(self) -> tuple[str, float] | None:
+        """The request waiting longest for an answer and for how many seconds, if any."""
+        with self._lock:
+            if not self._pending:
+                return None
+            what, since = min(self._pending.values(), key=lambda p: p[1])
+        return what, time.monotonic() - since
 
     def _ok(self) -> None:
         self.last_success = time.time()
@@ -65,7 +103,8 @@ class WatchedStore:
 
     def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         try:
-            data = self.inner.get(name, start, length)
+            with self._request(f"GET {name}"):
+                data = self.inner.get(name, start, length)
         except StoreError as exc:
             self._failed(exc)
             raise
@@ -74,7 +113,8 @@ class WatchedStore:
 
     def get_with_etag(self, name: str) -> tuple[bytes, str]:
         try:
-            found = self.inner.get_with_etag(name)
+            with self._request(f"GET {name}"):
+                found = self.inner.get_with_etag(name)
         except StoreError as exc:
             self._failed(exc)
             raise
@@ -90,7 +130,8 @@ class WatchedStore:
         if_match: str | None = None,
     ) -> str:
         try:
-            etag = self.inner.put(name, data, if_none_match=if_none_match, if_match=if_match)
+            with self._request(f"PUT {name}"):
+                etag = self.inner.put(name, data, if_none_match=if_none_match, if_match=if_match)
         except StoreError as exc:
             self._failed(exc)
             raise
@@ -99,7 +140,8 @@ class WatchedStore:
 
     def delete(self, name: str) -> None:
         try:
-            self.inner.delete(name)
+            with self._request(f"DELETE {name}"):
+                self.inner.delete(name)
         except StoreError as exc:
             self._failed(exc)
             raise
@@ -107,7 +149,8 @@ class WatchedStore:
 
     def head(self, name: str) -> ObjectInfo | None:
         try:
-            info = self.inner.head(name)
+            with self._request(f"HEAD {name}"):
+                info = self.inner.head(name)
         except StoreError as exc:
             self._failed(exc)
             raise
@@ -116,7 +159,13 @@ class WatchedStore:
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         try:
-            yield from self.inner.list(prefix)
+            pages = iter(self.inner.list(prefix))
+            while True:  # only the waits for the store count, not the caller's work in between
+                with self._request(f"LIST {prefix or '/'}"):
+                    item = next(pages, None)
+                if item is None:
+                    break
+                yield item
         except StoreError as exc:
             self._failed(exc)
             raise
