@@ -80,7 +80,14 @@ def test_status_json_prometheus_and_an_unreachable_store(
             (mnt / "b.bin").write_bytes(os.urandom(1 << 20))
             with pytest.raises(OSError):
                 _fsync(mnt / "b.bin")
-            s = json.loads(device.run("status", str(mnt), "--json", check=True).stdout)
+            # The store layer retries for a while before it records a failure; a request left
+            # unanswered long enough counts too. Either way status says so.
+            deadline = time.monotonic() + 180
+            while True:
+                s = json.loads(device.run("status", str(mnt), "--json", check=True).stdout)
+                if s["store"]["reachable"] is False or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
             assert s["store"]["reachable"] is False, s["store"]
             _iso(s["store"]["failing_since"])
             assert s["store"]["last_error"]

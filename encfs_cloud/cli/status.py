@@ -51,7 +51,11 @@ def _store_line(store: dict[str, Any]) -> str:
     if store.get("reachable") is None:
         return "not asked yet"
     if store["reachable"]:
-        return f"answering (last answer {_local(store.get('last_success'))})"
+        line = f"answering (last answer {_local(store.get('last_success'))})"
+        oldest = store.get("oldest_request")
+        if oldest and oldest["seconds"] >= 5:
+            line += f"; waiting {oldest['seconds']:.0f} s for {oldest['request']}"
+        return line
     return (
         f"UNREACHABLE since {_local(store.get('failing_since'))}: {store.get('last_error')}"
         f" (last answer {_local(store.get('last_success'))})"
@@ -119,6 +123,7 @@ def _metrics(s: dict[str, Any]) -> list[tuple[str, str, str, float | None]]:
     )
     store = s.get("store") or {}
     reachable = store.get("reachable")
+    oldest = store.get("oldest_request") or {}
     return [
         ("up", "gauge", "1 while the mount's daemon answers", 1),
         ("read_only", "gauge", "1 for a read-only mount", int(bool(s["read_only"]))),
@@ -154,6 +159,12 @@ def _metrics(s: dict[str, Any]) -> list[tuple[str, str, str, float | None]]:
             "gauge",
             "1 if the store answered last, 0 if it failed last",
             None if reachable is None else int(bool(reachable)),
+        ),
+        (
+            "store_oldest_request_seconds",
+            "gauge",
+            "how long the oldest request to the store has waited",
+            oldest.get("seconds", 0),
         ),
     ]  # fmt: skip
 

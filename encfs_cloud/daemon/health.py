@@ -16,6 +16,9 @@ from encfs_cloud.store.base import ObjectInfo, ObjectStore
 
 # Answers that prove the store is there, even though the operation failed.
 ANSWERED = (ObjectMissingError, PreconditionFailedError)
+# A request unanswered this long makes the store count as unreachable before the store
+# layer's retries give up (they may take minutes); a slow but working upload rarely waits so.
+STALL_SECONDS = 30.0
 _WATCHED: weakref.WeakSet[WatchedStore] = weakref.WeakSet()
 
 
@@ -93,12 +96,23 @@ class WatchedStore:
         reachable = None
         if self.last_success is not None or self.last_failure is not None:
             reachable = self.failing_since is None
+        failing_since, error = self.failing_since, self.last_error
+        oldest = self.oldest()
+        if oldest is not None and oldest[1] > STALL_SECONDS and reachable is not False:
+            # Retries inside the store layer hide failures until they give up: a request
+            # that stays unanswered says as much.
+            reachable = False
+            failing_since = time.time() - oldest[1]
+            error = f"no answer for {oldest[1]:.0f} s ({oldest[0]})"
         return {
             "reachable": reachable,
             "last_success": iso(self.last_success),
             "last_failure": iso(self.last_failure),
-            "failing_since": iso(self.failing_since),
-            "last_error": None if reachable else self.last_error,
+            "failing_since": iso(failing_since),
+            "last_error": None if reachable else error,
+            "oldest_request": None
+            if oldest is None
+            else {"request": oldest[0], "seconds": round(oldest[1], 1)},
         }
 
     def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
