@@ -2,14 +2,23 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config
+# Everything a fresh Debian lacks to build pyfuse3 and make a venv: a C compiler, Python's
+# headers and venv module, pkg-config and libfuse3's headers; fuse3 for fusermount3.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
 # Real programs the end-to-end tests run on mounts (test_programs, test_gio, test_admin, test_acl).
 TEST_APT_PACKAGES := restic borgbackup rsync git sqlite3 libglib2.0-bin gvfs dbus-daemon \
 	util-linux man-db acl
 DEMO_DIR ?= $(CURDIR)/demo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# `make install-system`: a self-contained install (its own venv, the package copied in, not
+# linked to this clone), with links where mount(8), umount(8) and PATH look, and the man pages.
+SYSTEM_PREFIX ?= /opt/encfs-cloud
+BINDIR ?= /usr/local/bin
+SBINDIR ?= /sbin
+MANDIR ?= /usr/local/share/man
 
-.PHONY: install apt test-apt venv demo demo-stop test test-fast lint stress bench install-system clean
+.PHONY: install apt test-apt venv demo demo-stop test test-fast lint stress bench install-system \
+	uninstall-system clean
 
 install: apt $(BIN)/encfs-cloud
 
@@ -58,10 +67,22 @@ stress: install
 bench: install
 	$(BIN)/python scripts/bench.py --update-readme
 
-install-system: install
-	ln -sf $(CURDIR)/$(BIN)/mount.encfs-cloud /sbin/mount.encfs-cloud
-	ln -sf $(CURDIR)/contrib/umount.fuse.encfs-cloud /sbin/umount.fuse.encfs-cloud
-	ln -sf $(CURDIR)/$(BIN)/encfs-cloud /usr/local/bin/encfs-cloud
+install-system: apt
+	$(PYTHON) -m venv --clear $(SYSTEM_PREFIX)
+	$(SYSTEM_PREFIX)/bin/pip install -q --upgrade pip
+	$(SYSTEM_PREFIX)/bin/pip install -q $(CURDIR)
+	install -m 0755 contrib/umount.fuse.encfs-cloud $(SYSTEM_PREFIX)/bin/umount.fuse.encfs-cloud
+	install -d $(BINDIR) $(SBINDIR) $(MANDIR)/man1
+	ln -sfn $(SYSTEM_PREFIX)/bin/encfs-cloud $(BINDIR)/encfs-cloud
+	ln -sfn $(SYSTEM_PREFIX)/bin/mount.encfs-cloud $(SBINDIR)/mount.encfs-cloud
+	ln -sfn $(SYSTEM_PREFIX)/bin/umount.fuse.encfs-cloud $(SBINDIR)/umount.fuse.encfs-cloud
+	install -m 0644 docs/man/encfs-cloud.1 docs/man/mount.encfs-cloud.1 $(MANDIR)/man1/
+	@echo "installed in $(SYSTEM_PREFIX); the clone may go"
+
+uninstall-system:
+	rm -f $(BINDIR)/encfs-cloud $(SBINDIR)/mount.encfs-cloud $(SBINDIR)/umount.fuse.encfs-cloud
+	rm -f $(MANDIR)/man1/encfs-cloud.1 $(MANDIR)/man1/mount.encfs-cloud.1
+	rm -rf $(SYSTEM_PREFIX)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -99,6 +99,18 @@ class AbortedError(EncfsCloudError):
     exit_code = 17
 
 
+class ChangesSpooledError(EncfsCloudError):
+    """An unmount kept changes sealed in the local spool: they are not in the bucket yet."""
+
+    exit_code = 18
+
+
+class Interrupted(EncfsCloudError):
+    """Ctrl-C; the message says what was and was not done."""
+
+    exit_code = 130
+
+
 # --- runtime errors ----------------------------------------------------------------------
 
 
@@ -184,7 +196,9 @@ EXIT_CODES: dict[str, int] = {
         DeviceRevokedError,
         RecoveryKeyError,
         AbortedError,
+        ChangesSpooledError,
         IntegrityError,
         StoreError,
+        Interrupted,
     )
 }

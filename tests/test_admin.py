@@ -85,18 +85,6 @@ def system_link(path: Path, target: Path) -> Iterator[None]:
             path.chmod(0o755)
 
 
-@contextlib.contextmanager
-def fstab_with(lines: str) -> Iterator[None]:
-    """/etc/fstab with `lines` appended; written back in place (it may be a bind mount)."""
-    fstab = Path("/etc/fstab")
-    original = fstab.read_bytes() if fstab.exists() else b""
-    fstab.write_bytes(original + (b"" if original.endswith(b"\n") else b"\n") + lines.encode())
-    try:
-        yield
-    finally:
-        fstab.write_bytes(original)
-
-
 @needs_fuse
 @pytest.mark.fuse
 @pytest.mark.s3
@@ -117,20 +105,23 @@ def test_fstab_mount_a_mount_dir_mount_t_and_umount(
     env = {**device.env, "PATH": f"{BIN}:{os.environ['PATH']}"}
     umount_helper = CONTRIB / "umount.fuse.encfs-cloud"
     assert os.access(umount_helper, os.X_OK)
+    # A private fstab (mount -T): /etc/fstab is shared with every other test session on this
+    # machine, and `mount -a` would also try their lines.
+    fstab = tmp_path / "fstab"
+    fstab.write_text(lines)
     with (
         system_link(Path("/sbin/mount.encfs-cloud"), Path(MOUNT)),
         system_link(Path("/sbin/umount.fuse.encfs-cloud"), umount_helper),
-        fstab_with(lines),
     ):
         try:
-            sh("mount", "-a", "-t", "encfs-cloud", env=env)
+            sh("mount", "-a", "-T", fstab, "-t", "encfs-cloud", env=env)
             assert is_mounted(at_boot)
             assert not is_mounted(on_demand)  # noauto: left to systemd's automount
             (at_boot / "from-boot.txt").write_text("at boot\n")
             sh("umount", at_boot, env=env)
             # The helper waited: the daemon is gone, so everything is in the bucket.
             assert not is_mounted(at_boot) and daemon_pids(at_boot) == []
-            sh("mount", on_demand, env=env)  # by its fstab line
+            sh("mount", "-T", fstab, on_demand, env=env)  # by its fstab line
             assert (on_demand / "from-boot.txt").read_text() == "at boot\n"
             (on_demand / "on-demand.txt").write_text("on demand\n")
             sh("umount", on_demand, env=env)

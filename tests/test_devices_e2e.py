@@ -42,7 +42,9 @@ def enroll(approver: Device, new: Device, source: str, name: str) -> str:
     """request on `new`, approve on `approver`; returns the new device id."""
     out = new.run("device", "request", source, "--no-passphrase", "--device-name", name).stdout
     request_id, code = field(out, "request id"), field(out, "verification code")
-    done = approver.run("device", "approve", source, request_id, "--code", code, "--yes")
+    done = approver.run(
+        "device", "approve", source, request_id, "--code-file", "-", "--yes", input=code + "\n"
+    )
     assert done.returncode == 0, done.stderr
     assert field(done.stdout, "device id") == request_id
     return request_id
@@ -91,7 +93,9 @@ def test_enroll_by_request_and_approve(
     assert request_id in listed.split("pending requests", 1)[1]
     wrong = "0000-0000-0000" if code != "0000-0000-0000" else "1111-1111-1111"
     for bad in (wrong, "not-a-code"):
-        done = device.run("device", "approve", any_source, request_id, "--code", bad, "--yes")
+        done = device.run(
+            "device", "approve", any_source, request_id, "--code-file", "-", "--yes", input=bad
+        )
         assert done.returncode == 17, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     store = open_store(any_source)
@@ -99,7 +103,14 @@ def test_enroll_by_request_and_approve(
     (tmp_path / "mnt2").mkdir()
     refused = second_device.mount(any_source, tmp_path / "mnt2")
     assert refused.returncode == 8 and code in refused.stderr  # still waits for approval
-    done = device.run("device", "approve", any_source, request_id, "--code", code.lower())
+    # Never in argv (every local user could read it): refused with a hint, nothing enrolled.
+    done = device.run("device", "approve", any_source, request_id, "--code", code, "--yes")
+    assert done.returncode == 2 and "--code-file" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert store.head(records.record_name(request_id)) is None
+    code_file = tmp_path / "code"
+    code_file.write_text(code.lower() + "\n")
+    done = device.run("device", "approve", any_source, request_id, "--code-file", str(code_file))
     assert done.returncode == 0, done.stderr
     with second_device.mounted(any_source, tmp_path / "mnt2") as mnt:
         assert (mnt / "shared.txt").read_text() == "from the laptop"

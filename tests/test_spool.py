@@ -50,7 +50,12 @@ def test_outage_spools_and_next_mount_uploads(
             assert failed.value.errno == errno.EIO
         finally:
             os.close(fd)
-    # The unmount could not reach the store: the changes wait, sealed, in the spool.
+        # The unmount cannot reach the store: it says so and exits with its own code.
+        done = device.run("umount", str(mnt))
+        assert done.returncode == 18, done.stderr
+        assert "kept sealed in" in done.stderr and "/spool" in done.stderr, done.stderr
+        assert "next mount" in done.stderr
+    # The changes wait, sealed, in the spool.
     fs_dirs = [p for p in (device.home / "encfs-cloud").iterdir() if p.is_dir()]
     spooled = [f for d in fs_dirs for f in (d / "spool").glob("*")]
     assert spooled, "nothing was spooled"

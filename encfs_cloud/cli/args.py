@@ -6,9 +6,11 @@ import argparse
 import getpass
 import sys
 
-from encfs_cloud.daemon.options import read_secret_file
+from encfs_cloud.daemon.health import WatchedStore
+from encfs_cloud.daemon.options import check_endpoint_url, read_secret_file
 from encfs_cloud.errors import EXIT_CODES, UsageError
-from encfs_cloud.store import StoreOptions
+from encfs_cloud.store import StoreOptions, open_store
+from encfs_cloud.store.base import ObjectStore
 
 EXIT_HELP = "exit codes: 0 ok; " + ", ".join(
     f"{code} {name.removesuffix('Error')}"
@@ -34,5 +36,10 @@ def ask_new_passphrase(args: argparse.Namespace) -> bytes | None:
     return first.encode()
 
 
+def open_source(args: argparse.Namespace, source: str | None = None) -> ObjectStore:
+    """The store of SOURCE, watched so that a store that does not answer is noticed."""
+    return WatchedStore(open_store(source or args.source, store_from_args(args)))
+
+
 def store_from_args(args: argparse.Namespace) -> StoreOptions:
-    return StoreOptions(endpoint_url=getattr(args, "endpoint_url", None))
+    return StoreOptions(endpoint_url=check_endpoint_url(getattr(args, "endpoint_url", None)))

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from encfs_cloud.cli.args import ask_new_passphrase, store_from_args
+from encfs_cloud.cli.args import ask_new_passphrase, open_source
+from encfs_cloud.cli.progress import FlushView, Progress
 from encfs_cloud.daemon import runtime
 from encfs_cloud.daemon.options import read_secret_file
 from encfs_cloud.daemon.unmount import unmount
@@ -20,6 +21,7 @@ from encfs_cloud.errors import (
     AbortedError,
     DeviceKeyMissingError,
     EncfsCloudError,
+    Interrupted,
     MountpointError,
     UsageError,
 )
@@ -27,9 +29,8 @@ from encfs_cloud.keys import enrollment
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.records import fs_id_of, read_header, record_name
 from encfs_cloud.keys.vault import Unlocked, unlock, unlock_with_recovery
-from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
-from encfs_cloud.tools.reencrypt import Progress, exclusive, mounted_here, reencrypt
+from encfs_cloud.tools.reencrypt import exclusive, mounted_here, reencrypt
 
 _FULL_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -42,7 +43,7 @@ def _interactive() -> bool:
 
 
 def _store(args: argparse.Namespace) -> ObjectStore:
-    return open_store(args.source, store_from_args(args))
+    return open_source(args)
 
 
 def _unlock_passphrase(
@@ -82,24 +83,18 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
         raise AbortedError("not confirmed; nothing was changed")
 
 
-def _progress_bar() -> Progress | None:
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // total if total else width
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\rre-encrypting [{bar}] {done}/{total} packs")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
 def _run_reencrypt(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked) -> None:
-    report = reencrypt(store, unlocked, devices, _progress_bar())
+    bar = Progress("re-encrypting", "packs")
+    try:
+        report = reencrypt(store, unlocked, devices, bar.update)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted: the data not yet rewritten stays readable as before; packs this run "
+            "already wrote are not referenced yet (fsck lists them as garbage): run "
+            "encfs-cloud device reencrypt SOURCE again to resume, and it deletes them"
+        ) from None
+    finally:
+        bar.close()
     print(
         f"re-encrypted {report.chunks} chunks into {report.packs_written} packs under key "
         f"generation {report.generation}; removed {report.objects_deleted} old objects"
@@ -160,17 +155,30 @@ def cmd_approve(args: argparse.Namespace) -> int:
         pending = enrollment.list_requests(store, unlocked.fs_id)
         request = enrollment.find_request(pending, args.request_id)
         print(f"request from {request.name!r} (id {request.device_id}) made {request.requested_at}")
-        code = args.code
-        if code is None:
-            if not _interactive():
-                raise UsageError("no terminal to type the verification code: use --code CODE")
-            code = input("Type the verification code shown on the new device: ")
+        code = _verification_code(args)
         enrollment.verify_request(unlocked.fs_id, request, code)  # a typo enrolls nothing
         _confirm(args, f"Enroll device {request.name!r}?")
         entry = enrollment.approve(store, unlocked, devices, code, request.device_id)
         print(f"approved device {entry.name!r} with key generations up to {entry.generation}")
         print(f"device id: {entry.device_id}")
     return 0
+
+
+def _verification_code(args: argparse.Namespace) -> str:
+    """The code from --code-file (- for stdin) or typed on the terminal; never from argv,
+    where every local user could read it in the process list while it is still valid."""
+    if args.code is not None:
+        raise UsageError(
+            "--code would show the code to every local user; use --code-file FILE "
+            "(- for stdin) or type it when asked"
+        )
+    if args.code_file == "-":
+        return sys.stdin.readline().strip()
+    if args.code_file:
+        return read_secret_file(args.code_file).decode(errors="replace").strip()
+    if not _interactive():
+        raise UsageError("no terminal to type the verification code: use --code-file FILE")
+    return input("Type the verification code shown on the new device: ")
 
 
 def cmd_deny(args: argparse.Namespace) -> int:
@@ -343,11 +351,19 @@ def umount_and_wipe(args: argparse.Namespace) -> int:
     fs_hex, source = entry.get("fs_id"), entry.get("source")
     if not isinstance(source, str):
         raise MountpointError(f"{mountpoint} is not an encfs-cloud mount of this machine")
-    store = open_store(source, store_from_args(args))
+    store = open_source(args, source)
     fs_id = bytes.fromhex(fs_hex) if isinstance(fs_hex, str) else fs_id_of(read_header(store))
     devices = DeviceStore()
     enrollment.check_not_last(store, _own_id(devices, fs_id))  # a refusal leaves it mounted
-    unmount(mountpoint)
+    _confirm(args, f"Unmount {mountpoint} and destroy this device's key for {fs_id.hex()}?")
+    view = FlushView(mountpoint)
+    try:
+        unmount(mountpoint, on_wait=view.tick)
+    except EncfsCloudError as exc:  # not all in the bucket: the key is still needed
+        exc.args = (f"{exc}; this device's key was NOT wiped",)
+        raise
+    finally:
+        view.close()
     _wipe_local(devices, fs_id)
     return 0
 
@@ -365,7 +381,8 @@ _FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "request_id": (("request_id",), {"metavar": "REQUEST_ID"}),
     "device_id": (("device_id",), {"metavar": "DEVICE_ID"}),
     "name": (("name",), {"metavar": "NAME"}),
-    "code": (("--code",), {"help": "the verification code the new device shows"}),
+    "code": (("--code",), {"help": argparse.SUPPRESS}),  # refused: argv is public
+    "code-file": (("--code-file",), {"metavar": "FILE", "help": "read the code (- for stdin)"}),
     "yes": (("--yes", "-y"), {"action": "store_true", "help": "do not ask for confirmation"}),
     "reencrypt": (("--reencrypt",), {"action": "store_true", "help": "also rewrite old data"}),
     "takeover": (("--takeover",), {"action": "store_true", "help": "take a crashed mount's lease"}),
@@ -391,7 +408,7 @@ _COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
     ("device list", cmd_list, "enrolled devices and pending requests", "unlock"),
     ("device request", cmd_request, "ask to enroll this device (shows a code)", "new-device"),
     ("device approve", cmd_approve, "enroll a device if its code matches",
-     "request_id code unlock yes"),
+     "request_id code code-file unlock yes"),
     ("device deny", cmd_deny, "delete a pending enrollment request", "request_id"),
     ("device rename", cmd_rename, "rename an enrolled device", "device_id name unlock"),
     ("device revoke", cmd_revoke, "remove a device; new data uses a key it never had",

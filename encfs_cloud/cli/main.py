@@ -14,10 +14,14 @@ from pathlib import Path
 from types import ModuleType
 
 from encfs_cloud import __version__
-from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, store_from_args
-from encfs_cloud.daemon.options import parse_mount_options
+from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, open_source
+from encfs_cloud.cli.progress import FlushView, StoreWaitNotice
+from encfs_cloud.daemon.health import WatchedStore
+from encfs_cloud.daemon.logs import setup_command_logging
+from encfs_cloud.daemon.options import check_endpoint_url, parse_mount_options
+from encfs_cloud.daemon.runtime import keep_secrets_off_disk
 from encfs_cloud.daemon.unmount import unmount
-from encfs_cloud.errors import EncfsCloudError
+from encfs_cloud.errors import EncfsCloudError, NotEmptyError, UsageError
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store import StoreOptions, open_store
 
@@ -48,7 +52,10 @@ def _command_modules() -> list[ModuleType]:
 def cmd_init(args: argparse.Namespace) -> int:
     from encfs_cloud.keys.vault import init_filesystem
 
-    store = open_store(args.source, store_from_args(args))
+    store = open_source(args)
+    # The store first: an unreachable or non-empty one must not cost typing a passphrase.
+    if next(iter(store.list("")), None) is not None:
+        raise NotEmptyError(f"{store.url} is not empty; init needs an empty bucket or prefix")
     passphrase = ask_new_passphrase(args)
     unlocked, recovery = init_filesystem(store, DeviceStore(), passphrase, args.device_name)
     try:
@@ -68,13 +75,18 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from encfs_cloud.daemon.mount import mount
 
+    if "://" in args.mountpoint and "://" not in args.source:
+        raise UsageError(
+            f"SOURCE comes first, then MOUNTPOINT: {Path(sys.argv[0]).name} "
+            f"{args.mountpoint} {args.source}"
+        )
     # Absolute now: the daemon changes to "/" before it mounts.
     mountpoint = Path(os.path.abspath(args.mountpoint))
     request = parse_mount_options(args.source, mountpoint, args.options or [])
     request.foreground = request.foreground or args.foreground
     if args.endpoint_url:
         request.store_options = dataclasses.replace(
-            request.store_options, endpoint_url=args.endpoint_url
+            request.store_options, endpoint_url=check_endpoint_url(args.endpoint_url)
         )
     if request.passphrase is None:
         request.passphrase = _ask_unlock_passphrase(request.source, request.store_options)
@@ -87,7 +99,7 @@ def _ask_unlock_passphrase(source: str, options: StoreOptions) -> bytes | None:
 
     if not sys.stdin.isatty():
         return None
-    header = read_header(open_store(source, options))
+    header = read_header(WatchedStore(open_store(source, options)))
     devices = DeviceStore()
     fs_id = bytes.fromhex(str(header["fs_id"]))
     if not devices.has(fs_id) or not devices.needs_passphrase(fs_id):
@@ -100,7 +112,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         from encfs_cloud.cli.devices import umount_and_wipe
 
         return umount_and_wipe(args)
-    unmount(Path(args.mountpoint))
+    view = FlushView(Path(os.path.abspath(args.mountpoint)))
+    try:
+        unmount(Path(args.mountpoint), on_wait=view.tick)  # raises unless all is in the bucket
+    finally:
+        view.close()
     return 0
 
 
@@ -150,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--wipe", action="store_true", help="also destroy this device's key")
+    p.add_argument("-y", "--yes", action="store_true", help="with --wipe: do not ask")
     p.set_defaults(func=cmd_umount)
 
     for module in _command_modules():
@@ -167,7 +184,7 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="OPTION[,OPTION...]",
         help="ro, cache_size=SIZE, passphrase_file=FILE, endpoint_url=URL, region=NAME, "
-        "profile=NAME, allow_other, allow_root, uid=N, gid=N, umask=M, max_read=N, log=FILE, "
+        "profile=NAME, allow_other, allow_root, max_read=N, log=FILE, "
         "commit_interval=SECONDS, sync_timeout=SECONDS, read_timeout=SECONDS, "
         "connect_timeout=SECONDS, takeover, allow_rollback, debug, "
         "exec, noexec, suid, nosuid, dev, nodev",
@@ -180,10 +197,11 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(levelname)s: %(message)s",
-    )
+    setup_command_logging(getattr(args, "verbose", False))
+    # Before any command can unlock a key: a crash must not write keys, passphrases or
+    # names into a core file, and other processes of this user must not ptrace us.
+    keep_secrets_off_disk()
+    StoreWaitNotice(parser.prog).start()  # on a terminal: says so when the store is silent
     try:
         result: int = args.func(args)
         return result
@@ -191,7 +209,8 @@ def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; nothing was changed", file=sys.stderr)
+        # Commands that change things say what they did themselves (Interrupted above).
+        print(f"{parser.prog}: interrupted before it finished", file=sys.stderr)
         return 130
 
 

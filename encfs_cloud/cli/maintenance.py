@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import os
 import sys
 import time
 from typing import Any
 
-from encfs_cloud.cli.args import EXIT_HELP, store_from_args
+from encfs_cloud.cli.args import EXIT_HELP, open_source
+from encfs_cloud.cli.progress import Progress
 from encfs_cloud.daemon.lease import FencedStore, Lease
 from encfs_cloud.daemon.options import read_secret_file
+from encfs_cloud.errors import Interrupted
 from encfs_cloud.keys.device import DeviceState, DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import Unlocked, read_header, unlock
-from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tools.fsck import EXIT_CLEAN, EXIT_DAMAGED, EXIT_REPAIRED, Report, check, repair
 from encfs_cloud.tools.salvage import EXIT_ALL_SAVED, EXIT_SOME_LOST, salvage
@@ -40,7 +42,8 @@ other {OTHER_CODES}"""
 
 SALVAGE_EPILOG = f"""\
 salvage copies every file whose data authenticates (with modes, owners, times, symlinks, hard
-links and extended attributes) into DEST, which must be missing or empty. If the newest
+links and extended attributes) into DEST, which must be missing or empty (or left by an
+interrupted salvage, which the same command then resumes). If the newest
 metadata commit is damaged, it uses the newest state that still replays and says so. Each
 thing it could not save is one line on stdout: "lost: PATH: why".
 
@@ -85,33 +88,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_salvage)
 
 
-class TerminalProgress:
-    """One self-overwriting status line on stderr, only if stderr is a terminal."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.enabled = sys.stderr.isatty()
-        self.width = 0
-        self.last = 0.0
-
-    def __call__(self, text: str) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < 0.1:
-            return
-        self.last = now
-        line = f"{self.label}: {text}"
-        sys.stderr.write("\r" + line.ljust(self.width))
-        sys.stderr.flush()
-        self.width = max(self.width, len(line))
-
-    def done(self) -> None:
-        if self.enabled and self.width:
-            sys.stderr.write("\r" + " " * self.width + "\r")
-            sys.stderr.flush()
-
-
 def _open(args: argparse.Namespace) -> tuple[ObjectStore, DeviceStore, Unlocked]:
-    store = open_store(args.source, store_from_args(args))
+    store = open_source(args)
     devices = DeviceStore()
     passphrase = None
     if args.passphrase_file:
@@ -158,17 +136,17 @@ def _fsck(
     devices: DeviceStore,
     fs_id: bytes,
 ) -> int:
-    progress = TerminalProgress("fsck")
+    bar = Progress("fsck:", "")
     try:
         report = check(
             store,
             sealer,
             writer_active=not lease.held and _writer_active(lease),
             seen_seq=devices.load_state(fs_id).commit_seq,
-            progress=progress,
+            progress=lambda stage, done, total: bar.update(done, total, label=f"fsck: {stage}"),
         )
     finally:
-        progress.done()
+        bar.close()
     try:
         return _conclude(args, store, sealer, lease, devices, fs_id, report)
     finally:
@@ -254,14 +232,32 @@ def _remember(devices: DeviceStore, fs_id: bytes, head: Head) -> None:
     devices.update_state(fs_id, change)
 
 
+def _written(dest: str) -> tuple[int, int]:
+    """How many files and bytes an interrupted salvage left in DEST."""
+    files = size = 0
+    for folder, _, names in os.walk(dest):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(folder, name)).st_size
+                files += 1
+    return files, size
+
+
 def cmd_salvage(args: argparse.Namespace) -> int:
     store, _, unlocked = _open(args)
-    progress = TerminalProgress("salvage")
+    bar = Progress("salvage: copied")
     try:
         sealer = Sealer(unlocked.fs_id, unlocked.keys)
-        state, result = salvage(store, sealer, args.dest, partial=args.partial, progress=progress)
+        state, result = salvage(store, sealer, args.dest, partial=args.partial, progress=bar.update)
+    except KeyboardInterrupt:
+        files, size = _written(args.dest)
+        raise Interrupted(
+            f"interrupted: {files} files ({size / (1 << 20):.1f} MiB) were written into "
+            f"{args.dest}, which is incomplete; the bucket was not changed. Run the same "
+            "salvage command again to resume: it writes everything again over what is there"
+        ) from None
     finally:
-        progress.done()
+        bar.close()
         unlocked.wipe()
     if not state.complete:
         print(

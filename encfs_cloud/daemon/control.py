@@ -10,12 +10,13 @@ import socket
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from encfs_cloud import __version__
 from encfs_cloud.daemon import runtime
+from encfs_cloud.daemon.health import find_watch, iso
 from encfs_cloud.errors import MountpointError
 
 if TYPE_CHECKING:
@@ -98,9 +99,11 @@ def status(volume: Volume, mountpoint: Path, rates: Rates) -> dict[str, Any]:
             "bytes_uploaded": uploader.bytes_uploaded,
             "bytes_fetched": data.bytes_fetched,
         },
+        "time": iso(time.time()),
         "last_commit": {
             "seq": head.seq,
             "time_ns": committer.last_commit_ns or None,  # None: no commit since mounting
+            "time": iso(committer.last_commit_ns / 1e9) if committer.last_commit_ns else None,
             "commits_since_mount": committer.commits,
             "queued": len(committer.queue),
         },
@@ -111,6 +114,9 @@ def status(volume: Volume, mountpoint: Path, rates: Rates) -> dict[str, Any]:
             "integrity": data.integrity_errors,
         },
     }
+    watch = find_watch(volume.store)
+    if watch is not None:  # from memory: says the store is unreachable without asking it
+        report["store"] = watch.report()
     if volume.lease is not None:  # a read-only mount holds none
         lease = volume.lease
         report["lease"] = {"holder": f"this device ({lease.device_name})", **lease.status()}
@@ -212,50 +218,3 @@ def query(mountpoint: Path, timeout: float = 5.0) -> dict[str, Any]:
         raise MountpointError(f"the daemon of {mountpoint} refused: {reply.get('error')}")
     result: dict[str, Any] = reply["status"]
     return result
-
-
-class FlushProgress:
-    """The unmount's "uploading 312 MiB, 40 s left" line: on a terminal only, and only once
-    the wait is long enough to wonder about; silent everywhere else."""
-
-    QUIET_FOR = 1.0  # seconds: a quick unmount prints nothing at all
-    EVERY = 0.5
-
-    def __init__(self, mountpoint: Path, stream: TextIO) -> None:
-        self.mountpoint = mountpoint
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self.started = time.monotonic()
-        self.next_at = self.started + self.QUIET_FOR
-        self.shown = 0  # width of the line on screen
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        if not self.enabled or now < self.next_at:
-            return
-        self.next_at = now + self.EVERY
-        try:
-            report = query(self.mountpoint, timeout=1.0)
-        except MountpointError:
-            return  # the daemon is closing its socket: it is about to exit
-        pending = report["dirty"]["dirty_bytes"] + report["dirty"]["uploading_bytes"]
-        rate = report["transfers"]["upload_rate"]
-        if pending <= 0:
-            line = "encfs-cloud: writing the last commit"
-        elif rate > 0:
-            line = f"encfs-cloud: uploading {_mib(pending)}, {pending / rate:.0f} s left"
-        else:
-            line = f"encfs-cloud: uploading {_mib(pending)}"
-        self.stream.write("\r" + line.ljust(self.shown))
-        self.stream.flush()
-        self.shown = len(line)
-
-    def done(self) -> None:
-        if self.shown:
-            self.stream.write("\r" + " " * self.shown + "\r")
-            self.stream.flush()
-            self.shown = 0
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"

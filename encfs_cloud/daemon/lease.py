@@ -20,6 +20,7 @@ read who holds it nor forge a lease, which is sealed with the filesystem's keys.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -310,10 +311,13 @@ class Lease:
             state = "released"
         else:
             state = "held"
-        out: dict[str, Any] = {"state": state, "renewed": f"{age:.0f}s ago"}
+        # Numbers and ISO times: `status --json` is for programs; the CLI words them.
+        out: dict[str, Any] = {"state": state, "renewed_seconds_ago": round(age, 1)}
         if info is not None:
-            out["since"] = _when(info.acquired_at)
-            out["validity"] = f"{info.validity:.0f}s"
+            out["since"] = datetime.datetime.fromtimestamp(
+                info.acquired_at, datetime.UTC
+            ).isoformat(timespec="seconds")
+            out["validity_seconds"] = info.validity
         return out
 
     def lost_holder(self) -> str:

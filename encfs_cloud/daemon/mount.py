@@ -14,14 +14,23 @@ import pyfuse3
 import trio
 
 from encfs_cloud import layout
-from encfs_cloud.daemon import control, runtime
+from encfs_cloud.daemon import control, logs, runtime
+from encfs_cloud.daemon.health import WatchedStore
 from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseKeeper
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
-from encfs_cloud.errors import EncfsCloudError, MountpointError
+from encfs_cloud.data import spool
+from encfs_cloud.errors import (
+    ChangesSpooledError,
+    EncfsCloudError,
+    LeaseHeldError,
+    MountpointError,
+    StoreError,
+)
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import StoreOptions, open_store
+from encfs_cloud.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,8 @@ def check_mountpoint(path: Path) -> None:
 
 def prepare(request: MountRequest) -> Volume:
     """Open the store, unlock the keys, take the lease (read-write) and replay (blocking)."""
-    store = open_store(request.source, request.store_options)
+    # Watched from the start: `status` then tells whether the store answers.
+    store: ObjectStore = WatchedStore(open_store(request.source, request.store_options))
     devices = DeviceStore()
     unlocked = unlock(store, devices, request.passphrase)
     lease: Lease | None = None
@@ -129,8 +139,13 @@ def raise_read_ahead(mountpoint: Path) -> None:
         log.debug("read-ahead left at the kernel's default: %s", exc)
 
 
-async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> None:
-    """Run the FUSE loop until the kernel unmounts us, then flush everything."""
+async def serve(
+    volume: Volume, request: MountRequest, ready: trio.Event, outcome: dict[str, object]
+) -> None:
+    """Run the FUSE loop until the kernel unmounts us, then flush everything.
+
+    `outcome` receives the final flush's verdict, which the waiting `umount` reports.
+    """
     keeper: LeaseKeeper | None = None
     if volume.lease is not None:
 
@@ -159,35 +174,92 @@ async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> Non
             await pyfuse3.main()
         finally:
             with trio.CancelScope(shield=True):
-                await _final_flush(volume)
+                runtime.sd_notify("STOPPING=1")
+                async with trio.open_nursery() as reporting:
+                    reporting.start_soon(_report_flush, volume)
+                    outcome.update(await _final_flush(volume))
+                    reporting.cancel_scope.cancel()
+                runtime.sd_notify(f"STATUS={_verdict_line(outcome)}")
                 if keeper is not None:  # renewed during the flush; released only after it
                     await keeper.stop_and_release()
             nursery.cancel_scope.cancel()
 
 
-async def _final_flush(volume: Volume) -> None:
-    """Put every change in the bucket; if the store cannot take it, spool it sealed locally."""
+# systemd's stop timeout is pushed this far ahead on every report while the final upload runs,
+# so a long upload is never killed half-way while it makes progress reports.
+EXTEND_USEC = 60_000_000
+REPORT_EVERY = 10.0
+
+
+async def _report_flush(volume: Volume) -> None:
+    """Tell systemd what the final flush is doing, and that it needs more time."""
+    while True:
+        pending = volume.cache.dirty_bytes + volume.cache.inflight_bytes
+        queued = len(volume.committer.queue)
+        runtime.sd_notify(
+            f"STATUS=unmounting: uploading {pending / (1 << 20):.1f} MiB and "
+            f"{queued} queued commits\nEXTEND_TIMEOUT_USEC={EXTEND_USEC}"
+        )
+        await trio.sleep(REPORT_EVERY)
+
+
+def _verdict_line(outcome: dict[str, object]) -> str:
+    result = outcome.get("result")
+    if result == "ok":
+        return "unmounted: every change is in the bucket"
+    if result == "spooled":
+        return f"unmounted: {outcome.get('bytes')} bytes kept in the local spool"
+    if result == "dropped":
+        return "unmounted: the lease was lost; uncommitted changes were discarded"
+    return f"unmounted: {outcome.get('error', 'the last changes may be lost')}"
+
+
+# What a foreground mount (systemd's main process) exits with after the final flush.
+_VERDICT_CODES = {
+    "ok": 0,
+    "spooled": ChangesSpooledError.exit_code,
+    "dropped": LeaseHeldError.exit_code,
+}
+
+
+async def _final_flush(volume: Volume) -> dict[str, object]:
+    """Put every change in the bucket; if the store cannot take it, spool it sealed locally.
+
+    Returns the verdict for `umount`: result ok, spooled (with bytes and spool), dropped
+    (the lease was lost) or failed (with the error).
+    """
     if volume.committer.stopped:
+        if not (volume.committer.has_changes() or volume.committer.queue):
+            return {"result": "ok"}  # it lost the right to write, but every change had landed
         log.error("unmount: this mount lost the right to write; uncommitted changes are dropped")
-        return
+        return {"result": "dropped"}
     try:
         await volume.flush()
         if not volume.options.read_only:
             log.info("unmount: every change is in the bucket")
-        return
+            # Packs the last commits freed go now, while the lease still lets us delete.
+            if not await volume.committer.cleanups_done(volume.options.sync_timeout):
+                log.warning("unmount: some freed objects are not deleted yet; fsck lists them")
+        return {"result": "ok"}
     except EncfsCloudError as exc:
         log.error("unmount: could not write the last changes to the bucket: %s", exc)
+        error = str(exc)
     if volume.committer.stopped:
-        return  # another writer owns the filesystem now: our changes must not land
+        return {"result": "dropped"}  # another writer owns the filesystem: ours must not land
     try:
         size = volume.spool()
-        if size:
-            log.warning(
-                "unmount: %d bytes kept sealed in the local spool; the next mount uploads them",
-                size,
-            )
     except OSError as exc:
         log.error("unmount: could not write the local spool: %s", exc)
+        return {"result": "failed", "error": f"{error}; the local spool failed too: {exc}"}
+    if not size:
+        return {"result": "failed", "error": error}
+    folder = volume.devices.folder(volume.unlocked.fs_id) / spool.SPOOL_DIR
+    log.warning(
+        "unmount: %d bytes kept sealed in the local spool %s; the next mount uploads them",
+        size,
+        folder,
+    )
+    return {"result": "spooled", "bytes": size, "spool": str(folder)}
 
 
 async def _watch_signals(mountpoint: Path) -> None:
@@ -218,25 +290,29 @@ def run_mounted(volume: Volume, request: MountRequest, notify_fd: int | None) ->
     volume.ops.after_init = lambda: raise_read_ahead(request.mountpoint)
     runtime.register(request.mountpoint, os.getpid(), request.source, volume.unlocked.fs_id)
     code = 0
+    outcome: dict[str, object] = {}
     try:
         ready = trio.Event()
 
         async def main() -> None:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve, volume, request, ready)
+                nursery.start_soon(serve, volume, request, ready, outcome)
                 await ready.wait()
                 runtime.notify_ready(notify_fd)
 
         trio.run(main)
-    except BaseException:
+    except BaseException as exc:
         log.exception("the mount stopped on an error")
         code = 1
+        if not outcome:
+            outcome.update(result="failed", error=f"the daemon stopped on an error: {exc}")
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
+        runtime.report_outcome(request.mountpoint, outcome or {"result": "failed"})
         runtime.unregister(request.mountpoint)
         volume.wipe()
-    return code
+    return code or _VERDICT_CODES.get(str(outcome.get("result")), StoreError.exit_code)
 
 
 def mount(request: MountRequest) -> int:
@@ -248,7 +324,8 @@ def mount(request: MountRequest) -> int:
     check_mountpoint(request.mountpoint)
     runtime.tame_malloc()
     runtime.keep_secrets_off_disk()
-    runtime.setup_logging(request.log_file, request.debug, foreground=True)
+    # In the foreground of the command until the fork: a bad log=FILE fails here, not later.
+    logs.setup_logging(request.log_file, request.debug, foreground=True)
     volume = prepare(request)
     if request.foreground:
         return run_mounted(volume, request, None)
@@ -259,5 +336,10 @@ def mount(request: MountRequest) -> int:
 
 
 def _daemon_main(volume: Volume, request: MountRequest, notify_fd: int) -> int:
-    runtime.setup_logging(request.log_file, request.debug, foreground=False)
+    logs.setup_logging(
+        request.log_file,
+        request.debug,
+        foreground=False,
+        state_folder=volume.devices.folder(volume.unlocked.fs_id),
+    )
     return run_mounted(volume, request, notify_fd)

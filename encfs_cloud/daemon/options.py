@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from encfs_cloud.daemon.mount import MountRequest
 from encfs_cloud.daemon.volume import VolumeOptions
@@ -34,12 +35,26 @@ GENERIC = {
     "owner",
     "group",
     "loop",
+    "_rnetdev",
 }
-GENERIC_PREFIXES = ("x-", "comment=", "_")
+# Only what mount(8), fstab and systemd define; any other "_name" is a typo to report.
+GENERIC_PREFIXES = ("x-", "comment=")
 # Flags the kernel enforces on the mount itself: handed to FUSE's mount(2), never dropped.
 # Without them libfuse mounts nosuid,nodev (and exec): a forged set-id file or device node
 # in the bucket stays harmless unless the user asks for `suid` or `dev`.
 KERNEL_FLAGS = ("exec", "noexec", "suid", "nosuid", "dev", "nodev")
+VALUE_OPTIONS = (
+    "cache_size",
+    "passphrase_file",
+    "endpoint_url",
+    "log",
+    "region",
+    "profile",
+    "commit_interval",
+    "sync_timeout",
+    "read_timeout",
+    "connect_timeout",
+)
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -79,9 +94,24 @@ def _seconds(pairs: dict[str, str], name: str) -> float | None:
     return seconds
 
 
+def check_endpoint_url(url: str | None) -> str | None:
+    """An endpoint URL botocore will take, or a one-line error (it would raise a traceback)."""
+    if url is None:
+        return None
+    hint = "write it like https://s3.example.net or http://127.0.0.1:9000"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as exc:
+        raise UsageError(f"endpoint URL {url!r} is malformed ({exc}); {hint}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"endpoint URL {url!r} is malformed; {hint}")
+    return url
+
+
 def store_options_from(pairs: dict[str, str]) -> StoreOptions:
     options = StoreOptions(
-        endpoint_url=pairs.get("endpoint_url"),
+        endpoint_url=check_endpoint_url(pairs.get("endpoint_url")),
         region=pairs.get("region"),
         profile=pairs.get("profile"),
     )
@@ -92,6 +122,31 @@ def store_options_from(pairs: dict[str, str]) -> StoreOptions:
     if connect_timeout is not None:
         options = dataclasses.replace(options, connect_timeout=connect_timeout)
     return options
+
+
+_EXAMPLE = {
+    "cache_size": "512M",
+    "passphrase_file": "/etc/encfs-cloud/home.pass",
+    "endpoint_url": "https://s3.example.net",
+    "log": "/var/log/encfs-cloud.log",
+    "region": "eu-west-1",
+    "profile": "backup",
+    "commit_interval": "5",
+    "sync_timeout": "120",
+    "read_timeout": "30",
+    "connect_timeout": "5",
+}
+
+
+def _max_read(value: str) -> int:
+    """Checked here: libfuse would only say "fuse_session_new() failed"."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"mount option max_read takes a number of bytes, not {value!r}") from None
+    if number <= 0:
+        raise UsageError(f"mount option max_read={value} must be positive")
+    return number
 
 
 def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> MountRequest:
@@ -110,22 +165,9 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
             "allow_root",
         ):
             flags.add(key)
-        elif (
-            key
-            in (
-                "cache_size",
-                "passphrase_file",
-                "endpoint_url",
-                "log",
-                "region",
-                "profile",
-                "commit_interval",
-                "sync_timeout",
-                "read_timeout",
-                "connect_timeout",
-            )
-            and sep
-        ):
+        elif key in VALUE_OPTIONS:
+            if not sep or not value:
+                raise UsageError(f"mount option {key} needs a value, like {key}={_EXAMPLE[key]}")
             pairs[key] = value
         elif item in GENERIC or item.startswith(GENERIC_PREFIXES):
             continue
@@ -133,8 +175,15 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
             # FUSE gets its options as a set: the last of a pair (exec,noexec) must win here.
             opposite = item[2:] if item.startswith("no") else "no" + item
             fuse_extra = [o for o in fuse_extra if o not in (item, opposite)] + [item]
-        elif key in ("uid", "gid", "umask", "max_read"):
-            fuse_extra.append(item)
+        elif key == "max_read":
+            fuse_extra.append(f"max_read={_max_read(value)}")
+        elif key in ("uid", "gid", "umask"):
+            # Options of libfuse's high-level API; pyfuse3 uses the low-level one, where the
+            # kernel would refuse them with only "fuse_session_new() failed".
+            raise UsageError(
+                f"mount option {key}= is not supported: files show the owners and modes stored "
+                "in the filesystem (change them with chown/chmod; allow_other shares the mount)"
+            )
         else:
             raise UsageError(f"unknown mount option {item!r}; see mount.encfs-cloud --help")
     volume = VolumeOptions(read_only="ro" in flags, allow_rollback="allow_rollback" in flags)

@@ -7,7 +7,6 @@ import ctypes
 import hashlib
 import json
 import logging
-import logging.handlers
 import os
 import resource
 import socket
@@ -120,6 +119,8 @@ def registry_entry(mountpoint: Path) -> Path:
 
 def register(mountpoint: Path, pid: int, source: str, fs_id: bytes | None = None) -> None:
     path = _entry_path(mountpoint)
+    with contextlib.suppress(FileNotFoundError):  # an earlier mount's verdict is not ours
+        _outcome_path(mountpoint).unlink()
     tmp = path.with_suffix(".tmp")
     entry = {"pid": pid, "mountpoint": os.path.abspath(mountpoint), "source": source}
     if fs_id is not None:  # lets `umount --wipe` and re-encryption find the filesystem
@@ -153,6 +154,37 @@ def live_mounts() -> list[dict[str, object]]:
 def unregister(mountpoint: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         _entry_path(mountpoint).unlink()
+
+
+def _outcome_path(mountpoint: Path) -> Path:
+    return _entry_path(mountpoint).with_suffix(".outcome")
+
+
+def report_outcome(mountpoint: Path, outcome: dict[str, object]) -> None:
+    """Leave the final flush's verdict for the `umount` that waits for this daemon to exit.
+
+    Written before the daemon exits and tagged with its pid, so the waiting command can tell
+    it from a verdict an earlier mount left behind.
+    """
+    path = _outcome_path(mountpoint)
+    tmp = path.with_suffix(".outcome-tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps({"pid": os.getpid(), **outcome}))
+        os.replace(tmp, path)
+
+
+def take_outcome(mountpoint: Path, pid: int) -> dict[str, object] | None:
+    """The verdict daemon `pid` left for `mountpoint` (consumed), or None if it left none."""
+    path = _outcome_path(mountpoint)
+    try:
+        outcome = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(outcome, dict) or outcome.get("pid") != pid:
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return outcome
 
 
 def daemon_pid(mountpoint: Path) -> int | None:
@@ -219,41 +251,3 @@ def keep_secrets_off_disk() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-
-
-# --- logging ----------------------------------------------------------------------------------
-
-
-def _syslog_handler() -> logging.Handler:
-    """syslog/journald through /dev/log, or nothing if no logger listens there."""
-    if not Path("/dev/log").exists():
-        return logging.NullHandler()
-    try:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-    except OSError:  # a stale socket (the syslog daemon stopped) must not stop the mount
-        return logging.NullHandler()
-    handler.ident = "encfs-cloud: "
-    return handler
-
-
-def setup_logging(log_file: str | None, debug: bool, *, foreground: bool) -> None:
-    """Log to a file, to stderr in the foreground, or to syslog/journald as a daemon."""
-    level = logging.DEBUG if debug else logging.INFO
-    handler: logging.Handler
-    if log_file:
-        handler = logging.FileHandler(log_file)
-    elif foreground:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = _syslog_handler()
-    if isinstance(handler, logging.handlers.SysLogHandler):
-        # syslog and journald stamp the time and map the priority to the level themselves.
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # boto at debug level would log request bodies and headers: keep it quiet.
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from encfs_cloud.daemon.control import FlushProgress
-from encfs_cloud.daemon.runtime import daemon_pid, fusermount, pid_alive
-from encfs_cloud.errors import EncfsCloudError, MountpointError
+from encfs_cloud.daemon.runtime import daemon_pid, fusermount, pid_alive, take_outcome
+from encfs_cloud.errors import (
+    ChangesSpooledError,
+    EncfsCloudError,
+    Interrupted,
+    LeaseHeldError,
+    MountpointError,
+    StoreError,
+)
 
 
-def unmount(mountpoint: Path, timeout: float | None = None) -> None:
-    """Unmount and wait until the daemon has put everything in the bucket and exited."""
+def unmount(
+    mountpoint: Path,
+    timeout: float | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> None:
+    """Unmount and wait until the daemon has put everything in the bucket and exited.
+
+    `on_wait` is called about every 50 ms while waiting (the command's progress line).
+
+    Returns only if every change reached the bucket; otherwise raises with what happened
+    to them (kept in the local spool, discarded after losing the lease, or an error).
+    """
     mountpoint = mountpoint.absolute()
     pid = daemon_pid(mountpoint)
     if not os.path.ismount(mountpoint):
@@ -27,14 +43,49 @@ def unmount(mountpoint: Path, timeout: float | None = None) -> None:
     if pid is None:
         return
     deadline = None if timeout is None else time.monotonic() + timeout
-    progress = FlushProgress(mountpoint, sys.stderr)
     try:
         while pid_alive(pid):
             if deadline is not None and time.monotonic() > deadline:
                 raise EncfsCloudError(
                     f"the daemon (pid {pid}) is still flushing; it will finish alone"
                 )
-            progress.tick()
+            if on_wait is not None:
+                on_wait()
             time.sleep(0.05)
-    finally:
-        progress.done()
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted: {mountpoint} is unmounted, but the daemon (pid {pid}) goes on "
+            "uploading the last changes in the background; its log says when it is done"
+        ) from None
+    _check_outcome(mountpoint, pid)
+
+
+def _check_outcome(mountpoint: Path, pid: int) -> None:
+    """Turn the verdict the daemon left into success or the error that describes it."""
+    outcome = take_outcome(mountpoint, pid)
+    if outcome is None:
+        raise EncfsCloudError(
+            f"the daemon (pid {pid}) exited without saying whether every change reached the "
+            "bucket; see its log"
+        )
+    result = outcome.get("result")
+    if result == "ok":
+        return
+    if result == "spooled":
+        size = int(str(outcome.get("bytes", 0)))
+        raise ChangesSpooledError(
+            f"the store did not take the last changes: {_size(size)} kept sealed in "
+            f"{outcome.get('spool')}; the next mount on this device uploads them"
+        )
+    if result == "dropped":
+        raise LeaseHeldError(
+            "this mount had lost the right to write (another writer took the lease, or this "
+            "device was revoked): changes not yet committed were discarded"
+        )
+    raise StoreError(
+        f"the last changes may not be in the bucket: {outcome.get('error', 'unknown error')}"
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"

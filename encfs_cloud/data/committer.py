@@ -75,6 +75,8 @@ class Committer:
         self.last_commit_ns = 0
         self.errors = 0
         self.stopped = False  # set when writing must stop (lease lost, device revoked)
+        self._cleanups = 0  # background deletions of freed packs and old commits running
+        self._cleanups_idle = trio.Event()
 
     def has_changes(self) -> bool:
         up = self.uploader
@@ -188,7 +190,28 @@ class Committer:
 
     def _start(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         if self.uploader.nursery is not None:
-            self.uploader.nursery.start_soon(fn, *args)
+            self._cleanups += 1
+            self.uploader.nursery.start_soon(self._tracked, fn, *args)
+
+    async def _tracked(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        try:
+            await fn(*args)
+        finally:
+            self._cleanups -= 1
+            if not self._cleanups:
+                self._cleanups_idle.set()
+                self._cleanups_idle = trio.Event()
+
+    async def cleanups_done(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) for the deletions commits started; True if all ended.
+
+        The unmount waits here before it releases the lease: deletions go through the
+        lease's fence, so after the release they would fail and the packs would linger.
+        """
+        with trio.move_on_after(timeout):
+            while self._cleanups:
+                await self._cleanups_idle.wait()
+        return not self._cleanups
 
     async def _drop_commits_before(self, seq: int) -> None:
         up = self.uploader

@@ -38,7 +38,7 @@ EXIT_REPAIRED = 30
 EXIT_DAMAGED = 31
 CHECK_THREADS = 8
 
-Progress = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # (stage, done, total); total 0: unknown
 ChunkRow = tuple[int, int, int, int, int, int, int]  # inode, idx, off, len, plain_len, ver, gen
 
 
@@ -104,7 +104,7 @@ def check(
     """Check everything. `writer_active`: a mount holds the lease, so unreferenced packs and
     nameless inodes may be its work in flight and are not counted as problems."""
     if progress:
-        progress("reading metadata")
+        progress("reading metadata", 0, 0)
     report = Report(recover_state(store, sealer))
     state = report.state
     for problem in state.problems:
@@ -278,7 +278,7 @@ def _check_data(
             for ino, idx, why in job.result():
                 bad[ino].append(f"chunk {idx} {why}")
             if progress:
-                progress(f"verifying data: {done}/{len(jobs)} data objects")
+                progress("verifying data objects:", done, len(jobs))
     for ino, whys in sorted(bad.items()):
         if ino in plan.remove_inodes:
             continue

@@ -36,7 +36,9 @@ READ_WINDOW = 16  # chunks of one file fetched ahead of the writer
 PARTIAL_SUFFIX = b".salvage-partial"
 _FATAL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # DEST itself fails: stop, do not go on
 
-Progress = Callable[[str], None]
+Progress = Callable[[int, int], None]  # (bytes copied, bytes in all files)
+# Left in DEST while a salvage runs: a DEST holding it may be salvaged into again (resumed).
+INCOMPLETE = b".encfs-cloud-salvage-incomplete"
 
 
 # --- the newest replayable state ----------------------------------------------------------
@@ -184,13 +186,25 @@ class Salvager:
         self.partial = partial
         self.progress = progress
         self.result = SalvageResult()
+        self.resuming = False  # DEST holds what an interrupted run wrote: overwrite it
+        self.total_bytes = md.usage()[0]
         self.copied: dict[int, bytes] = {}  # inode → first path saved (hard links)
         self.pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="salvage")
 
     def run(self) -> SalvageResult:
+        marker = os.path.join(self.dest, INCOMPLETE)
         if os.path.lexists(self.dest) and (not os.path.isdir(self.dest) or os.listdir(self.dest)):
-            raise UsageError(f"{display(self.dest)} exists and is not an empty directory")
+            if not os.path.isfile(marker):  # only what an interrupted salvage left is redone
+                raise UsageError(f"{display(self.dest)} exists and is not an empty directory")
+            self.resuming = True
         os.makedirs(self.dest, mode=0o700, exist_ok=True)
+        # Present until the copy is complete: an interrupted run is resumed by running again.
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        result = self._copy()
+        os.unlink(marker)
+        return result
+
+    def _copy(self) -> SalvageResult:
         root = self.md.get_inode(ROOT_INODE)
         dirs: list[tuple[bytes, Inode]] = []
         try:
@@ -216,6 +230,9 @@ class Salvager:
                 "SELECT name, inode FROM dentries WHERE parent=? ORDER BY id", (ino,)
             ).fetchall()
             for name, child in rows:
+                if folder == self.dest and bytes(name) == INCOMPLETE:
+                    self.result.lost.append(("/" + INCOMPLETE.decode(), "the name is reserved"))
+                    continue
                 path = os.path.join(folder, bytes(name))
                 rel = b"/" + os.path.relpath(path, self.dest)
                 inode = self.md.get_inode(child)
@@ -226,7 +243,8 @@ class Salvager:
                         self._leaf(path, rel, inode)
                     elif child not in seen_dirs:  # (a second name for a directory is skipped)
                         seen_dirs.add(child)
-                        os.mkdir(path, 0o700)
+                        if not (self.resuming and os.path.isdir(path)):
+                            os.mkdir(path, 0o700)
                         self.result.dirs += 1
                         self._xattrs(path, rel, inode)
                         dirs.append((path, inode))
@@ -237,6 +255,8 @@ class Salvager:
                     self.result.lost.append((display(rel), f"cannot be created: {exc.strerror}"))
 
     def _leaf(self, path: bytes, rel: bytes, inode: Inode) -> None:
+        if self.resuming and os.path.lexists(path):
+            os.unlink(path)  # written by the interrupted run, maybe half: written again
         first = self.copied.get(inode.id)
         if first is not None:
             os.link(first, path, follow_symlinks=False)
@@ -314,7 +334,7 @@ class Salvager:
         if data:
             os.pwrite(fd, data, base)
             if self.progress:
-                self.progress(f"{self.result.files} files, {self.result.bytes >> 20} MiB")
+                self.progress(self.result.bytes + len(data), self.total_bytes)
         return len(data)
 
     def _xattrs(self, path: bytes, rel: bytes, inode: Inode) -> None:
