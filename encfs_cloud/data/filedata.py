@@ -139,6 +139,7 @@ class FileData:
                         ref.gen,
                         ref.plain_len,
                         blob[start : start + ref.len],
+                        ref.digest,
                     )
                 )
             except IntegrityError as exc:

@@ -131,6 +131,13 @@ def parse_header(raw: bytes, where: str = "this store") -> dict[str, Any]:
         raise FormatError(
             f"this filesystem was made by a newer encfs-cloud (format {fmt}{extra}); upgrade"
         )
+    if fmt < layout.FORMAT_VERSION:
+        # Format 2 added chunk digests and generation start points; there is no in-place
+        # upgrade: copy the files out with the older release.
+        raise FormatError(
+            f"this filesystem has format {fmt}, which this encfs-cloud no longer opens "
+            f"(it reads format {layout.FORMAT_VERSION}); copy the files out with an older release"
+        )
     try:
         fs_id = bytes.fromhex(header["fs_id"])
         kdf = header["kdf"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import struct
+
+from blake3 import blake3
 
 from encfs_cloud import layout
 from encfs_cloud.crypto import aead
@@ -75,8 +78,20 @@ class Sealer:
         return bytes(out)
 
     def open_chunk(
-        self, ino: int, idx: int, version: int, gen: int, plain_len: int, blob: bytes | memoryview
+        self,
+        ino: int,
+        idx: int,
+        version: int,
+        gen: int,
+        plain_len: int,
+        blob: bytes | memoryview,
+        digest: bytes,
     ) -> bytes | memoryview:
+        """The chunk's plaintext, if it authenticates and matches the digest its row holds.
+
+        The digest is what stops a holder of an old generation's key (a revoked device) from
+        re-sealing other bytes in place: the AEAD tag binds nothing against a key holder.
+        """
         if gen not in self.keys.generations:
             raise IntegrityError(f"chunk {ino}/{idx} names unknown key generation {gen}")
         key = self.keys.subkey("chunk", gen)
@@ -87,7 +102,26 @@ class Sealer:
         if plain_len > len(padded):
             raise IntegrityError(f"chunk {idx} of inode {ino} is shorter than its metadata says")
         # A full chunk is returned as is; a short one as a view, without copying.
-        return padded if plain_len == len(padded) else memoryview(padded)[:plain_len]
+        plain = padded if plain_len == len(padded) else memoryview(padded)[:plain_len]
+        if not hmac.compare_digest(chunk_digest(plain), digest):
+            raise IntegrityError(f"chunk {idx} of inode {ino} is not the one its metadata names")
+        return plain
+
+
+def object_generation(blob: bytes) -> int:
+    """The key generation a sealed object names in its clear header (0 if malformed)."""
+    if len(blob) < _HEADER.size or blob[:4] != OBJECT_MAGIC:
+        return 0
+    return int(_HEADER.unpack_from(blob)[1])
+
+
+def chunk_digest(plain: bytes | bytearray | memoryview) -> bytes:
+    """BLAKE3-256 of a chunk's plaintext, kept in its (sealed) chunk-map row.
+
+    BLAKE3 rather than SHA-256: about 0.2 ms per MiB here against 1 ms, which keeps the check
+    within the read-speed budget (see design.md).
+    """
+    return blake3(plain).digest()
 
 
 def sealed_chunk_len(plain_len: int) -> int:

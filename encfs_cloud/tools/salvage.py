@@ -130,7 +130,7 @@ def read_chunk(
     if ref is None:
         return b""
     blob = store.get(layout.pack_name(ref.pack), ref.off, ref.len)
-    return sealer.open_chunk(ino, idx, ref.version, ref.gen, ref.plain_len, blob)
+    return sealer.open_chunk(ino, idx, ref.version, ref.gen, ref.plain_len, blob, ref.digest)
 
 
 def display(path: bytes) -> str:
