@@ -199,7 +199,8 @@ def test_enrollment_codes() -> None:
 
 def _ring(gen: int = 1, version: int = 1) -> K.Keyring:
     entry = K.DeviceEntry("ab" * 16, "laptop", "2024-01-01T00:00:00Z", bytes(32), gen)
-    return K.Keyring(version, gen, bytes(range(32)), "2024-01-01T00:00:00Z", [entry])
+    starts = {g: g for g in range(1, gen + 1)}
+    return K.Keyring(version, gen, bytes(range(32)), "2024-01-01T00:00:00Z", [entry], starts)
 
 
 def test_keyring_roundtrip_and_tamper() -> None:

@@ -19,17 +19,20 @@ from encfs_cloud.daemon.unmount import unmount
 from encfs_cloud.errors import (
     AbortedError,
     DeviceKeyMissingError,
+    DeviceRevokedError,
     EncfsCloudError,
     MountpointError,
     UsageError,
 )
 from encfs_cloud.keys import enrollment
+from encfs_cloud.keys import master as K
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.records import fs_id_of, read_header, record_name
 from encfs_cloud.keys.vault import Unlocked, unlock, unlock_with_recovery
 from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tools.reencrypt import Progress, exclusive, mounted_here, reencrypt
+from encfs_cloud.tree.journal import commit_seqs
 
 _FULL_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -115,7 +118,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         entries = enrollment.list_devices(store, unlocked)
         ring = unlocked.keyring
         print(f"filesystem id: {unlocked.fs_id.hex()}")
-        print(f"key generation: {ring.generation}")
+        fp = K.fingerprint(unlocked.keys, ring.generation)
+        print(f"key generation: {ring.generation} (fingerprint {fp})")
         print("enrolled devices:")
         for d in sorted(entries, key=lambda e: (e.enrolled_at, e.device_id)):
             mark = "*" if d.device_id == me else " "
@@ -247,11 +251,21 @@ def cmd_recover(args: argparse.Namespace) -> int:
         text = getpass.getpass("Recovery key: ")
     else:
         raise UsageError("no terminal to type the recovery key: use --recovery-key-file FILE")
+    # A recovered device has no history: whatever the bucket holds now becomes its starting
+    # point, so a bucket rolled back before it cannot be told apart. Say what it will accept.
+    seqs = commit_seqs(store)
+    head = seqs[-1] if seqs else 0
+    _confirm(
+        args,
+        f"The bucket's newest change is metadata commit {head}; this device will refuse "
+        "anything older but cannot tell whether that is already rolled back. Continue?",
+    )
     passphrase = ask_new_passphrase(args)
     unlocked = unlock_with_recovery(store, DeviceStore(), text, passphrase, args.device_name)
     try:
         print(f"enrolled this device in filesystem {unlocked.fs_id.hex()} with the recovery key")
         print(f"device id: {unlocked.device.device_id}")
+        print(f"starting point: metadata commit {head}")
         print(
             f"If the recovery key may be known to others: encfs-cloud recovery-key "
             f"{args.source} --rotate"
@@ -303,16 +317,41 @@ def _own_id(devices: DeviceStore, fs_id: bytes) -> str | None:
         return None
 
 
-def _wipe_local(devices: DeviceStore, fs_id: bytes) -> None:
+def _wipe_local(devices: DeviceStore, fs_id: bytes, left: bool) -> None:
     device_id = _own_id(devices, fs_id)
     devices.wipe(fs_id)
     print(f"wiped this device's key and state for filesystem {fs_id.hex()}")
     if device_id:
         print(f"device id: {device_id}")
-        print(
-            f"(its key record stays listed until another device runs "
-            f"encfs-cloud device revoke SOURCE {device_id})"
-        )
+        if not left:
+            print(
+                f"(its key record stays listed until another device runs "
+                f"encfs-cloud device revoke SOURCE {device_id})"
+            )
+
+
+def _leave_keyring(args: argparse.Namespace, store: ObjectStore, own: str | None) -> bool:
+    """Remove this device from the keyring with a new generation; True if done.
+
+    A copy of the device folder (a backup, a disk image) must not read what is written after
+    the wipe. Without unlocking that cannot be done here: refused unless --force.
+    """
+    try:
+        with _opened(args) as (_, devices, unlocked):
+            gen = enrollment.remove_self(store, unlocked, devices)
+    except DeviceRevokedError:
+        return True  # already out of the keyring
+    except EncfsCloudError as exc:
+        if getattr(args, "force", False):
+            print(f"warning: could not remove this device from the keyring: {exc}", file=sys.stderr)
+            return False
+        raise AbortedError(
+            f"cannot unlock to remove this device from the keyring ({exc}); another device "
+            f"must revoke it (encfs-cloud device revoke SOURCE {own or 'DEVICE'}), or add "
+            "--force to wipe only the local key"
+        ) from None
+    print(f"removed this device from the keyring; the others now use key generation {gen}")
+    return True
 
 
 def cmd_wipe(args: argparse.Namespace) -> int:
@@ -330,7 +369,8 @@ def cmd_wipe(args: argparse.Namespace) -> int:
         enrollment.check_not_last(store, _own_id(devices, fs_id))
     _confirm(args, f"Destroy this device's key for filesystem {fs_id.hex()}?")
     own = _own_id(devices, fs_id)
-    _wipe_local(devices, fs_id)
+    left = _leave_keyring(args, store, own)
+    _wipe_local(devices, fs_id, left)
     if own:  # a request of the destroyed key would only confuse whoever approves it
         enrollment.deny(store, own)
     return 0
@@ -348,7 +388,10 @@ def umount_and_wipe(args: argparse.Namespace) -> int:
     devices = DeviceStore()
     enrollment.check_not_last(store, _own_id(devices, fs_id))  # a refusal leaves it mounted
     unmount(mountpoint)
-    _wipe_local(devices, fs_id)
+    left = _leave_keyring(
+        argparse.Namespace(source=source, force=True), store, _own_id(devices, fs_id)
+    )
+    _wipe_local(devices, fs_id, left)
     return 0
 
 
@@ -398,11 +441,12 @@ _COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
      "device_id reencrypt takeover unlock yes"),
     ("device reencrypt", cmd_reencrypt, "rewrite all data under the newest key", "takeover unlock"),
     ("recover", cmd_recover, "enroll this device with the recovery key",
-     "recovery-key-file new-device"),
+     "recovery-key-file new-device yes"),
     ("recovery-key", cmd_recovery_key, "make a new recovery key (--rotate)", "rotate unlock"),
     ("passwd", cmd_passwd, "change, add or remove this device's passphrase",
      "unlock new-passphrase"),
-    ("wipe", cmd_wipe, "destroy this device's key and local files", "force yes"),
+    ("wipe", cmd_wipe, "leave the keyring, destroy this device's key and local files",
+     "force unlock yes"),
 ]  # fmt: skip
 
 

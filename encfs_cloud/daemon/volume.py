@@ -15,8 +15,16 @@ from encfs_cloud.data.cache import ChunkCache
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.data.uploader import Uploader
-from encfs_cloud.errors import DeviceRevokedError, RollbackError, StoreError
+from encfs_cloud.errors import (
+    AbortedError,
+    DeviceRevokedError,
+    IntegrityError,
+    LeaseHeldError,
+    RollbackError,
+    StoreError,
+)
 from encfs_cloud.keys.device import DeviceState, DeviceStore
+from encfs_cloud.keys.generations import settle_start
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import Unlocked, refresh
 from encfs_cloud.store.base import ObjectStore
@@ -81,6 +89,8 @@ class Volume:
         self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
         self._keys_checked = 0.0
+        self._unsettled: tuple[int, int] | None = None  # (old generation, newest seq under it)
+        self._keys_lock = trio.Lock()  # the commit path and the idle watch both check
         self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
 
@@ -122,10 +132,15 @@ class Volume:
         Checked at most every KEY_REFRESH_INTERVAL seconds: one small GET. A revoked device
         stops writing.
         """
+        async with self._keys_lock:
+            await self._refresh_keys_locked()
+
+    async def _refresh_keys_locked(self) -> None:
         now = trio.current_time()
         if now - self._keys_checked < KEY_REFRESH_INTERVAL:
             return
         self._keys_checked = now
+        old_gen = self.unlocked.keys.current
         try:
             changed = await trio.to_thread.run_sync(
                 refresh, self.store, self.devices, self.unlocked, limiter=self.limiter
@@ -142,6 +157,38 @@ class Volume:
             return
         if changed:
             log.info("now sealing under key generation %d", self.unlocked.keys.current)
+            if not self.options.read_only:
+                c = self.committer
+                self._unsettled = (old_gen, c.queue[-1].seq if c.queue else c.head.seq)
+        if self._unsettled is not None:
+            await self._settle(*self._unsettled)
+
+    async def _settle(self, old_gen: int, written_seq: int) -> None:
+        """Move the new generation's start past what this mount sealed before adopting it."""
+        try:
+            await trio.to_thread.run_sync(
+                settle_start,
+                self.store,
+                self.devices,
+                self.unlocked,
+                old_gen,
+                written_seq,
+                limiter=self.limiter,
+            )
+            self._unsettled = None
+        except (StoreError, AbortedError, LeaseHeldError, IntegrityError) as exc:
+            self._keys_checked = 0.0  # retry at the next commit or check
+            log.warning("could not record where the new key generation starts: %s", exc)
+
+    async def _watch_keys(self) -> None:
+        """Check for a new generation even while idle, so a start point is settled promptly
+        and a revoked mount lets go of the lease."""
+        while not self.committer.stopped:
+            await trio.sleep(KEY_REFRESH_INTERVAL)
+            try:
+                await self._refresh_keys()
+            except (IntegrityError, RollbackError) as exc:  # the next commit refuses too
+                log.error("key check failed: %s", exc)
 
     def _purge_orphans(self) -> None:
         """Inodes left with no name by a crash while they were open are deleted now."""
@@ -155,6 +202,8 @@ class Volume:
             self.data.nursery = nursery
             await nursery.start(self.uploader.run)
             nursery.start_soon(self.committer.run, self.options.commit_interval)
+            if not self.options.read_only:
+                nursery.start_soon(self._watch_keys)
             task_status.started()
 
     async def flush(self) -> None:

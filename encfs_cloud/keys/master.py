@@ -18,8 +18,10 @@ from encfs_cloud.errors import FormatError, IntegrityError, RecoveryKeyError
 
 RECOVERY_ID = "recovery"  # the "device id" the recovery key is wrapped under
 _WRAP_MAGIC = b"EKW1"  # ECIES blob: magic || ephemeral public (32) || nonce || ct || tag
-# What a wrap seals: magic || current u32 || count u32 || (generation u32 || 32-byte key)*
-_KEYS_MAGIC = b"EKG1"
+# What a wrap seals: magic || current u32 || keyring floor u64 || count u32 ||
+# (generation u32 || 32-byte key)*
+_KEYS_MAGIC = b"EKG2"
+_KEYS_HEAD = struct.Struct(">4sIQI")
 _KEYRING_MAGIC = b"EKR1"  # keyring blob: magic || version u64 || generation u32 || sealed json
 _KEYRING_HEAD = struct.Struct(">4sQI")
 _GEN = struct.Struct(">I")
@@ -35,7 +37,7 @@ class MasterKeys:
     callers must not wipe them. Safe to share between worker threads.
     """
 
-    __slots__ = ("_cache", "_current", "_gens", "_keys", "_lock")
+    __slots__ = ("_cache", "_current", "_gens", "_keys", "_lock", "keyring_floor", "starts")
 
     def __init__(self, keys: Mapping[int, SecretKey], current: int | None = None) -> None:
         if not keys or any(not 0 < g < MAX_GENERATION for g in keys):
@@ -48,6 +50,13 @@ class MasterKeys:
         self._gens = tuple(sorted(self._keys))
         self._cache: dict[tuple[str, int], SecretKey] = {}
         self._lock = threading.Lock()
+        # generation → the first commit that must be sealed under it (from the keyring): replay
+        # refuses a commit sealed under an older generation from there on. Not secret.
+        self.starts: dict[int, int] = {}
+        # The keyring version that committed `current`: a keyring of that version or newer
+        # sealed under an older generation was re-sealed by someone who lacks `current` (a
+        # revoked device). Travels inside every wrap of `current`, so only its holders set it.
+        self.keyring_floor = 0
 
     @property
     def current(self) -> int:
@@ -104,7 +113,14 @@ class MasterKeys:
             self._current = newest
 
     def copy(self) -> MasterKeys:
-        return MasterKeys({g: SecretKey(k.material) for g, k in self._keys.items()}, self._current)
+        keys = MasterKeys({g: SecretKey(k.material) for g, k in self._keys.items()}, self._current)
+        keys.starts = dict(self.starts)
+        keys.keyring_floor = self.keyring_floor
+        return keys
+
+    def required_generation(self, seq: int) -> int:
+        """The oldest generation a commit with this number may be sealed under."""
+        return max((g for g, start in self.starts.items() if start <= seq), default=0)
 
     def wipe(self) -> None:
         with self._lock:
@@ -139,27 +155,30 @@ def add_generation(keys: MasterKeys) -> int:
 
 def _pack_keys(keys: MasterKeys) -> bytearray:
     gens = keys.generations
-    out = bytearray(_KEYS_MAGIC + struct.pack(">II", keys.current, len(gens)))
+    out = bytearray(_KEYS_HEAD.pack(_KEYS_MAGIC, keys.current, keys.keyring_floor, len(gens)))
     for gen in gens:
         out += _GEN.pack(gen) + keys.key(gen).material
     return out
 
 
 def _unpack_keys(raw: bytes) -> MasterKeys:
-    if len(raw) < 12 or raw[:4] != _KEYS_MAGIC:
+    head = _KEYS_HEAD.size
+    if len(raw) < head or raw[:4] != _KEYS_MAGIC:
         raise IntegrityError("wrapped keys are malformed")
-    current, count = struct.unpack_from(">II", raw, 4)
-    if len(raw) != 12 + count * (4 + aead.KEY_LEN):
+    _, current, floor, count = _KEYS_HEAD.unpack_from(raw)
+    if len(raw) != head + count * (4 + aead.KEY_LEN):
         raise IntegrityError("wrapped keys are malformed")
     keys: dict[int, SecretKey] = {}
     for i in range(count):
-        off = 12 + i * (4 + aead.KEY_LEN)
+        off = head + i * (4 + aead.KEY_LEN)
         (gen,) = _GEN.unpack_from(raw, off)
         keys[gen] = SecretKey(bytearray(raw[off + 4 : off + 4 + aead.KEY_LEN]))
     try:
-        return MasterKeys(keys, current)
+        opened = MasterKeys(keys, current)
     except ValueError as exc:
         raise IntegrityError(f"wrapped keys are malformed: {exc}") from None
+    opened.keyring_floor = floor
+    return opened
 
 
 # --- ECIES to a device's X25519 public key ---------------------------------------------------
@@ -263,6 +282,12 @@ def key_check(keys: MasterKeys, gen: int = 1) -> bytes:
         sub.wipe()
 
 
+def fingerprint(keys: MasterKeys, gen: int) -> str:
+    """8 hex digits of a generation's key check: devices holding the same one show the same."""
+    raw = key_check(keys, gen)[:4].hex()
+    return f"{raw[:4]}-{raw[4:]}"
+
+
 def recovery_confirm(recovery: SecretKey, fs_id: bytes, check: bytes) -> bytes:
     sub = aead.derive(recovery, "recovery-confirm", fs_id)
     try:
@@ -296,6 +321,9 @@ class Keyring:
     recovery_public: bytes
     recovery_created_at: str
     devices: list[DeviceEntry] = field(default_factory=list)
+    # generation → the first commit sequence number that must be sealed under it. Fixed when
+    # the generation is made (the bucket's newest commit + 1) and only ever moved forward.
+    starts: dict[int, int] = field(default_factory=lambda: {1: 1})
 
     def device(self, device_id: str) -> DeviceEntry | None:
         return next((d for d in self.devices if d.device_id == device_id), None)
@@ -313,6 +341,7 @@ def _keyring_json(ring: Keyring) -> bytes:
             "public_key": _b64(ring.recovery_public),
             "created_at": ring.recovery_created_at,
         },
+        "starts": {str(g): seq for g, seq in sorted(ring.starts.items())},
         "devices": [
             {
                 "id": d.device_id,
@@ -366,11 +395,14 @@ def open_keyring(keys: MasterKeys, fs_id: bytes, blob: bytes) -> Keyring:
                 )
                 for d in body["devices"]
             ],
+            starts={int(g): int(seq) for g, seq in body["starts"].items()},
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise FormatError(f"keyring is not understood: {exc}") from None
     if (ring.version, ring.generation) != (version, gen):
         raise IntegrityError("keyring was modified")
+    if ring.generation not in ring.starts or any(g > ring.generation for g in ring.starts):
+        raise IntegrityError("keyring was modified (generation start points)")
     return ring
 
 

@@ -168,10 +168,19 @@ def verify_header(keys: K.MasterKeys, header: dict[str, Any]) -> int:
 
 
 def encode_record(
-    kind: str, subject: str, keys: K.MasterKeys, wrapped: bytes, confirm: bytes
+    kind: str,
+    subject: str,
+    keys: K.MasterKeys,
+    wrapped: bytes,
+    confirm: bytes,
+    start: dict[str, Any] | None = None,
 ) -> bytes:
-    """keys/<id> and keys/recovery: JSON around the ECIES blob and the key confirmation tag."""
-    doc = {
+    """keys/<id> and keys/recovery: JSON around the ECIES blob and the key confirmation tag.
+
+    `start` (the head and keyring version the approver had seen) is covered by `confirm`: a
+    new device takes it as the state it has seen, so it refuses a bucket rolled back before it.
+    """
+    doc: dict[str, Any] = {
         "format": 1,
         "kind": kind,
         "id": subject,
@@ -179,7 +188,29 @@ def encode_record(
         "wrapped": b64(wrapped),
         "confirm": b64(confirm),
     }
+    if start is not None:
+        doc["start"] = start
     return canonical(doc)
+
+
+def record_start(raw: bytes) -> dict[str, Any] | None:
+    """The enrollment starting point a key record carries (not yet trusted), or None."""
+    try:
+        start = json.loads(raw).get("start")
+        if start is None:
+            return None
+        return {
+            "seq": int(start["seq"]),
+            "hash": str(start["hash"]),
+            "keyring": int(start["keyring"]),
+        }
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise IntegrityError("a key record's starting point is malformed") from None
+
+
+def start_bytes(start: dict[str, Any] | None) -> bytes:
+    """What the confirmation tag covers after the key check (nothing without a start)."""
+    return b"" if start is None else canonical(start)
 
 
 def decode_record(raw: bytes, subject: str) -> tuple[int, bytes, bytes]:
@@ -193,9 +224,15 @@ def decode_record(raw: bytes, subject: str) -> tuple[int, bytes, bytes]:
         raise IntegrityError(f"key record for {subject} was modified") from None
 
 
-def device_record(keys: K.MasterKeys, fs_id: bytes, entry: K.DeviceEntry, confirm: bytes) -> bytes:
+def device_record(
+    keys: K.MasterKeys,
+    fs_id: bytes,
+    entry: K.DeviceEntry,
+    confirm: bytes,
+    start: dict[str, Any] | None = None,
+) -> bytes:
     wrapped = K.wrap_for_device(keys, fs_id, entry.device_id, entry.public_key)
-    return encode_record("device-key", entry.device_id, keys, wrapped, confirm)
+    return encode_record("device-key", entry.device_id, keys, wrapped, confirm, start)
 
 
 def recovery_record(keys: K.MasterKeys, fs_id: bytes, public: bytes, confirm: bytes) -> bytes:

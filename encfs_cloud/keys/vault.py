@@ -42,8 +42,10 @@ from encfs_cloud.keys.records import (
     parse_header,
     read_header,
     record_name,
+    record_start,
     recovery_record,
     seal_header,
+    start_bytes,
     store_keyring,
     verify_header,
 )
@@ -99,6 +101,29 @@ def _check_generations(keys: K.MasterKeys, state: DeviceState, ring: K.Keyring) 
             raise IntegrityError(f"key generation {gen} is not the one this device saw before")
 
 
+def _check_keyring_generation(keys: K.MasterKeys, ring: K.Keyring) -> None:
+    """Refuse a keyring sealed under an older generation than our key record commits.
+
+    A record that wraps generation N+1 says from which keyring version on the keyring is sealed
+    under N+1; only holders of N+1 can write that. A newer-or-equal keyring under an older
+    generation was re-sealed by someone without N+1: a revoked device hiding its revocation.
+    (An older keyring under the older generation is an interrupted revocation: restricted.)
+    """
+    if ring.generation < keys.current and ring.version >= keys.keyring_floor:
+        raise IntegrityError(
+            f"the keyring (version {ring.version}) is sealed under key generation "
+            f"{ring.generation}, but generation {keys.current} was committed at keyring version "
+            f"{keys.keyring_floor}: it was re-sealed by a device without the newest key "
+            "(a revoked device hiding its revocation)"
+        )
+
+
+def adopt_keyring(keys: K.MasterKeys, ring: K.Keyring) -> None:
+    """Make `keys` follow a trusted keyring: committed generations and their start points."""
+    keys.restrict(ring.generation)
+    keys.starts = dict(ring.starts)
+
+
 def _same(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
@@ -134,8 +159,9 @@ def finish_open(
         )
     if not _same(entry.public_key, identity.public):
         raise IntegrityError("the keyring lists another public key for this device")
-    keys.restrict(ring.generation)
-    _check_generations(keys, state, ring)
+    _check_generations(keys, state, ring)  # a device that saw newer: a rollback (exit 13)
+    _check_keyring_generation(keys, ring)
+    adopt_keyring(keys, ring)
     try:
         verify_header(keys, header)
     except IntegrityError:
@@ -156,6 +182,7 @@ def init_filesystem(
     fs_id = os.urandom(16)
     identity = devices.create(fs_id, device_name, passphrase)
     keys = K.new_master_keys()
+    keys.keyring_floor = 1  # generation 1 is committed by keyring version 1
     written: list[str] = []
     try:
         check = K.key_check(keys)
@@ -242,6 +269,7 @@ def _unlock_device(
             "enroll again with encfs-cloud device request / recover"
         ) from None
     gen, wrapped, confirm = decode_record(raw, identity.device_id)
+    start = record_start(raw)
     try:
         keys = K.unwrap_for_device(wrapped, fs_id, identity.device_id, identity.private_key)
     except IntegrityError:
@@ -256,8 +284,12 @@ def _unlock_device(
         else:
             # First unlock after approval (or lost state): only a device that knew our
             # enrollment code could have made this tag, so the bucket cannot substitute keys.
+            # The tag also covers the head the approver had seen, which becomes ours.
             code = codes.enrollment_code(identity.private_key, fs_id, identity.device_id)
-            trusted = codes.enrollment_confirm_ok(code, fs_id, identity.device_id, check, confirm)
+            covered = check + start_bytes(start)
+            trusted = codes.enrollment_confirm_ok(code, fs_id, identity.device_id, covered, confirm)
+            if trusted and start is not None:
+                _seed_state(devices, fs_id, start)
         if not trusted:
             raise IntegrityError(
                 "the master key offered to this device is not the filesystem's "
@@ -267,6 +299,18 @@ def _unlock_device(
     except BaseException:
         keys.wipe()
         raise
+
+
+def _seed_state(devices: DeviceStore, fs_id: bytes, start: dict[str, Any]) -> None:
+    """Take the approver's newest commit and keyring version as what this device has seen."""
+
+    def seed(state: DeviceState) -> None:
+        if start["seq"] > (state.commit_seq or 0):
+            state.commit_seq = start["seq"]
+            state.commit_hash = bytes.fromhex(start["hash"]) if start["hash"] else None
+        state.keyring_version = max(state.keyring_version, start["keyring"])
+
+    devices.update_state(fs_id, seed)
 
 
 def refresh(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked) -> bool:
@@ -295,11 +339,14 @@ def refresh(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked) -> boo
         ring, _ = load_keyring(store, fresh, fs_id)
         if ring.device(identity.device_id) is None:
             raise DeviceRevokedError(f"this device was revoked from filesystem {fs_id.hex()}")
-        fresh.restrict(ring.generation)
         _check_generations(fresh, devices.load_state(fs_id), ring)
+        _check_keyring_generation(fresh, ring)
+        adopt_keyring(fresh, ring)
         added = [g for g in fresh.generations if g > unlocked.keys.current]
         for g in added:
             unlocked.keys.add(g, SecretKey(fresh.key(g).material))
+        unlocked.keys.starts = dict(ring.starts)
+        unlocked.keys.keyring_floor = fresh.keyring_floor
         unlocked.keyring = ring
         remember(devices, fs_id, unlocked.keys, ring)
         return bool(added)
@@ -347,15 +394,30 @@ def unlock_with_recovery(
         )
     try:
         keys = open_recovery(store, fs_id, rec)
+        rec_public = K.recovery_public(rec)
     finally:
         rec.wipe()
     identity: DeviceIdentity | None = None
     try:
         # Refuse a rolled-back bucket before enrolling (state survives only if not wiped).
         state = devices.load_state(fs_id)
-        ring, _ = load_keyring(store, keys, fs_id)
-        keys.restrict(ring.generation)
+        try:
+            ring, _ = load_keyring(store, keys, fs_id)
+        except DeviceRevokedError:
+            # The record opened but holds no generation the keyring is sealed under: an old
+            # record with an old key, both replaced by a rotation.
+            raise RecoveryKeyError(
+                "this recovery key no longer opens the filesystem: it was rotated out "
+                "(recovery-key --rotate); use the newest one"
+            ) from None
+        if not _same(ring.recovery_public, rec_public):
+            # An old key with an old record the bucket owner put back: rotated out.
+            raise RecoveryKeyError(
+                "this recovery key was replaced (recovery-key --rotate); use the newest one"
+            )
         _check_generations(keys, state, ring)
+        _check_keyring_generation(keys, ring)
+        adopt_keyring(keys, ring)
         identity = devices.create(fs_id, device_name, passphrase)
         enroll_device(
             store,
@@ -381,6 +443,7 @@ def enroll_device(
     holder: str,
     entry: K.DeviceEntry,
     confirm: bytes,
+    start: dict[str, Any] | None = None,
 ) -> K.Keyring:
     """Wrap every generation for `entry` and add it to the keyring (under the keyring lock)."""
     with keyring_lock(store, holder):
@@ -391,13 +454,14 @@ def enroll_device(
             entry.device_id, entry.name, entry.enrolled_at, entry.public_key, ring.generation
         )
         name = record_name(entry.device_id)
-        store.put(name, device_record(keys, fs_id, entry, confirm))
+        store.put(name, device_record(keys, fs_id, entry, confirm, start))
         new = K.Keyring(
             ring.version + 1,
             ring.generation,
             ring.recovery_public,
             ring.recovery_created_at,
             [*ring.devices, entry],
+            dict(ring.starts),
         )
         try:
             store_keyring(store, keys, fs_id, new, etag)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from encfs_cloud import layout
 from encfs_cloud.errors import IntegrityError, ObjectMissingError, StoreError, UsageError
-from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.journal import (
     KIND_DELTA,
@@ -20,6 +20,7 @@ from encfs_cloud.tree.journal import (
     CommitInfo,
     Head,
     apply_delta,
+    check_generation,
     commit_hash,
     decode_commit,
     load_snapshot,
@@ -92,6 +93,7 @@ def recover_state(store: ObjectStore, sealer: Sealer) -> Recovered:
         if isinstance(opened, str) or opened[0].kind != KIND_SNAPSHOT:
             continue
         try:
+            gen = _ratchet(sealer, snap, opened[2], 0)
             md = load_snapshot(opened[1])
         except IntegrityError as exc:
             problems.append(f"metadata commit {snap}: {exc}")
@@ -107,6 +109,7 @@ def recover_state(store: ObjectStore, sealer: Sealer) -> Recovered:
                 problems.append(f"metadata commit {seq + 1} does not chain to commit {seq}")
                 break
             try:
+                gen = _ratchet(sealer, seq + 1, sealed, gen)
                 apply_delta(md, body)
             except IntegrityError as exc:
                 problems.append(f"metadata commit {seq + 1}: {exc}")
@@ -118,6 +121,11 @@ def recover_state(store: ObjectStore, sealer: Sealer) -> Recovered:
         head = Head(seq, prev, snap, seq - snap, delta_bytes)
         return Recovered(md, head, seqs[-1], [] if seq >= seqs[-1] else problems)
     raise IntegrityError(f"no metadata snapshot in the bucket opens ({first}); nothing to recover")
+
+
+def _ratchet(sealer: Sealer, seq: int, sealed: bytes, prev_gen: int) -> int:
+    name = layout.commit_name(seq)
+    return check_generation(sealer, name, seq, object_generation(sealed), prev_gen)
 
 
 # --- reading file data ---------------------------------------------------------------------
