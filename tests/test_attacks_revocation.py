@@ -127,7 +127,9 @@ def test_revoked_device_cannot_reseal_a_chunk_in_place(
         assert len(forged) == ref.plain_len
         # Same inode, index, version, generation: the AEAD accepts it under the old key.
         Bucket(store).write_range(
-            layout.pack_name(ref.pack), ref.off, sealer.seal_chunk(ino, 0, ref.version, forged)
+            layout.pack_name(ref.pack),
+            ref.off,
+            sealer.seal_chunk(ino, 0, ref.version, forged, ref.pack),
         )
     finally:
         keys.wipe()

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from encfs_cloud.crypto import aead, codes
 from encfs_cloud.errors import IntegrityError, RecoveryKeyError, UsageError
 from encfs_cloud.keys import master as K
+from encfs_cloud.keys.sealed import Sealer, chunk_digest
 
 FS = bytes(range(16))
 OTHER_FS = bytes(16)
@@ -238,3 +239,24 @@ def test_header_tag() -> None:
     K.add_generation(keys)
     assert K.verify_header(keys, body, tag) == 1
     assert K.verify_header(keys, body, K.header_mac(keys, body)) == 2
+
+
+def test_chunks_are_sealed_under_per_pack_subkeys_and_digests() -> None:
+    keys = K.new_master_keys()
+    sealer = Sealer(FS, keys)
+    pack_a, pack_b = "ab" * 16, "cd" * 16
+    data = b"some chunk" * 100
+    blob = sealer.seal_chunk(7, 0, 3, data, pack_a)
+    digest = chunk_digest(data)
+    assert bytes(sealer.open_chunk(7, 0, 3, 1, len(data), blob, digest, pack_a)) == data
+    with pytest.raises(IntegrityError):  # moved into another pack: another key
+        sealer.open_chunk(7, 0, 3, 1, len(data), blob, digest, pack_b)
+    other = sealer.seal_chunk(7, 0, 3, b"other bytes".ljust(len(data)), pack_a)
+    with pytest.raises(IntegrityError, match="not the one its metadata names"):
+        sealer.open_chunk(7, 0, 3, 1, len(data), other, digest, pack_a)
+    assert keys.pack_subkey(1, pack_a).material != keys.pack_subkey(1, pack_b).material
+    for i in range(300):  # the cache of pack keys stays bounded
+        keys.pack_subkey(1, f"{i:032x}")
+    assert len(keys._packs) == 256
+    keys.wipe()
+    assert not keys._packs

@@ -163,7 +163,7 @@ def test_reencrypt_leaves_nothing_under_the_old_generation(
     ):
         blob = store.get(layout.pack_name(pack), off, length)
         with pytest.raises(IntegrityError):
-            thief.open_chunk(ino, idx, version, 1, plain_len, blob, digest)
+            thief.open_chunk(ino, idx, version, 1, plain_len, blob, digest, pack)
     md.db.close()
     # Every device still enrolled reads it all; a second run has nothing to do.
     assert read_files(store, machine("c")) == {

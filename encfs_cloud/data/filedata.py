@@ -140,6 +140,7 @@ class FileData:
                         ref.plain_len,
                         blob[start : start + ref.len],
                         ref.digest,
+                        ref.pack,
                     )
                 )
             except IntegrityError as exc:

@@ -144,7 +144,9 @@ class Uploader:
         off = 0
         for (ino, idx), version, data in pack.entries:
             length = sealed_chunk_len(len(data))
-            self.sealer.seal_chunk_into(ino, idx, version, data, view[off : off + length], pack.gen)
+            self.sealer.seal_chunk_into(
+                ino, idx, version, data, view[off : off + length], pack.gen, pack.id
+            )
             off += length
         # Random padding is indistinguishable from ciphertext: the size class is all that shows.
         view[off:] = os.urandom(len(blob) - off)

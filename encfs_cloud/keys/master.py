@@ -7,6 +7,7 @@ import hmac
 import json
 import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ _GEN = struct.Struct(">I")
 PUBLIC_LEN = 32
 MAX_GENERATION = 1 << 31
 _COMMITMENT = "commitment/"  # purposes reserved for values that are not keys
+_PACK_KEYS_CACHED = 256
 
 
 class MasterKeys:
@@ -37,7 +39,16 @@ class MasterKeys:
     callers must not wipe them. Safe to share between worker threads.
     """
 
-    __slots__ = ("_cache", "_current", "_gens", "_keys", "_lock", "keyring_floor", "starts")
+    __slots__ = (
+        "_cache",
+        "_current",
+        "_gens",
+        "_keys",
+        "_lock",
+        "_packs",
+        "keyring_floor",
+        "starts",
+    )
 
     def __init__(self, keys: Mapping[int, SecretKey], current: int | None = None) -> None:
         if not keys or any(not 0 < g < MAX_GENERATION for g in keys):
@@ -49,6 +60,7 @@ class MasterKeys:
         # Readers on worker threads see an immutable tuple, never a dict being resized.
         self._gens = tuple(sorted(self._keys))
         self._cache: dict[tuple[str, int], SecretKey] = {}
+        self._packs: OrderedDict[tuple[int, str], SecretKey] = OrderedDict()
         self._lock = threading.Lock()
         # generation → the first commit that must be sealed under it (from the keyring): replay
         # refuses a commit sealed under an older generation from there on. Not secret.
@@ -87,6 +99,25 @@ class MasterKeys:
                 self._cache[(purpose, gen)] = sub
             return sub
 
+    def pack_subkey(self, gen: int, pack: str) -> SecretKey:
+        """The chunk key of one pack: bounds the seals under any one key by design.
+
+        A pack holds at most 2,049 sealed chunks, so random 96-bit nonces never come near
+        their collision bound, with nothing to count. The most recent packs' keys are cached;
+        an evicted one is dropped, not zeroed (a reader thread may still hold it).
+        """
+        with self._lock:
+            sub = self._packs.get((gen, pack))
+            if sub is not None:
+                self._packs.move_to_end((gen, pack))
+                return sub
+        sub = aead.derive(self.subkey("chunk", gen), "pack", bytes.fromhex(pack))
+        with self._lock:
+            self._packs[(gen, pack)] = sub
+            while len(self._packs) > _PACK_KEYS_CACHED:
+                self._packs.popitem(last=False)
+        return sub
+
     def add(self, gen: int, key: SecretKey) -> None:
         """Adopt a fresh generation and make it current (used by `add_generation`)."""
         with self._lock:
@@ -109,6 +140,8 @@ class MasterKeys:
                 self._keys.pop(gen).wipe()
                 for ck in [ck for ck in self._cache if ck[1] == gen]:
                     self._cache.pop(ck).wipe()
+                for pk in [pk for pk in self._packs if pk[0] == gen]:
+                    self._packs.pop(pk).wipe()
             self._gens = tuple(sorted(self._keys))
             self._current = newest
 
@@ -124,8 +157,9 @@ class MasterKeys:
 
     def wipe(self) -> None:
         with self._lock:
-            for sub in self._cache.values():
+            for sub in [*self._cache.values(), *self._packs.values()]:
                 sub.wipe()
+            self._packs.clear()
             for key in self._keys.values():
                 key.wipe()
             self._cache.clear()

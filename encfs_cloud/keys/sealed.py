@@ -60,21 +60,23 @@ class Sealer:
         version: int,
         data: bytes | bytearray,
         out: memoryview,
-        gen: int | None = None,
+        gen: int,
+        pack: str,
     ) -> None:
-        """Seal one chunk into `out` (sealed_chunk_len(len(data)) bytes).
+        """Seal one chunk of pack `pack` into `out` (sealed_chunk_len(len(data)) bytes).
 
         The plaintext is padded to a multiple of CHUNK_PAD; its true length is in the metadata.
         """
-        gen = self.keys.current if gen is None else gen
         pad = layout.padded_chunk_len(len(data)) - len(data)
         plain = data if pad == 0 else bytes(data) + bytes(pad)
-        key = self.keys.subkey("chunk", gen)
+        key = self.keys.pack_subkey(gen, pack)
         aead.seal_into(key, plain, aead.chunk_ad(self.fs_id, ino, idx, version, gen), out)
 
-    def seal_chunk(self, ino: int, idx: int, version: int, data: bytes | bytearray) -> bytes:
+    def seal_chunk(
+        self, ino: int, idx: int, version: int, data: bytes | bytearray, pack: str
+    ) -> bytes:
         out = bytearray(sealed_chunk_len(len(data)))
-        self.seal_chunk_into(ino, idx, version, data, memoryview(out))
+        self.seal_chunk_into(ino, idx, version, data, memoryview(out), self.keys.current, pack)
         return bytes(out)
 
     def open_chunk(
@@ -86,6 +88,7 @@ class Sealer:
         plain_len: int,
         blob: bytes | memoryview,
         digest: bytes,
+        pack: str,
     ) -> bytes | memoryview:
         """The chunk's plaintext, if it authenticates and matches the digest its row holds.
 
@@ -94,7 +97,10 @@ class Sealer:
         """
         if gen not in self.keys.generations:
             raise IntegrityError(f"chunk {ino}/{idx} names unknown key generation {gen}")
-        key = self.keys.subkey("chunk", gen)
+        try:
+            key = self.keys.pack_subkey(gen, pack)
+        except ValueError:  # a pack id that is not hex cannot come from our metadata
+            raise IntegrityError(f"chunk {idx} of inode {ino} names a malformed pack") from None
         try:
             padded = aead.open_sealed(key, blob, aead.chunk_ad(self.fs_id, ino, idx, version, gen))
         except IntegrityError:

@@ -308,7 +308,7 @@ def _verify_pack(
             continue
         try:
             piece = blob[off : off + length] if blob is not None else store.get(name, off, length)
-            sealer.open_chunk(ino, idx, ver, gen, plain, piece, digest)
+            sealer.open_chunk(ino, idx, ver, gen, plain, piece, digest, pack)
         except ObjectMissingError:
             bad.append((ino, idx, "is in a data object that vanished"))
         except IntegrityError:

@@ -21,7 +21,7 @@ from encfs_cloud.daemon.lease import FencedStore, Lease
 from encfs_cloud.errors import LeaseHeldError, PreconditionFailedError, RollbackError
 from encfs_cloud.keys.device import DeviceState, DeviceStore
 from encfs_cloud.keys.records import parse_header, seal_header, verify_header
-from encfs_cloud.keys.sealed import OBJECT_MAGIC, Sealer
+from encfs_cloud.keys.sealed import OBJECT_MAGIC, Sealer, sealed_chunk_len
 from encfs_cloud.keys.vault import Unlocked
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.journal import (
@@ -147,6 +147,7 @@ class _PackWriter:
         self.pool = pool
         self.gen = sealer.keys.current
         self.parts: list[bytes] = []
+        self.pack_id = layout.random_id()
         self.entries: list[tuple[int, int, int, int, int, int, bytes]] = []
         self.size = 0
         self.uploads: deque[Future[str]] = deque()
@@ -154,9 +155,9 @@ class _PackWriter:
         self.bytes_since_commit = 0
 
     def add(self, ino: int, idx: int, version: int, plain: bytes, digest: bytes) -> None:
-        sealed = self.sealer.seal_chunk(ino, idx, version, plain)
-        if self.parts and self.size + len(sealed) > layout.PACK_TARGET:
+        if self.parts and self.size + sealed_chunk_len(len(plain)) > layout.PACK_TARGET:
             self.close()
+        sealed = self.sealer.seal_chunk(ino, idx, version, plain, self.pack_id)
         self.entries.append((ino, idx, self.size, len(sealed), len(plain), version, digest))
         self.parts.append(sealed)
         self.size += len(sealed)
@@ -168,7 +169,8 @@ class _PackWriter:
         """Seal the pack off: point the metadata at it and start its upload."""
         if not self.parts:
             return
-        pack_id = layout.random_id()
+        pack_id = self.pack_id
+        self.pack_id = layout.random_id()  # chunks are sealed under their pack's subkey
         # Random padding is indistinguishable from ciphertext: the size class is all that shows.
         self.parts.append(os.urandom(layout.size_class(self.size) - self.size))
         blob = b"".join(self.parts)
@@ -336,7 +338,7 @@ def reencrypt(
                 for ino, idx, ref in chunks:
                     blob = span[ref.off - base : ref.off - base + ref.len]
                     plain = sealer.open_chunk(
-                        ino, idx, ref.version, ref.gen, ref.plain_len, blob, ref.digest
+                        ino, idx, ref.version, ref.gen, ref.plain_len, blob, ref.digest, ref.pack
                     )
                     writer.add(ino, idx, ref.version, bytes(plain), ref.digest)
                     report.chunks += 1

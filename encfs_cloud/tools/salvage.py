@@ -138,7 +138,9 @@ def read_chunk(
     if ref is None:
         return b""
     blob = store.get(layout.pack_name(ref.pack), ref.off, ref.len)
-    return sealer.open_chunk(ino, idx, ref.version, ref.gen, ref.plain_len, blob, ref.digest)
+    return sealer.open_chunk(
+        ino, idx, ref.version, ref.gen, ref.plain_len, blob, ref.digest, ref.pack
+    )
 
 
 def display(path: bytes) -> str:
