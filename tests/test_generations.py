@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from encfs_cloud import layout
-from encfs_cloud.errors import IntegrityError, RecoveryKeyError
+from encfs_cloud.errors import AbortedError, IntegrityError, RecoveryKeyError
 from encfs_cloud.keys import enrollment, records, vault
 from encfs_cloud.keys import master as K
 from encfs_cloud.keys.device import DeviceStore
@@ -151,3 +151,42 @@ def test_rotation_starts_a_generation_and_recover_refuses_the_old_key(tmp_path: 
     enrollment.rotate_recovery_key(store, ua, a)  # puts a current record back
     with pytest.raises(RecoveryKeyError):
         vault.unlock_with_recovery(store, _machine(tmp_path, "y"), new_text, None, "y")
+
+
+class _CrashAt(MemoryStore):
+    """A store whose put of one name fails once, like a crash at that point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail: str | None = None
+
+    def put(
+        self, name: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        if name == self.fail:
+            self.fail = None
+            raise OSError("crash")
+        return super().put(name, data, if_none_match=if_none_match, if_match=if_match)
+
+
+def test_interrupted_revocation_blocks_keyring_changes_until_finished(tmp_path: Path) -> None:
+    store = _CrashAt()
+    a, b, c, d = (_machine(tmp_path, n) for n in "abcd")
+    ua, _ = vault.init_filesystem(store, a, PW, "laptop")
+    b_id = _enroll(store, ua, a, b)
+    _enroll(store, ua, a, c)
+    store.fail = records.KEYRING_NAME
+    with pytest.raises(OSError):
+        enrollment.revoke_device(store, ua, a, b_id)
+    # C's record already wraps the uncommitted generation 2: a keyring change under 1 now
+    # would make C refuse every later keyring, so it is refused until the revocation is redone.
+    uc = vault.unlock(store, c, None)
+    assert uc.keys.current == 1 and uc.keys.uncommitted
+    with pytest.raises(AbortedError, match="interrupted"):
+        _enroll(store, uc, c, d)
+    again = vault.unlock(store, a, PW)
+    assert enrollment.revoke_device(store, again, a, b_id) == 2 and not again.keys.uncommitted
+    uc = vault.unlock(store, c, None)
+    assert uc.keys.current == 2 and not uc.keys.uncommitted
+    _enroll(store, uc, c, d)
+    assert vault.unlock(store, d, None).keys.current == 2

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from encfs_cloud.crypto import aead, codes
 from encfs_cloud.errors import IntegrityError, RecoveryKeyError, UsageError
 from encfs_cloud.keys import master as K
+from encfs_cloud.keys import records
 from encfs_cloud.keys.sealed import Sealer, chunk_digest
 
 FS = bytes(range(16))
@@ -228,17 +229,17 @@ def test_keyring_roundtrip_and_tamper() -> None:
 def test_header_tag() -> None:
     keys = K.new_master_keys()
     body = b'{"format":1}'
-    tag = K.header_mac(keys, body)
-    assert K.verify_header(keys, body, tag) == 1
+    tag = records.header_tag(keys, body)
+    assert records.check_header_tag(keys, body, tag) == 1
     with pytest.raises(IntegrityError, match="header was modified"):
-        K.verify_header(keys, b'{"format":2}', tag)
+        records.check_header_tag(keys, b'{"format":2}', tag)
     with pytest.raises(IntegrityError):
-        K.verify_header(K.new_master_keys(), body, tag)
+        records.check_header_tag(K.new_master_keys(), body, tag)
     with pytest.raises(IntegrityError):
-        K.verify_header(keys, body, tag[:-1])
+        records.check_header_tag(keys, body, tag[:-1])
     K.add_generation(keys)
-    assert K.verify_header(keys, body, tag) == 1
-    assert K.verify_header(keys, body, K.header_mac(keys, body)) == 2
+    assert records.check_header_tag(keys, body, tag) == 1
+    assert records.check_header_tag(keys, body, records.header_tag(keys, body)) == 2
 
 
 def test_chunks_are_sealed_under_per_pack_subkeys_and_digests() -> None:

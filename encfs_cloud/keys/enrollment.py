@@ -30,7 +30,8 @@ from encfs_cloud.keys.records import (
     store_keyring,
     unb64,
 )
-from encfs_cloud.keys.vault import Unlocked, enroll_device, refresh, remember
+from encfs_cloud.keys.trust import refuse_if_uncommitted, remember
+from encfs_cloud.keys.vault import Unlocked, enroll_device, refresh
 from encfs_cloud.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def rename_device(
 ) -> None:
     name = validate_device_name(new_name)
     refresh(store, devices, unlocked)
+    refuse_if_uncommitted(unlocked.keys)
     fs_id, keys = unlocked.fs_id, unlocked.keys
     with keyring_lock(store, unlocked.device.device_id):
         ring, etag = load_keyring(store, keys, fs_id)

@@ -27,7 +27,8 @@ from encfs_cloud.keys.records import (
     store_keyring,
     verify_header,
 )
-from encfs_cloud.keys.vault import Unlocked, refresh, remember
+from encfs_cloud.keys.trust import remember
+from encfs_cloud.keys.vault import Unlocked, refresh
 from encfs_cloud.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def start_generation(
             unlocked.keys.add(gen, SecretKey(new_keys.key(gen).material))
             unlocked.keys.starts = dict(starts)
             unlocked.keys.keyring_floor = new_keys.keyring_floor
+            unlocked.keys.uncommitted = False
             unlocked.keyring = new
         finally:
             new_keys.wipe()

@@ -25,7 +25,7 @@ _KEYS_MAGIC = b"EKG2"
 _KEYS_HEAD = struct.Struct(">4sIQI")
 _KEYRING_MAGIC = b"EKR1"  # keyring blob: magic || version u64 || generation u32 || sealed json
 _KEYRING_HEAD = struct.Struct(">4sQI")
-_GEN = struct.Struct(">I")
+GEN = struct.Struct(">I")  # a generation number on the wire
 PUBLIC_LEN = 32
 MAX_GENERATION = 1 << 31
 _COMMITMENT = "commitment/"  # purposes reserved for values that are not keys
@@ -48,6 +48,7 @@ class MasterKeys:
         "_packs",
         "keyring_floor",
         "starts",
+        "uncommitted",
     )
 
     def __init__(self, keys: Mapping[int, SecretKey], current: int | None = None) -> None:
@@ -69,6 +70,9 @@ class MasterKeys:
         # sealed under an older generation was re-sealed by someone who lacks `current` (a
         # revoked device). Travels inside every wrap of `current`, so only its holders set it.
         self.keyring_floor = 0
+        # True once `restrict` dropped a generation the keyring never committed (an
+        # interrupted revocation): the keyring must not change before that is finished.
+        self.uncommitted = False
 
     @property
     def current(self) -> int:
@@ -95,7 +99,7 @@ class MasterKeys:
         with self._lock:
             sub = self._cache.get((purpose, gen))
             if sub is None:
-                sub = aead.derive(self.key(gen), purpose, _GEN.pack(gen))
+                sub = aead.derive(self.key(gen), purpose, GEN.pack(gen))
                 self._cache[(purpose, gen)] = sub
             return sub
 
@@ -138,6 +142,8 @@ class MasterKeys:
                 raise IntegrityError(f"unknown key generation {newest}")
             for gen in [g for g in self._keys if g > newest]:
                 self._keys.pop(gen).wipe()
+                self.uncommitted = True
+                self.keyring_floor = 0  # it was the dropped generation's
                 for ck in [ck for ck in self._cache if ck[1] == gen]:
                     self._cache.pop(ck).wipe()
                 for pk in [pk for pk in self._packs if pk[0] == gen]:
@@ -149,6 +155,7 @@ class MasterKeys:
         keys = MasterKeys({g: SecretKey(k.material) for g, k in self._keys.items()}, self._current)
         keys.starts = dict(self.starts)
         keys.keyring_floor = self.keyring_floor
+        keys.uncommitted = self.uncommitted
         return keys
 
     def required_generation(self, seq: int) -> int:
@@ -191,7 +198,7 @@ def _pack_keys(keys: MasterKeys) -> bytearray:
     gens = keys.generations
     out = bytearray(_KEYS_HEAD.pack(_KEYS_MAGIC, keys.current, keys.keyring_floor, len(gens)))
     for gen in gens:
-        out += _GEN.pack(gen) + keys.key(gen).material
+        out += GEN.pack(gen) + keys.key(gen).material
     return out
 
 
@@ -205,7 +212,7 @@ def _unpack_keys(raw: bytes) -> MasterKeys:
     keys: dict[int, SecretKey] = {}
     for i in range(count):
         off = head + i * (4 + aead.KEY_LEN)
-        (gen,) = _GEN.unpack_from(raw, off)
+        (gen,) = GEN.unpack_from(raw, off)
         keys[gen] = SecretKey(bytearray(raw[off + 4 : off + 4 + aead.KEY_LEN]))
     try:
         opened = MasterKeys(keys, current)
@@ -309,7 +316,7 @@ def unwrap_for_recovery(blob: bytes, fs_id: bytes, recovery: SecretKey) -> Maste
 
 def key_check(keys: MasterKeys, gen: int = 1) -> bytes:
     """An HKDF commitment to one generation, stored on the device to spot a substituted key."""
-    sub = aead.derive(keys.key(gen), _COMMITMENT + "key-check", _GEN.pack(gen))
+    sub = aead.derive(keys.key(gen), _COMMITMENT + "key-check", GEN.pack(gen))
     try:
         return bytes(sub.material)
     finally:
@@ -438,26 +445,3 @@ def open_keyring(keys: MasterKeys, fs_id: bytes, blob: bytes) -> Keyring:
     if ring.generation not in ring.starts or any(g > ring.generation for g in ring.starts):
         raise IntegrityError("keyring was modified (generation start points)")
     return ring
-
-
-# --- header authentication -------------------------------------------------------------------
-
-
-def header_mac(keys: MasterKeys, header_bytes: bytes) -> bytes:
-    """generation u32 || HMAC-SHA256 under the current generation's header subkey."""
-    gen = keys.current
-    return _GEN.pack(gen) + codes.hmac_sha256(
-        keys.subkey("vault/header", gen).material, header_bytes
-    )
-
-
-def verify_header(keys: MasterKeys, header_bytes: bytes, tag: bytes) -> int:
-    """Returns the generation that authenticated the header; IntegrityError otherwise."""
-    if len(tag) != _GEN.size + 32:
-        raise IntegrityError("header was modified (bad tag)")
-    gen = int.from_bytes(tag[: _GEN.size], "big")
-    if gen not in keys.generations or not codes.hmac_ok(
-        keys.subkey("vault/header", gen).material, header_bytes, tag[_GEN.size :]
-    ):
-        raise IntegrityError("header was modified")
-    return gen

@@ -93,7 +93,7 @@ def header_body(header: dict[str, Any]) -> bytes:
 
 def seal_header(keys: K.MasterKeys, header: dict[str, Any]) -> bytes:
     body = {k: v for k, v in header.items() if k != "auth"}
-    return canonical({**body, "auth": b64(K.header_mac(keys, header_body(body)))})
+    return canonical({**body, "auth": b64(header_tag(keys, header_body(body)))})
 
 
 def fs_id_of(header: dict[str, Any]) -> bytes:
@@ -161,7 +161,30 @@ def parse_header(raw: bytes, where: str = "this store") -> dict[str, Any]:
 
 
 def verify_header(keys: K.MasterKeys, header: dict[str, Any]) -> int:
-    return K.verify_header(keys, header_body(header), unb64(header["auth"]))
+    return check_header_tag(keys, header_body(header), unb64(header["auth"]))
+
+
+# --- header authentication -------------------------------------------------------------------
+
+
+def header_tag(keys: K.MasterKeys, header_bytes: bytes) -> bytes:
+    """generation u32 || HMAC-SHA256 under the current generation's header subkey."""
+    gen = keys.current
+    return K.GEN.pack(gen) + codes.hmac_sha256(
+        keys.subkey("vault/header", gen).material, header_bytes
+    )
+
+
+def check_header_tag(keys: K.MasterKeys, header_bytes: bytes, tag: bytes) -> int:
+    """Returns the generation that authenticated the header; IntegrityError otherwise."""
+    if len(tag) != K.GEN.size + 32:
+        raise IntegrityError("header was modified (bad tag)")
+    gen = int.from_bytes(tag[: K.GEN.size], "big")
+    if gen not in keys.generations or not codes.hmac_ok(
+        keys.subkey("vault/header", gen).material, header_bytes, tag[K.GEN.size :]
+    ):
+        raise IntegrityError("header was modified")
+    return gen
 
 
 # --- key records ------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 from dataclasses import dataclass
@@ -21,11 +20,10 @@ from encfs_cloud.errors import (
     ObjectMissingError,
     PreconditionFailedError,
     RecoveryKeyError,
-    RollbackError,
     UsageError,
 )
 from encfs_cloud.keys import master as K
-from encfs_cloud.keys.device import DeviceIdentity, DeviceState, DeviceStore
+from encfs_cloud.keys.device import DeviceIdentity, DeviceStore
 from encfs_cloud.keys.records import (
     KEYRING_NAME,
     RECOVERY_NAME,
@@ -48,6 +46,15 @@ from encfs_cloud.keys.records import (
     start_bytes,
     store_keyring,
     verify_header,
+)
+from encfs_cloud.keys.trust import (
+    adopt_keyring,
+    check_generations,
+    check_keyring_generation,
+    refuse_if_uncommitted,
+    remember,
+    same,
+    seed_state,
 )
 from encfs_cloud.store.base import ObjectStore
 
@@ -83,63 +90,6 @@ class Unlocked:
         return f"<Unlocked fs={self.fs_id.hex()} device={self.device.device_id} redacted>"
 
 
-# --- trust checks -----------------------------------------------------------------------------
-
-
-def _check_generations(keys: K.MasterKeys, state: DeviceState, ring: K.Keyring) -> None:
-    """Refuse a generation that differs from one seen before, or an older keyring."""
-    if ring.version < state.keyring_version:
-        raise RollbackError(
-            f"the keyring is version {ring.version} but this device has seen "
-            f"{state.keyring_version}: the bucket was rolled back"
-        )
-    if state.generation_checks and max(state.generation_checks) > ring.generation:
-        raise RollbackError("the key generation went backwards: the bucket was rolled back")
-    for gen in keys.generations:
-        seen = state.generation_checks.get(gen)
-        if seen is not None and not _same(seen, K.key_check(keys, gen)):
-            raise IntegrityError(f"key generation {gen} is not the one this device saw before")
-
-
-def _check_keyring_generation(keys: K.MasterKeys, ring: K.Keyring) -> None:
-    """Refuse a keyring sealed under an older generation than our key record commits.
-
-    A record that wraps generation N+1 says from which keyring version on the keyring is sealed
-    under N+1; only holders of N+1 can write that. A newer-or-equal keyring under an older
-    generation was re-sealed by someone without N+1: a revoked device hiding its revocation.
-    (An older keyring under the older generation is an interrupted revocation: restricted.)
-    """
-    if ring.generation < keys.current and ring.version >= keys.keyring_floor:
-        raise IntegrityError(
-            f"the keyring (version {ring.version}) is sealed under key generation "
-            f"{ring.generation}, but generation {keys.current} was committed at keyring version "
-            f"{keys.keyring_floor}: it was re-sealed by a device without the newest key "
-            "(a revoked device hiding its revocation)"
-        )
-
-
-def adopt_keyring(keys: K.MasterKeys, ring: K.Keyring) -> None:
-    """Make `keys` follow a trusted keyring: committed generations and their start points."""
-    keys.restrict(ring.generation)
-    keys.starts = dict(ring.starts)
-
-
-def _same(a: bytes, b: bytes) -> bool:
-    return hmac.compare_digest(a, b)
-
-
-def remember(devices: DeviceStore, fs_id: bytes, keys: K.MasterKeys, ring: K.Keyring) -> None:
-    """Record the key commitments and keyring version this device has now seen."""
-    checks = {gen: K.key_check(keys, gen) for gen in keys.generations}
-
-    def change(state: DeviceState) -> None:
-        state.key_check = checks[1]
-        state.keyring_version = max(state.keyring_version, ring.version)
-        state.generation_checks.update(checks)
-
-    devices.update_state(fs_id, change)
-
-
 def finish_open(
     store: ObjectStore,
     devices: DeviceStore,
@@ -157,10 +107,10 @@ def finish_open(
             f"this device is not in the keyring of filesystem {fs_id.hex()}: it was revoked "
             "(or its approval did not finish); enroll again with encfs-cloud device request"
         )
-    if not _same(entry.public_key, identity.public):
+    if not same(entry.public_key, identity.public):
         raise IntegrityError("the keyring lists another public key for this device")
-    _check_generations(keys, state, ring)  # a device that saw newer: a rollback (exit 13)
-    _check_keyring_generation(keys, ring)
+    check_generations(keys, state, ring)  # a device that saw newer: a rollback (exit 13)
+    check_keyring_generation(keys, ring)
     adopt_keyring(keys, ring)
     try:
         verify_header(keys, header)
@@ -280,7 +230,7 @@ def _unlock_device(
         check = K.key_check(keys)
         state = devices.load_state(fs_id)
         if state.key_check is not None:
-            trusted = _same(state.key_check, check)
+            trusted = same(state.key_check, check)
         else:
             # First unlock after approval (or lost state): only a device that knew our
             # enrollment code could have made this tag, so the bucket cannot substitute keys.
@@ -289,7 +239,7 @@ def _unlock_device(
             covered = check + start_bytes(start)
             trusted = codes.enrollment_confirm_ok(code, fs_id, identity.device_id, covered, confirm)
             if trusted and start is not None:
-                _seed_state(devices, fs_id, start)
+                seed_state(devices, fs_id, start)
         if not trusted:
             raise IntegrityError(
                 "the master key offered to this device is not the filesystem's "
@@ -299,18 +249,6 @@ def _unlock_device(
     except BaseException:
         keys.wipe()
         raise
-
-
-def _seed_state(devices: DeviceStore, fs_id: bytes, start: dict[str, Any]) -> None:
-    """Take the approver's newest commit and keyring version as what this device has seen."""
-
-    def seed(state: DeviceState) -> None:
-        if start["seq"] > (state.commit_seq or 0):
-            state.commit_seq = start["seq"]
-            state.commit_hash = bytes.fromhex(start["hash"]) if start["hash"] else None
-        state.keyring_version = max(state.keyring_version, start["keyring"])
-
-    devices.update_state(fs_id, seed)
 
 
 def refresh(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked) -> bool:
@@ -332,21 +270,22 @@ def refresh(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked) -> boo
     try:
         held = unlocked.keys.generations
         if gen != fresh.current or not all(
-            g in fresh.generations and _same(K.key_check(fresh, g), K.key_check(unlocked.keys, g))
+            g in fresh.generations and same(K.key_check(fresh, g), K.key_check(unlocked.keys, g))
             for g in held
         ):
             raise IntegrityError("this device's key record changed keys it already held")
         ring, _ = load_keyring(store, fresh, fs_id)
         if ring.device(identity.device_id) is None:
             raise DeviceRevokedError(f"this device was revoked from filesystem {fs_id.hex()}")
-        _check_generations(fresh, devices.load_state(fs_id), ring)
-        _check_keyring_generation(fresh, ring)
+        check_generations(fresh, devices.load_state(fs_id), ring)
+        check_keyring_generation(fresh, ring)
         adopt_keyring(fresh, ring)
         added = [g for g in fresh.generations if g > unlocked.keys.current]
         for g in added:
             unlocked.keys.add(g, SecretKey(fresh.key(g).material))
         unlocked.keys.starts = dict(ring.starts)
         unlocked.keys.keyring_floor = fresh.keyring_floor
+        unlocked.keys.uncommitted = fresh.uncommitted
         unlocked.keyring = ring
         remember(devices, fs_id, unlocked.keys, ring)
         return bool(added)
@@ -410,13 +349,13 @@ def unlock_with_recovery(
                 "this recovery key no longer opens the filesystem: it was rotated out "
                 "(recovery-key --rotate); use the newest one"
             ) from None
-        if not _same(ring.recovery_public, rec_public):
+        if not same(ring.recovery_public, rec_public):
             # An old key with an old record the bucket owner put back: rotated out.
             raise RecoveryKeyError(
                 "this recovery key was replaced (recovery-key --rotate); use the newest one"
             )
-        _check_generations(keys, state, ring)
-        _check_keyring_generation(keys, ring)
+        check_generations(keys, state, ring)
+        check_keyring_generation(keys, ring)
         adopt_keyring(keys, ring)
         identity = devices.create(fs_id, device_name, passphrase)
         enroll_device(
@@ -446,6 +385,7 @@ def enroll_device(
     start: dict[str, Any] | None = None,
 ) -> K.Keyring:
     """Wrap every generation for `entry` and add it to the keyring (under the keyring lock)."""
+    refuse_if_uncommitted(keys)
     with keyring_lock(store, holder):
         ring, etag = load_keyring(store, keys, fs_id)
         if ring.device(entry.device_id) is not None:
