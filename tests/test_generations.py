@@ -190,3 +190,27 @@ def test_interrupted_revocation_blocks_keyring_changes_until_finished(tmp_path: 
     assert uc.keys.current == 2 and not uc.keys.uncommitted
     _enroll(store, uc, c, d)
     assert vault.unlock(store, d, None).keys.current == 2
+
+
+def test_spooled_commits_from_before_a_revocation_settle_at_the_next_mount(
+    tmp_path: Path,
+) -> None:
+    from encfs_cloud.daemon.volume import Volume, VolumeOptions
+    from encfs_cloud.data import spool
+
+    store = MemoryStore()
+    a, b = _machine(tmp_path, "a"), _machine(tmp_path, "b")
+    ua, _ = vault.init_filesystem(store, a, PW, "laptop")
+    b_id = _enroll(store, ua, a, b)
+    head = _commit(store, ua.keys, ua.fs_id, None)
+    # An unmount that could not upload its last commit (sealed under generation 1) spooled it.
+    info = CommitInfo(head.seq + 1, KIND_DELTA, head.hash, head.snapshot_seq, time.time_ns())
+    late = seal_commit(Sealer(ua.fs_id, ua.keys), info, export_delta(Metadata()))
+    spool.save(a.folder(ua.fs_id), [(layout.commit_name(info.seq), late)])
+    enrollment.revoke_device(store, vault.unlock(store, a, PW), a, b_id)  # starts at seq 2
+    vol = Volume(store, vault.unlock(store, a, PW), a, VolumeOptions())
+    try:
+        assert vol.committer.head.seq == info.seq  # uploaded, and the start moved past it
+        assert vol.unlocked.keys.starts[2] == info.seq + 1
+    finally:
+        vol.wipe()

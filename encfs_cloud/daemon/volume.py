@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import trio
 
+from encfs_cloud import layout
 from encfs_cloud.daemon.lease import Lease, LeaseKeeper
 from encfs_cloud.daemon.operations import Operations
 from encfs_cloud.data import spool
@@ -25,7 +26,7 @@ from encfs_cloud.errors import (
 )
 from encfs_cloud.keys.device import DeviceState, DeviceStore
 from encfs_cloud.keys.generations import settle_start
-from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.keys.vault import Unlocked, refresh
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.journal import Head, commit_seqs, replay, rollback_problem
@@ -99,7 +100,9 @@ class Volume:
         fs_id = self.unlocked.fs_id
         state = self.devices.load_state(fs_id)
         if not self.options.read_only:  # a read-only mount writes nothing to the bucket
+            mine = spool.commits(self.devices.folder(fs_id))
             spool.upload(self.devices.folder(fs_id), self.store)
+            self._settle_spooled(mine)
         seqs = commit_seqs(self.store)
         if not seqs:
             if state.commit_seq and not self.options.allow_rollback:
@@ -118,6 +121,20 @@ class Volume:
             )
         self._remember_head(head)
         return md, head
+
+    def _settle_spooled(self, mine: list[tuple[str, bytes]]) -> None:
+        """Commits this device sealed before a revocation it had not seen, uploaded only now
+        from its spool, fall past the new generation's start: move it past them (only a
+        holder of the new generation can)."""
+        keys = self.unlocked.keys
+        late = [
+            (seq, gen)
+            for seq, gen in ((layout.commit_seq(n), object_generation(d)) for n, d in mine)
+            if seq is not None and gen < keys.required_generation(seq)
+        ]
+        if late:
+            old = min(g for _, g in late)
+            settle_start(self.store, self.devices, self.unlocked, old, max(s for s, _ in late))
 
     def _remember_head(self, head: Head) -> None:
         def seen(state: DeviceState) -> None:
