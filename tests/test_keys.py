@@ -253,6 +253,10 @@ def test_chunks_are_sealed_under_per_pack_subkeys_and_digests() -> None:
     with pytest.raises(IntegrityError):  # moved into another pack: another key
         sealer.open_chunk(7, 0, 3, 1, len(data), blob, digest, pack_b)
     other = sealer.seal_chunk(7, 0, 3, b"other bytes".ljust(len(data)), pack_a)
+    # Under the current generation only its holders can seal: no digest is computed on read.
+    assert sealer.open_chunk(7, 0, 3, 1, len(data), other, digest, pack_a)
+    K.add_generation(keys)  # generation 1 is now retired: its chunks must match their digest
+    assert bytes(sealer.open_chunk(7, 0, 3, 1, len(data), blob, digest, pack_a)) == data
     with pytest.raises(IntegrityError, match="not the one its metadata names"):
         sealer.open_chunk(7, 0, 3, 1, len(data), other, digest, pack_a)
     assert keys.pack_subkey(1, pack_a).material != keys.pack_subkey(1, pack_b).material
