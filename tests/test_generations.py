@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from encfs_cloud import layout
-from encfs_cloud.errors import AbortedError, IntegrityError, RecoveryKeyError
+from encfs_cloud.errors import AbortedError, IntegrityError, RecoveryKeyError, RollbackError
 from encfs_cloud.keys import enrollment, records, vault
 from encfs_cloud.keys import master as K
 from encfs_cloud.keys.device import DeviceStore
@@ -214,3 +214,17 @@ def test_spooled_commits_from_before_a_revocation_settle_at_the_next_mount(
         assert vol.unlocked.keys.starts[2] == info.seq + 1
     finally:
         vol.wipe()
+
+
+def test_header_never_goes_back_a_generation_on_a_device_that_saw_newer(tmp_path: Path) -> None:
+    store = MemoryStore()
+    a, b = _machine(tmp_path, "a"), _machine(tmp_path, "b")
+    ua, _ = vault.init_filesystem(store, a, PW, "laptop")
+    b_id = _enroll(store, ua, a, b)
+    stolen = vault.unlock(store, b, None).keys.copy()
+    enrollment.revoke_device(store, ua, a, b_id)
+    assert vault.unlock(store, a, PW).keys.current == 2  # A saw the header under generation 2
+    header = records.parse_header(store.get(layout.HEADER_NAME))
+    store.put(layout.HEADER_NAME, records.seal_header(stolen, header))  # B re-tags it under 1
+    with pytest.raises(RollbackError, match="re-tagged with a retired key"):
+        vault.unlock(store, a, PW)

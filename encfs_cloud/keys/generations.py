@@ -146,6 +146,7 @@ def start_generation(
         header = parse_header(raw, store.url)
         verify_header(unlocked.keys, header)
         store.put(layout.HEADER_NAME, seal_header(unlocked.keys, header), if_match=header_etag)
+    remember(devices, fs_id, unlocked.keys, new, gen)
     return new
 
 

@@ -62,7 +62,13 @@ def same(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
-def remember(devices: DeviceStore, fs_id: bytes, keys: K.MasterKeys, ring: K.Keyring) -> None:
+def remember(
+    devices: DeviceStore,
+    fs_id: bytes,
+    keys: K.MasterKeys,
+    ring: K.Keyring,
+    header_generation: int = 0,
+) -> None:
     """Record the key commitments and keyring version this device has now seen."""
     checks = {gen: K.key_check(keys, gen) for gen in keys.generations}
 
@@ -70,8 +76,18 @@ def remember(devices: DeviceStore, fs_id: bytes, keys: K.MasterKeys, ring: K.Key
         state.key_check = checks[1]
         state.keyring_version = max(state.keyring_version, ring.version)
         state.generation_checks.update(checks)
+        state.header_generation = max(state.header_generation, header_generation)
 
     devices.update_state(fs_id, change)
+
+
+def check_header_generation(state: DeviceState, gen: int) -> None:
+    """The header never goes back to an older generation's tag on a device that saw newer."""
+    if gen < state.header_generation:
+        raise RollbackError(
+            f"the header is tagged under key generation {gen}, but this device has seen it "
+            f"under {state.header_generation}: re-tagged with a retired key, or rolled back"
+        )
 
 
 def seed_state(devices: DeviceStore, fs_id: bytes, start: dict[str, Any]) -> None:

@@ -50,6 +50,7 @@ from encfs_cloud.keys.records import (
 from encfs_cloud.keys.trust import (
     adopt_keyring,
     check_generations,
+    check_header_generation,
     check_keyring_generation,
     refuse_if_uncommitted,
     remember,
@@ -113,10 +114,11 @@ def finish_open(
     check_keyring_generation(keys, ring)
     adopt_keyring(keys, ring)
     try:
-        verify_header(keys, header)
+        header_gen = verify_header(keys, header)
     except IntegrityError:
         raise IntegrityError("header was modified") from None
-    remember(devices, fs_id, keys, ring)
+    check_header_generation(state, header_gen)
+    remember(devices, fs_id, keys, ring, header_gen)
     return Unlocked(fs_id, header, keys, identity, ring)
 
 
