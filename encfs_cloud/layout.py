@@ -8,7 +8,7 @@ import struct
 CHUNK_SIZE = 1 << 20  # plaintext bytes per chunk
 CHUNK_PAD = 4096  # a chunk's plaintext is padded to this, hiding exact small-file sizes
 PACK_TARGET = 8 << 20  # a pack is closed once it holds this much
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunk digests and generation start points (issue 10)
 
 HEADER_NAME = "encfs-cloud"
 LEASE_NAME = "lease"

@@ -78,7 +78,9 @@ def chunk_of(md: Metadata, name: bytes) -> tuple[int, ChunkRef]:
 
 def open_chunk(store: ObjectStore, sealer: Sealer, ino: int, ref: ChunkRef) -> bytes:
     blob = store.get(layout.pack_name(ref.pack), ref.off, ref.len)
-    return bytes(sealer.open_chunk(ino, 0, ref.version, ref.gen, ref.plain_len, blob))
+    return bytes(
+        sealer.open_chunk(ino, 0, ref.version, ref.gen, ref.plain_len, blob, ref.digest, ref.pack)
+    )
 
 
 def test_enroll_by_request_and_approve(

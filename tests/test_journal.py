@@ -25,7 +25,7 @@ def test_deltas_and_snapshots_replay_to_the_same_tree() -> None:
         d = ns.create(ROOT_INODE, f"dir{round_}".encode(), stat.S_IFDIR | 0o755, 0, 0)
         f = ns.create(d.id, b"f" * 255, stat.S_IFREG | 0o644, 0, 0)
         md.add_pack(f"pack{round_}", 0)
-        md.set_chunk(f.id, 0, ChunkRef(f"pack{round_}", 0, 4124, 10, 7, 1))
+        md.set_chunk(f.id, 0, ChunkRef(f"pack{round_}", 0, 4124, 10, 7, 1, bytes(32)))
         md.set_xattr(f.id, b"user.k", b"v" * 100)
         if round_ == 1:  # a directory moves into another; a file loses its data
             ns.rename(ROOT_INODE, b"dir0", d.id, b"moved", 0)

@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from encfs_cloud.crypto import aead, codes
 from encfs_cloud.errors import IntegrityError, RecoveryKeyError, UsageError
 from encfs_cloud.keys import master as K
+from encfs_cloud.keys import records
+from encfs_cloud.keys.sealed import Sealer, chunk_digest
 
 FS = bytes(range(16))
 OTHER_FS = bytes(16)
@@ -199,7 +201,8 @@ def test_enrollment_codes() -> None:
 
 def _ring(gen: int = 1, version: int = 1) -> K.Keyring:
     entry = K.DeviceEntry("ab" * 16, "laptop", "2024-01-01T00:00:00Z", bytes(32), gen)
-    return K.Keyring(version, gen, bytes(range(32)), "2024-01-01T00:00:00Z", [entry])
+    starts = {g: g for g in range(1, gen + 1)}
+    return K.Keyring(version, gen, bytes(range(32)), "2024-01-01T00:00:00Z", [entry], starts)
 
 
 def test_keyring_roundtrip_and_tamper() -> None:
@@ -226,14 +229,39 @@ def test_keyring_roundtrip_and_tamper() -> None:
 def test_header_tag() -> None:
     keys = K.new_master_keys()
     body = b'{"format":1}'
-    tag = K.header_mac(keys, body)
-    assert K.verify_header(keys, body, tag) == 1
+    tag = records.header_tag(keys, body)
+    assert records.check_header_tag(keys, body, tag) == 1
     with pytest.raises(IntegrityError, match="header was modified"):
-        K.verify_header(keys, b'{"format":2}', tag)
+        records.check_header_tag(keys, b'{"format":2}', tag)
     with pytest.raises(IntegrityError):
-        K.verify_header(K.new_master_keys(), body, tag)
+        records.check_header_tag(K.new_master_keys(), body, tag)
     with pytest.raises(IntegrityError):
-        K.verify_header(keys, body, tag[:-1])
+        records.check_header_tag(keys, body, tag[:-1])
     K.add_generation(keys)
-    assert K.verify_header(keys, body, tag) == 1
-    assert K.verify_header(keys, body, K.header_mac(keys, body)) == 2
+    assert records.check_header_tag(keys, body, tag) == 1
+    assert records.check_header_tag(keys, body, records.header_tag(keys, body)) == 2
+
+
+def test_chunks_are_sealed_under_per_pack_subkeys_and_digests() -> None:
+    keys = K.new_master_keys()
+    sealer = Sealer(FS, keys)
+    pack_a, pack_b = "ab" * 16, "cd" * 16
+    data = b"some chunk" * 100
+    blob = sealer.seal_chunk(7, 0, 3, data, pack_a)
+    digest = chunk_digest(data)
+    assert bytes(sealer.open_chunk(7, 0, 3, 1, len(data), blob, digest, pack_a)) == data
+    with pytest.raises(IntegrityError):  # moved into another pack: another key
+        sealer.open_chunk(7, 0, 3, 1, len(data), blob, digest, pack_b)
+    other = sealer.seal_chunk(7, 0, 3, b"other bytes".ljust(len(data)), pack_a)
+    # Under the current generation only its holders can seal: no digest is computed on read.
+    assert sealer.open_chunk(7, 0, 3, 1, len(data), other, digest, pack_a)
+    K.add_generation(keys)  # generation 1 is now retired: its chunks must match their digest
+    assert bytes(sealer.open_chunk(7, 0, 3, 1, len(data), blob, digest, pack_a)) == data
+    with pytest.raises(IntegrityError, match="not the one its metadata names"):
+        sealer.open_chunk(7, 0, 3, 1, len(data), other, digest, pack_a)
+    assert keys.pack_subkey(1, pack_a).material != keys.pack_subkey(1, pack_b).material
+    for i in range(300):  # the cache of pack keys stays bounded
+        keys.pack_subkey(1, f"{i:032x}")
+    assert len(keys._packs) == 256
+    keys.wipe()
+    assert not keys._packs

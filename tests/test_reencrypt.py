@@ -144,12 +144,12 @@ def test_reencrypt_leaves_nothing_under_the_old_generation(
     with pytest.raises(IntegrityError):
         thief.open_object(commits[0], "commit", store.get(commits[0]))
     md, _, _ = replay(store, Sealer(ua.fs_id, ua.keys))
-    for ino, idx, pack, off, length, plain_len, version in md.db.execute(
-        "SELECT inode, idx, pack, off, len, plain_len, version FROM chunks"
+    for ino, idx, pack, off, length, plain_len, version, digest in md.db.execute(
+        "SELECT inode, idx, pack, off, len, plain_len, version, digest FROM chunks"
     ):
         blob = store.get(layout.pack_name(pack), off, length)
         with pytest.raises(IntegrityError):
-            thief.open_chunk(ino, idx, version, 1, plain_len, blob)
+            thief.open_chunk(ino, idx, version, 1, plain_len, blob, digest, pack)
     md.db.close()
     # Every device still enrolled reads it all; a second run has nothing to do.
     assert read_files(store, machine("c")) == {

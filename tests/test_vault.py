@@ -81,7 +81,7 @@ def test_init_writes_header_last_and_unlocks(store: ObjectStore, machine: Machin
         ]
     )
     header = vault.read_header(store)
-    assert header["magic"] == "encfs-cloud" and header["format"] == 1
+    assert header["magic"] == "encfs-cloud" and header["format"] == layout.FORMAT_VERSION
     assert bytes.fromhex(header["fs_id"]) == unlocked.fs_id == records.fs_id_of(header)
     assert header["cipher"] == "AES-256-GCM" and header["chunk_size"] == layout.CHUNK_SIZE
     assert K.parse_recovery_key(text)
@@ -158,7 +158,8 @@ def _rewrite_header(store: ObjectStore, **changes: object) -> None:
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"format": 2}, r"newer encfs-cloud \(format 2\); upgrade"),
+        ({"format": 3}, r"newer encfs-cloud \(format 3\); upgrade"),
+        ({"format": 1}, r"format 1, which this encfs-cloud no longer opens"),
         ({"features": ["holograms"]}, "newer encfs-cloud.*holograms"),
         ({"cipher": "ROT13"}, "cipher"),
         (
@@ -388,7 +389,7 @@ def test_revoke(store: ObjectStore, machine: Machine) -> None:
     assert vault.unlock(store, a, PW).keys.current == 2
     # The header was re-tagged under the new generation; recovery gets generation 2 too.
     assert (
-        K.verify_header(
+        records.check_header_tag(
             uc2.keys,
             records.header_body(vault.read_header(store)),
             records.unb64(vault.read_header(store)["auth"]),

@@ -9,28 +9,25 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from encfs_cloud.cli.args import ask_new_passphrase, open_source
-from encfs_cloud.cli.progress import FlushView, Progress
-from encfs_cloud.daemon import runtime
+from encfs_cloud.cli.progress import Progress
 from encfs_cloud.daemon.options import read_secret_file
-from encfs_cloud.daemon.unmount import unmount
 from encfs_cloud.errors import (
     AbortedError,
     DeviceKeyMissingError,
-    EncfsCloudError,
     Interrupted,
-    MountpointError,
     UsageError,
 )
 from encfs_cloud.keys import enrollment
+from encfs_cloud.keys import master as K
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.records import fs_id_of, read_header, record_name
 from encfs_cloud.keys.vault import Unlocked, unlock, unlock_with_recovery
 from encfs_cloud.store.base import ObjectStore
-from encfs_cloud.tools.reencrypt import exclusive, mounted_here, reencrypt
+from encfs_cloud.tools.reencrypt import exclusive, reencrypt
+from encfs_cloud.tree.journal import commit_seqs
 
 _FULL_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -110,7 +107,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         entries = enrollment.list_devices(store, unlocked)
         ring = unlocked.keyring
         print(f"filesystem id: {unlocked.fs_id.hex()}")
-        print(f"key generation: {ring.generation}")
+        fp = K.fingerprint(unlocked.keys, ring.generation)
+        print(f"key generation: {ring.generation} (fingerprint {fp})")
         print("enrolled devices:")
         for d in sorted(entries, key=lambda e: (e.enrolled_at, e.device_id)):
             mark = "*" if d.device_id == me else " "
@@ -255,11 +253,21 @@ def cmd_recover(args: argparse.Namespace) -> int:
         text = getpass.getpass("Recovery key: ")
     else:
         raise UsageError("no terminal to type the recovery key: use --recovery-key-file FILE")
+    # A recovered device has no history: whatever the bucket holds now becomes its starting
+    # point, so a bucket rolled back before it cannot be told apart. Say what it will accept.
+    seqs = commit_seqs(store)
+    head = seqs[-1] if seqs else 0
+    _confirm(
+        args,
+        f"The bucket's newest change is metadata commit {head}; this device will refuse "
+        "anything older but cannot tell whether that is already rolled back. Continue?",
+    )
     passphrase = ask_new_passphrase(args)
     unlocked = unlock_with_recovery(store, DeviceStore(), text, passphrase, args.device_name)
     try:
         print(f"enrolled this device in filesystem {unlocked.fs_id.hex()} with the recovery key")
         print(f"device id: {unlocked.device.device_id}")
+        print(f"starting point: metadata commit {head}")
         print(
             f"If the recovery key may be known to others: encfs-cloud recovery-key "
             f"{args.source} --rotate"
@@ -301,70 +309,6 @@ def cmd_passwd(args: argparse.Namespace) -> int:
         )
     devices.change_passphrase(fs_id, old, new)
     print("passphrase " + ("changed" if new else "removed") + "; nothing in the bucket changed")
-    return 0
-
-
-def _own_id(devices: DeviceStore, fs_id: bytes) -> str | None:
-    try:
-        return devices.device_id(fs_id)
-    except EncfsCloudError:  # an unreadable key file is wiped all the same
-        return None
-
-
-def _wipe_local(devices: DeviceStore, fs_id: bytes) -> None:
-    device_id = _own_id(devices, fs_id)
-    devices.wipe(fs_id)
-    print(f"wiped this device's key and state for filesystem {fs_id.hex()}")
-    if device_id:
-        print(f"device id: {device_id}")
-        print(
-            f"(its key record stays listed until another device runs "
-            f"encfs-cloud device revoke SOURCE {device_id})"
-        )
-
-
-def cmd_wipe(args: argparse.Namespace) -> int:
-    store = _store(args)
-    devices = DeviceStore()
-    fs_id = fs_id_of(read_header(store))
-    if not devices.folder(fs_id).exists():
-        raise DeviceKeyMissingError(f"nothing to wipe: no device key for {fs_id.hex()} here")
-    where = mounted_here(args.source, fs_id)
-    if where is not None:
-        raise MountpointError(
-            f"the filesystem is mounted at {where}; use encfs-cloud umount --wipe {where}"
-        )
-    if not args.force:
-        enrollment.check_not_last(store, _own_id(devices, fs_id))
-    _confirm(args, f"Destroy this device's key for filesystem {fs_id.hex()}?")
-    own = _own_id(devices, fs_id)
-    _wipe_local(devices, fs_id)
-    if own:  # a request of the destroyed key would only confuse whoever approves it
-        enrollment.deny(store, own)
-    return 0
-
-
-def umount_and_wipe(args: argparse.Namespace) -> int:
-    """`umount --wipe`: unmount (everything reaches the bucket), then wipe the device key."""
-    mountpoint = Path(os.path.abspath(args.mountpoint))
-    entry = runtime.registered(mountpoint) or {}
-    fs_hex, source = entry.get("fs_id"), entry.get("source")
-    if not isinstance(source, str):
-        raise MountpointError(f"{mountpoint} is not an encfs-cloud mount of this machine")
-    store = open_source(args, source)
-    fs_id = bytes.fromhex(fs_hex) if isinstance(fs_hex, str) else fs_id_of(read_header(store))
-    devices = DeviceStore()
-    enrollment.check_not_last(store, _own_id(devices, fs_id))  # a refusal leaves it mounted
-    _confirm(args, f"Unmount {mountpoint} and destroy this device's key for {fs_id.hex()}?")
-    view = FlushView(mountpoint)
-    try:
-        unmount(mountpoint, on_wait=view.tick)
-    except EncfsCloudError as exc:  # not all in the bucket: the key is still needed
-        exc.args = (f"{exc}; this device's key was NOT wiped",)
-        raise
-    finally:
-        view.close()
-    _wipe_local(devices, fs_id)
     return 0
 
 
@@ -415,11 +359,10 @@ _COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
      "device_id reencrypt takeover unlock yes"),
     ("device reencrypt", cmd_reencrypt, "rewrite all data under the newest key", "takeover unlock"),
     ("recover", cmd_recover, "enroll this device with the recovery key",
-     "recovery-key-file new-device"),
+     "recovery-key-file new-device yes"),
     ("recovery-key", cmd_recovery_key, "make a new recovery key (--rotate)", "rotate unlock"),
     ("passwd", cmd_passwd, "change, add or remove this device's passphrase",
      "unlock new-passphrase"),
-    ("wipe", cmd_wipe, "destroy this device's key and local files", "force yes"),
 ]  # fmt: skip
 
 

@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "encfs_cloud.cli.devices",
     "encfs_cloud.cli.maintenance",
     "encfs_cloud.cli.status",
+    "encfs_cloud.cli.wipe",
 )
 
 
@@ -109,7 +110,7 @@ def _ask_unlock_passphrase(source: str, options: StoreOptions) -> bytes | None:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     if getattr(args, "wipe", False):
-        from encfs_cloud.cli.devices import umount_and_wipe
+        from encfs_cloud.cli.wipe import umount_and_wipe
 
         return umount_and_wipe(args)
     view = FlushView(Path(os.path.abspath(args.mountpoint)))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import trio
 
+from encfs_cloud import layout
 from encfs_cloud.daemon.lease import Lease, LeaseKeeper
 from encfs_cloud.daemon.operations import Operations
 from encfs_cloud.data import spool
@@ -15,9 +16,17 @@ from encfs_cloud.data.cache import ChunkCache
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.data.uploader import Uploader
-from encfs_cloud.errors import DeviceRevokedError, RollbackError, StoreError
+from encfs_cloud.errors import (
+    AbortedError,
+    DeviceRevokedError,
+    IntegrityError,
+    LeaseHeldError,
+    RollbackError,
+    StoreError,
+)
 from encfs_cloud.keys.device import DeviceState, DeviceStore
-from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.generations import settle_start
+from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.keys.vault import Unlocked, refresh
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.journal import Head, commit_seqs, replay, rollback_problem
@@ -81,6 +90,8 @@ class Volume:
         self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
         self._keys_checked = 0.0
+        self._unsettled: tuple[int, int] | None = None  # (old generation, newest seq under it)
+        self._keys_lock = trio.Lock()  # the commit path and the idle watch both check
         self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
 
@@ -89,7 +100,9 @@ class Volume:
         fs_id = self.unlocked.fs_id
         state = self.devices.load_state(fs_id)
         if not self.options.read_only:  # a read-only mount writes nothing to the bucket
+            mine = spool.commits(self.devices.folder(fs_id))
             spool.upload(self.devices.folder(fs_id), self.store)
+            self._settle_spooled(mine)
         seqs = commit_seqs(self.store)
         if not seqs:
             if state.commit_seq and not self.options.allow_rollback:
@@ -109,6 +122,20 @@ class Volume:
         self._remember_head(head)
         return md, head
 
+    def _settle_spooled(self, mine: list[tuple[str, bytes]]) -> None:
+        """Commits this device sealed before a revocation it had not seen, uploaded only now
+        from its spool, fall past the new generation's start: move it past them (only a
+        holder of the new generation can)."""
+        keys = self.unlocked.keys
+        late = [
+            (seq, gen)
+            for seq, gen in ((layout.commit_seq(n), object_generation(d)) for n, d in mine)
+            if seq is not None and gen < keys.required_generation(seq)
+        ]
+        if late:
+            old = min(g for _, g in late)
+            settle_start(self.store, self.devices, self.unlocked, old, max(s for s, _ in late))
+
     def _remember_head(self, head: Head) -> None:
         def seen(state: DeviceState) -> None:
             state.commit_seq = head.seq
@@ -122,10 +149,15 @@ class Volume:
         Checked at most every KEY_REFRESH_INTERVAL seconds: one small GET. A revoked device
         stops writing.
         """
+        async with self._keys_lock:
+            await self._refresh_keys_locked()
+
+    async def _refresh_keys_locked(self) -> None:
         now = trio.current_time()
         if now - self._keys_checked < KEY_REFRESH_INTERVAL:
             return
         self._keys_checked = now
+        old_gen = self.unlocked.keys.current
         try:
             changed = await trio.to_thread.run_sync(
                 refresh, self.store, self.devices, self.unlocked, limiter=self.limiter
@@ -142,6 +174,38 @@ class Volume:
             return
         if changed:
             log.info("now sealing under key generation %d", self.unlocked.keys.current)
+            if not self.options.read_only:
+                c = self.committer
+                self._unsettled = (old_gen, c.queue[-1].seq if c.queue else c.head.seq)
+        if self._unsettled is not None:
+            await self._settle(*self._unsettled)
+
+    async def _settle(self, old_gen: int, written_seq: int) -> None:
+        """Move the new generation's start past what this mount sealed before adopting it."""
+        try:
+            await trio.to_thread.run_sync(
+                settle_start,
+                self.store,
+                self.devices,
+                self.unlocked,
+                old_gen,
+                written_seq,
+                limiter=self.limiter,
+            )
+            self._unsettled = None
+        except (StoreError, AbortedError, LeaseHeldError, IntegrityError) as exc:
+            self._keys_checked = 0.0  # retry at the next commit or check
+            log.warning("could not record where the new key generation starts: %s", exc)
+
+    async def _watch_keys(self) -> None:
+        """Check for a new generation even while idle, so a start point is settled promptly
+        and a revoked mount lets go of the lease."""
+        while not self.committer.stopped:
+            await trio.sleep(KEY_REFRESH_INTERVAL)
+            try:
+                await self._refresh_keys()
+            except (IntegrityError, RollbackError) as exc:  # the next commit refuses too
+                log.error("key check failed: %s", exc)
 
     def _purge_orphans(self) -> None:
         """Inodes left with no name by a crash while they were open are deleted now."""
@@ -155,6 +219,8 @@ class Volume:
             self.data.nursery = nursery
             await nursery.start(self.uploader.run)
             nursery.start_soon(self.committer.run, self.options.commit_interval)
+            if not self.options.read_only:
+                nursery.start_soon(self._watch_keys)
             task_status.started()
 
     async def flush(self) -> None:

@@ -159,6 +159,8 @@ class FileData:
                         ref.gen,
                         ref.plain_len,
                         blob[start : start + ref.len],
+                        ref.digest,
+                        ref.pack,
                     )
                 )
             except IntegrityError as exc:

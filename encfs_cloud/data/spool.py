@@ -40,6 +40,19 @@ def save(device_folder: Path, objects: list[tuple[str, bytes | bytearray]]) -> N
     log.warning("%d sealed objects kept in the local spool for the next mount", len(objects))
 
 
+def commits(device_folder: Path) -> list[tuple[str, bytes]]:
+    """The metadata commits waiting in the spool (name, sealed bytes), oldest first."""
+    folder = device_folder / SPOOL_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(p for p in folder.iterdir() if not p.name.endswith(".tmp")):
+        name = path.name.split("-", 1)[1].replace("@", "/")
+        if name.startswith("meta/"):
+            found.append((name, path.read_bytes()))
+    return found
+
+
 def upload(device_folder: Path, store: ObjectStore) -> int:
     """Send what an earlier unmount spooled, in order, then forget it; returns the count.
 

@@ -13,7 +13,7 @@ import trio
 from encfs_cloud import layout
 from encfs_cloud.data.cache import ChunkCache, ChunkKey
 from encfs_cloud.errors import StoreError
-from encfs_cloud.keys.sealed import Sealer, sealed_chunk_len
+from encfs_cloud.keys.sealed import Sealer, chunk_digest, sealed_chunk_len
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.metadata import ChunkRef, Metadata
 
@@ -87,7 +87,7 @@ class Uploader:
             pack = Pack(layout.random_id(), gen)
             self.md.add_pack(pack.id, 0)
             self.open_pack = pack
-        ref = ChunkRef(pack.id, pack.size, length, len(data), version, pack.gen)
+        ref = ChunkRef(pack.id, pack.size, length, len(data), version, pack.gen, chunk_digest(data))
         pack.entries.append((key, version, data))
         pack.size += length
         self.md.set_chunk(ino, idx, ref)
@@ -144,7 +144,9 @@ class Uploader:
         off = 0
         for (ino, idx), version, data in pack.entries:
             length = sealed_chunk_len(len(data))
-            self.sealer.seal_chunk_into(ino, idx, version, data, view[off : off + length], pack.gen)
+            self.sealer.seal_chunk_into(
+                ino, idx, version, data, view[off : off + length], pack.gen, pack.id
+            )
             off += length
         # Random padding is indistinguishable from ciphertext: the size class is all that shows.
         view[off:] = os.urandom(len(blob) - off)

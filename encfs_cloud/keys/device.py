@@ -88,6 +88,7 @@ class DeviceState:
     key_check: bytes | None = None
     keyring_version: int = 0
     generation_checks: dict[int, bytes] = field(default_factory=dict)
+    header_generation: int = 0  # the newest generation the header was seen tagged under
 
 
 def validate_device_name(name: str) -> str:
@@ -292,6 +293,7 @@ class DeviceStore:
                 generation_checks={
                     int(g): bytes.fromhex(v) for g, v in doc["generation_checks"].items()
                 },
+                header_generation=int(doc.get("header_generation", 0)),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise FormatError(f"device state {path} is unreadable: {exc}") from None
@@ -327,6 +329,7 @@ class DeviceStore:
             "key_check": None if state.key_check is None else state.key_check.hex(),
             "keyring_version": state.keyring_version,
             "generation_checks": {str(g): v.hex() for g, v in state.generation_checks.items()},
+            "header_generation": state.header_generation,
         }
         write_atomic(self.folder(fs_id) / STATE_FILE, _canonical(doc), exclusive=False)
 

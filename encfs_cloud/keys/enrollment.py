@@ -11,31 +11,27 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from encfs_cloud import layout
 from encfs_cloud.crypto import codes
-from encfs_cloud.crypto.aead import SecretKey
 from encfs_cloud.errors import AbortedError, IntegrityError, ObjectMissingError, UsageError
 from encfs_cloud.keys import master as K
 from encfs_cloud.keys.device import DeviceStore, validate_device_name
+from encfs_cloud.keys.generations import NewRecovery, start_generation
 from encfs_cloud.keys.records import (
     RECOVERY_NAME,
     RECOVERY_NEXT_NAME,
     b64,
     canonical,
-    decode_record,
-    device_record,
     fs_id_of,
     keyring_lock,
     load_keyring,
     now,
-    parse_header,
     read_header,
     record_name,
-    recovery_record,
-    seal_header,
+    start_bytes,
     store_keyring,
     unb64,
-    verify_header,
 )
-from encfs_cloud.keys.vault import Unlocked, enroll_device, refresh, remember
+from encfs_cloud.keys.trust import refuse_if_uncommitted, remember
+from encfs_cloud.keys.vault import Unlocked, enroll_device, refresh
 from encfs_cloud.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -177,9 +173,18 @@ def approve(
         )
     req = matches[0]
     keys = unlocked.keys
-    confirm = codes.enrollment_confirm(code, fs_id, req.device_id, K.key_check(keys))
+    # The newest state this device has seen becomes the new device's starting point, so it
+    # refuses a bucket rolled back before it (it has no history of its own yet).
+    seen = devices.load_state(fs_id)
+    start = {
+        "seq": seen.commit_seq or 0,
+        "hash": (seen.commit_hash or b"").hex(),
+        "keyring": unlocked.keyring.version,
+    }
+    covered = K.key_check(keys) + start_bytes(start)
+    confirm = codes.enrollment_confirm(code, fs_id, req.device_id, covered)
     entry = K.DeviceEntry(req.device_id, req.name, now(), req.public_key, keys.current)
-    ring = enroll_device(store, keys, fs_id, unlocked.device.device_id, entry, confirm)
+    ring = enroll_device(store, keys, fs_id, unlocked.device.device_id, entry, confirm, start)
     store.delete(request_name(req.device_id))
     remember(devices, fs_id, keys, ring)
     unlocked.keyring = ring
@@ -234,6 +239,7 @@ def rename_device(
 ) -> None:
     name = validate_device_name(new_name)
     refresh(store, devices, unlocked)
+    refuse_if_uncommitted(unlocked.keys)
     fs_id, keys = unlocked.fs_id, unlocked.keys
     with keyring_lock(store, unlocked.device.device_id):
         ring, etag = load_keyring(store, keys, fs_id)
@@ -250,112 +256,47 @@ def rename_device(
             ring.recovery_public,
             ring.recovery_created_at,
             entries,
+            dict(ring.starts),
         )
         store_keyring(store, keys, fs_id, new, etag)
     remember(devices, fs_id, keys, new)
     unlocked.keyring = new
 
 
-def _old_confirm(store: ObjectStore, name: str, subject: str) -> bytes:
-    # The confirmation tag covers generation 1 only, so it stays valid across generations: copy
-    # it, or a device that lost its local state could no longer check its record.
-    try:
-        return decode_record(store.get(name), subject)[2]
-    except (ObjectMissingError, IntegrityError):
-        return b""
-
-
 def revoke_device(
     store: ObjectStore, unlocked: Unlocked, devices: DeviceStore, device_id: str
 ) -> int:
-    """Remove a device and start a new generation it never sees; returns the new generation.
-
-    Order matters for crashes: every remaining record (ours first) and the recovery record get
-    the new generation, then the keyring commits it, then the revoked record goes. Until the
-    keyring commits, nobody seals with the new generation (unlock drops uncommitted ones).
-    """
-    fs_id = unlocked.fs_id
-    refresh(store, devices, unlocked)
+    """Remove a device and start a new generation it never sees; returns the new generation."""
     if device_id == unlocked.device.device_id:
         raise UsageError("a device cannot revoke itself; revoke it from another device or wipe it")
-    with keyring_lock(store, unlocked.device.device_id):
-        if store.head(RECOVERY_NEXT_NAME) is not None:
-            raise AbortedError(
-                "a recovery key rotation was interrupted; run it again before revoking"
-            )
-        ring, etag = load_keyring(store, unlocked.keys, fs_id)
-        if ring.device(device_id) is None:
-            raise UsageError(f"device {device_id} is not enrolled")
-        new_keys = unlocked.keys.copy()
-        try:
-            gen = K.add_generation(new_keys)
-            me = unlocked.device.device_id
-            remaining = sorted(
-                (d for d in ring.devices if d.device_id != device_id),
-                key=lambda d: d.device_id != me,
-            )
-            remaining = [
-                K.DeviceEntry(d.device_id, d.name, d.enrolled_at, d.public_key, gen)
-                for d in remaining
-            ]
-            for entry in remaining:
-                name = record_name(entry.device_id)
-                confirm = _old_confirm(store, name, entry.device_id)
-                store.put(name, device_record(new_keys, fs_id, entry, confirm))
-            confirm = _old_confirm(store, RECOVERY_NAME, K.RECOVERY_ID)
-            store.put(
-                RECOVERY_NAME, recovery_record(new_keys, fs_id, ring.recovery_public, confirm)
-            )
-            new = K.Keyring(
-                ring.version + 1, gen, ring.recovery_public, ring.recovery_created_at, remaining
-            )
-            store_keyring(store, new_keys, fs_id, new, etag)
-            # Committed: from here on this mount must seal with the new generation, whatever
-            # the clean-up below does.
-            unlocked.keys.add(gen, SecretKey(new_keys.key(gen).material))
-            unlocked.keyring = new
-        finally:
-            new_keys.wipe()
-        remember(devices, fs_id, unlocked.keys, new)
-        store.delete(record_name(device_id))
-        store.delete(request_name(device_id))
-        # Re-tag the header under the new generation, which the revoked device never held.
-        # Verify first: re-tagging whatever the bucket holds would launder a modified header.
-        raw, header_etag = store.get_with_etag(layout.HEADER_NAME)
-        header = parse_header(raw, store.url)
-        verify_header(unlocked.keys, header)
-        store.put(layout.HEADER_NAME, seal_header(unlocked.keys, header), if_match=header_etag)
-    return gen
+    return start_generation(store, unlocked, devices, remove=device_id).generation
+
+
+def remove_self(store: ObjectStore, unlocked: Unlocked, devices: DeviceStore) -> int:
+    """`wipe`: leave the keyring, with a new generation this device's key never opens.
+
+    A copy of the device folder taken before the wipe (a backup, a disk image) must not read
+    what is written afterwards. The new generation is wrapped for the others only; this
+    process holds it until it exits, and the caller wipes the local key right after.
+    """
+    ring = start_generation(store, unlocked, devices, remove=unlocked.device.device_id)
+    return ring.generation
 
 
 def rotate_recovery_key(store: ObjectStore, unlocked: Unlocked, devices: DeviceStore) -> str:
-    """A new recovery key; the old one stops working. Returns the text to print.
+    """A new recovery key and a new generation the old key never opens. Returns its text.
 
-    The new record goes to keys/recovery.next first, so a crash before the keyring commits
-    leaves the old key working (recovery tries both names).
+    The old key, with an old copy of keys/recovery (the bucket owner may keep one), still opens
+    the generations that existed before; everything written afterwards is sealed under the new
+    one, and `recover` refuses a key that is not the keyring's.
     """
-    refresh(store, devices, unlocked)
-    fs_id, keys = unlocked.fs_id, unlocked.keys
-    with keyring_lock(store, unlocked.device.device_id):
-        ring, etag = load_keyring(store, keys, fs_id)
-        text, rec = K.new_recovery_key()
-        try:
-            public = K.recovery_public(rec)
-            confirm = K.recovery_confirm(rec, fs_id, K.key_check(keys))
-        finally:
-            rec.wipe()
-        blob = recovery_record(keys, fs_id, public, confirm)
-        store.put(RECOVERY_NEXT_NAME, blob)
-        new = K.Keyring(ring.version + 1, ring.generation, public, now(), list(ring.devices))
-        try:
-            store_keyring(store, keys, fs_id, new, etag)
-        except BaseException:
-            store.delete(RECOVERY_NEXT_NAME)
-            raise
-        store.put(RECOVERY_NAME, blob)
-        store.delete(RECOVERY_NEXT_NAME)
-    remember(devices, fs_id, keys, new)
-    unlocked.keyring = new
+    text, rec = K.new_recovery_key()
+    try:
+        public = K.recovery_public(rec)
+        confirm = K.recovery_confirm(rec, unlocked.fs_id, K.key_check(unlocked.keys))
+    finally:
+        rec.wipe()
+    start_generation(store, unlocked, devices, recovery=NewRecovery(public, confirm))
     return text
 
 

@@ -7,6 +7,7 @@ import hmac
 import json
 import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -18,14 +19,17 @@ from encfs_cloud.errors import FormatError, IntegrityError, RecoveryKeyError
 
 RECOVERY_ID = "recovery"  # the "device id" the recovery key is wrapped under
 _WRAP_MAGIC = b"EKW1"  # ECIES blob: magic || ephemeral public (32) || nonce || ct || tag
-# What a wrap seals: magic || current u32 || count u32 || (generation u32 || 32-byte key)*
-_KEYS_MAGIC = b"EKG1"
+# What a wrap seals: magic || current u32 || keyring floor u64 || count u32 ||
+# (generation u32 || 32-byte key)*
+_KEYS_MAGIC = b"EKG2"
+_KEYS_HEAD = struct.Struct(">4sIQI")
 _KEYRING_MAGIC = b"EKR1"  # keyring blob: magic || version u64 || generation u32 || sealed json
 _KEYRING_HEAD = struct.Struct(">4sQI")
-_GEN = struct.Struct(">I")
+GEN = struct.Struct(">I")  # a generation number on the wire
 PUBLIC_LEN = 32
 MAX_GENERATION = 1 << 31
 _COMMITMENT = "commitment/"  # purposes reserved for values that are not keys
+_PACK_KEYS_CACHED = 256
 
 
 class MasterKeys:
@@ -35,7 +39,17 @@ class MasterKeys:
     callers must not wipe them. Safe to share between worker threads.
     """
 
-    __slots__ = ("_cache", "_current", "_gens", "_keys", "_lock")
+    __slots__ = (
+        "_cache",
+        "_current",
+        "_gens",
+        "_keys",
+        "_lock",
+        "_packs",
+        "keyring_floor",
+        "starts",
+        "uncommitted",
+    )
 
     def __init__(self, keys: Mapping[int, SecretKey], current: int | None = None) -> None:
         if not keys or any(not 0 < g < MAX_GENERATION for g in keys):
@@ -47,7 +61,18 @@ class MasterKeys:
         # Readers on worker threads see an immutable tuple, never a dict being resized.
         self._gens = tuple(sorted(self._keys))
         self._cache: dict[tuple[str, int], SecretKey] = {}
+        self._packs: OrderedDict[tuple[int, str], SecretKey] = OrderedDict()
         self._lock = threading.Lock()
+        # generation → the first commit that must be sealed under it (from the keyring): replay
+        # refuses a commit sealed under an older generation from there on. Not secret.
+        self.starts: dict[int, int] = {}
+        # The keyring version that committed `current`: a keyring of that version or newer
+        # sealed under an older generation was re-sealed by someone who lacks `current` (a
+        # revoked device). Travels inside every wrap of `current`, so only its holders set it.
+        self.keyring_floor = 0
+        # True once `restrict` dropped a generation the keyring never committed (an
+        # interrupted revocation): the keyring must not change before that is finished.
+        self.uncommitted = False
 
     @property
     def current(self) -> int:
@@ -74,9 +99,28 @@ class MasterKeys:
         with self._lock:
             sub = self._cache.get((purpose, gen))
             if sub is None:
-                sub = aead.derive(self.key(gen), purpose, _GEN.pack(gen))
+                sub = aead.derive(self.key(gen), purpose, GEN.pack(gen))
                 self._cache[(purpose, gen)] = sub
             return sub
+
+    def pack_subkey(self, gen: int, pack: str) -> SecretKey:
+        """The chunk key of one pack: bounds the seals under any one key by design.
+
+        A pack holds at most 2,049 sealed chunks, so random 96-bit nonces never come near
+        their collision bound, with nothing to count. The most recent packs' keys are cached;
+        an evicted one is dropped, not zeroed (a reader thread may still hold it).
+        """
+        with self._lock:
+            sub = self._packs.get((gen, pack))
+            if sub is not None:
+                self._packs.move_to_end((gen, pack))
+                return sub
+        sub = aead.derive(self.subkey("chunk", gen), "pack", bytes.fromhex(pack))
+        with self._lock:
+            self._packs[(gen, pack)] = sub
+            while len(self._packs) > _PACK_KEYS_CACHED:
+                self._packs.popitem(last=False)
+        return sub
 
     def add(self, gen: int, key: SecretKey) -> None:
         """Adopt a fresh generation and make it current (used by `add_generation`)."""
@@ -98,18 +142,31 @@ class MasterKeys:
                 raise IntegrityError(f"unknown key generation {newest}")
             for gen in [g for g in self._keys if g > newest]:
                 self._keys.pop(gen).wipe()
+                self.uncommitted = True
+                self.keyring_floor = 0  # it was the dropped generation's
                 for ck in [ck for ck in self._cache if ck[1] == gen]:
                     self._cache.pop(ck).wipe()
+                for pk in [pk for pk in self._packs if pk[0] == gen]:
+                    self._packs.pop(pk).wipe()
             self._gens = tuple(sorted(self._keys))
             self._current = newest
 
     def copy(self) -> MasterKeys:
-        return MasterKeys({g: SecretKey(k.material) for g, k in self._keys.items()}, self._current)
+        keys = MasterKeys({g: SecretKey(k.material) for g, k in self._keys.items()}, self._current)
+        keys.starts = dict(self.starts)
+        keys.keyring_floor = self.keyring_floor
+        keys.uncommitted = self.uncommitted
+        return keys
+
+    def required_generation(self, seq: int) -> int:
+        """The oldest generation a commit with this number may be sealed under."""
+        return max((g for g, start in self.starts.items() if start <= seq), default=0)
 
     def wipe(self) -> None:
         with self._lock:
-            for sub in self._cache.values():
+            for sub in [*self._cache.values(), *self._packs.values()]:
                 sub.wipe()
+            self._packs.clear()
             for key in self._keys.values():
                 key.wipe()
             self._cache.clear()
@@ -139,27 +196,30 @@ def add_generation(keys: MasterKeys) -> int:
 
 def _pack_keys(keys: MasterKeys) -> bytearray:
     gens = keys.generations
-    out = bytearray(_KEYS_MAGIC + struct.pack(">II", keys.current, len(gens)))
+    out = bytearray(_KEYS_HEAD.pack(_KEYS_MAGIC, keys.current, keys.keyring_floor, len(gens)))
     for gen in gens:
-        out += _GEN.pack(gen) + keys.key(gen).material
+        out += GEN.pack(gen) + keys.key(gen).material
     return out
 
 
 def _unpack_keys(raw: bytes) -> MasterKeys:
-    if len(raw) < 12 or raw[:4] != _KEYS_MAGIC:
+    head = _KEYS_HEAD.size
+    if len(raw) < head or raw[:4] != _KEYS_MAGIC:
         raise IntegrityError("wrapped keys are malformed")
-    current, count = struct.unpack_from(">II", raw, 4)
-    if len(raw) != 12 + count * (4 + aead.KEY_LEN):
+    _, current, floor, count = _KEYS_HEAD.unpack_from(raw)
+    if len(raw) != head + count * (4 + aead.KEY_LEN):
         raise IntegrityError("wrapped keys are malformed")
     keys: dict[int, SecretKey] = {}
     for i in range(count):
-        off = 12 + i * (4 + aead.KEY_LEN)
-        (gen,) = _GEN.unpack_from(raw, off)
+        off = head + i * (4 + aead.KEY_LEN)
+        (gen,) = GEN.unpack_from(raw, off)
         keys[gen] = SecretKey(bytearray(raw[off + 4 : off + 4 + aead.KEY_LEN]))
     try:
-        return MasterKeys(keys, current)
+        opened = MasterKeys(keys, current)
     except ValueError as exc:
         raise IntegrityError(f"wrapped keys are malformed: {exc}") from None
+    opened.keyring_floor = floor
+    return opened
 
 
 # --- ECIES to a device's X25519 public key ---------------------------------------------------
@@ -256,11 +316,17 @@ def unwrap_for_recovery(blob: bytes, fs_id: bytes, recovery: SecretKey) -> Maste
 
 def key_check(keys: MasterKeys, gen: int = 1) -> bytes:
     """An HKDF commitment to one generation, stored on the device to spot a substituted key."""
-    sub = aead.derive(keys.key(gen), _COMMITMENT + "key-check", _GEN.pack(gen))
+    sub = aead.derive(keys.key(gen), _COMMITMENT + "key-check", GEN.pack(gen))
     try:
         return bytes(sub.material)
     finally:
         sub.wipe()
+
+
+def fingerprint(keys: MasterKeys, gen: int) -> str:
+    """8 hex digits of a generation's key check: devices holding the same one show the same."""
+    raw = key_check(keys, gen)[:4].hex()
+    return f"{raw[:4]}-{raw[4:]}"
 
 
 def recovery_confirm(recovery: SecretKey, fs_id: bytes, check: bytes) -> bytes:
@@ -296,6 +362,9 @@ class Keyring:
     recovery_public: bytes
     recovery_created_at: str
     devices: list[DeviceEntry] = field(default_factory=list)
+    # generation → the first commit sequence number that must be sealed under it. Fixed when
+    # the generation is made (the bucket's newest commit + 1) and only ever moved forward.
+    starts: dict[int, int] = field(default_factory=lambda: {1: 1})
 
     def device(self, device_id: str) -> DeviceEntry | None:
         return next((d for d in self.devices if d.device_id == device_id), None)
@@ -313,6 +382,7 @@ def _keyring_json(ring: Keyring) -> bytes:
             "public_key": _b64(ring.recovery_public),
             "created_at": ring.recovery_created_at,
         },
+        "starts": {str(g): seq for g, seq in sorted(ring.starts.items())},
         "devices": [
             {
                 "id": d.device_id,
@@ -366,32 +436,12 @@ def open_keyring(keys: MasterKeys, fs_id: bytes, blob: bytes) -> Keyring:
                 )
                 for d in body["devices"]
             ],
+            starts={int(g): int(seq) for g, seq in body["starts"].items()},
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise FormatError(f"keyring is not understood: {exc}") from None
     if (ring.version, ring.generation) != (version, gen):
         raise IntegrityError("keyring was modified")
+    if ring.generation not in ring.starts or any(g > ring.generation for g in ring.starts):
+        raise IntegrityError("keyring was modified (generation start points)")
     return ring
-
-
-# --- header authentication -------------------------------------------------------------------
-
-
-def header_mac(keys: MasterKeys, header_bytes: bytes) -> bytes:
-    """generation u32 || HMAC-SHA256 under the current generation's header subkey."""
-    gen = keys.current
-    return _GEN.pack(gen) + codes.hmac_sha256(
-        keys.subkey("vault/header", gen).material, header_bytes
-    )
-
-
-def verify_header(keys: MasterKeys, header_bytes: bytes, tag: bytes) -> int:
-    """Returns the generation that authenticated the header; IntegrityError otherwise."""
-    if len(tag) != _GEN.size + 32:
-        raise IntegrityError("header was modified (bad tag)")
-    gen = int.from_bytes(tag[: _GEN.size], "big")
-    if gen not in keys.generations or not codes.hmac_ok(
-        keys.subkey("vault/header", gen).material, header_bytes, tag[_GEN.size :]
-    ):
-        raise IntegrityError("header was modified")
-    return gen

@@ -93,7 +93,7 @@ def header_body(header: dict[str, Any]) -> bytes:
 
 def seal_header(keys: K.MasterKeys, header: dict[str, Any]) -> bytes:
     body = {k: v for k, v in header.items() if k != "auth"}
-    return canonical({**body, "auth": b64(K.header_mac(keys, header_body(body)))})
+    return canonical({**body, "auth": b64(header_tag(keys, header_body(body)))})
 
 
 def fs_id_of(header: dict[str, Any]) -> bytes:
@@ -131,6 +131,13 @@ def parse_header(raw: bytes, where: str = "this store") -> dict[str, Any]:
         raise FormatError(
             f"this filesystem was made by a newer encfs-cloud (format {fmt}{extra}); upgrade"
         )
+    if fmt < layout.FORMAT_VERSION:
+        # Format 2 added chunk digests and generation start points; there is no in-place
+        # upgrade: copy the files out with the older release.
+        raise FormatError(
+            f"this filesystem has format {fmt}, which this encfs-cloud no longer opens "
+            f"(it reads format {layout.FORMAT_VERSION}); copy the files out with an older release"
+        )
     try:
         fs_id = bytes.fromhex(header["fs_id"])
         kdf = header["kdf"]
@@ -154,17 +161,49 @@ def parse_header(raw: bytes, where: str = "this store") -> dict[str, Any]:
 
 
 def verify_header(keys: K.MasterKeys, header: dict[str, Any]) -> int:
-    return K.verify_header(keys, header_body(header), unb64(header["auth"]))
+    return check_header_tag(keys, header_body(header), unb64(header["auth"]))
+
+
+# --- header authentication -------------------------------------------------------------------
+
+
+def header_tag(keys: K.MasterKeys, header_bytes: bytes) -> bytes:
+    """generation u32 || HMAC-SHA256 under the current generation's header subkey."""
+    gen = keys.current
+    return K.GEN.pack(gen) + codes.hmac_sha256(
+        keys.subkey("vault/header", gen).material, header_bytes
+    )
+
+
+def check_header_tag(keys: K.MasterKeys, header_bytes: bytes, tag: bytes) -> int:
+    """Returns the generation that authenticated the header; IntegrityError otherwise."""
+    if len(tag) != K.GEN.size + 32:
+        raise IntegrityError("header was modified (bad tag)")
+    gen = int.from_bytes(tag[: K.GEN.size], "big")
+    if gen not in keys.generations or not codes.hmac_ok(
+        keys.subkey("vault/header", gen).material, header_bytes, tag[K.GEN.size :]
+    ):
+        raise IntegrityError("header was modified")
+    return gen
 
 
 # --- key records ------------------------------------------------------------------------------
 
 
 def encode_record(
-    kind: str, subject: str, keys: K.MasterKeys, wrapped: bytes, confirm: bytes
+    kind: str,
+    subject: str,
+    keys: K.MasterKeys,
+    wrapped: bytes,
+    confirm: bytes,
+    start: dict[str, Any] | None = None,
 ) -> bytes:
-    """keys/<id> and keys/recovery: JSON around the ECIES blob and the key confirmation tag."""
-    doc = {
+    """keys/<id> and keys/recovery: JSON around the ECIES blob and the key confirmation tag.
+
+    `start` (the head and keyring version the approver had seen) is covered by `confirm`: a
+    new device takes it as the state it has seen, so it refuses a bucket rolled back before it.
+    """
+    doc: dict[str, Any] = {
         "format": 1,
         "kind": kind,
         "id": subject,
@@ -172,7 +211,29 @@ def encode_record(
         "wrapped": b64(wrapped),
         "confirm": b64(confirm),
     }
+    if start is not None:
+        doc["start"] = start
     return canonical(doc)
+
+
+def record_start(raw: bytes) -> dict[str, Any] | None:
+    """The enrollment starting point a key record carries (not yet trusted), or None."""
+    try:
+        start = json.loads(raw).get("start")
+        if start is None:
+            return None
+        return {
+            "seq": int(start["seq"]),
+            "hash": str(start["hash"]),
+            "keyring": int(start["keyring"]),
+        }
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise IntegrityError("a key record's starting point is malformed") from None
+
+
+def start_bytes(start: dict[str, Any] | None) -> bytes:
+    """What the confirmation tag covers after the key check (nothing without a start)."""
+    return b"" if start is None else canonical(start)
 
 
 def decode_record(raw: bytes, subject: str) -> tuple[int, bytes, bytes]:
@@ -186,9 +247,15 @@ def decode_record(raw: bytes, subject: str) -> tuple[int, bytes, bytes]:
         raise IntegrityError(f"key record for {subject} was modified") from None
 
 
-def device_record(keys: K.MasterKeys, fs_id: bytes, entry: K.DeviceEntry, confirm: bytes) -> bytes:
+def device_record(
+    keys: K.MasterKeys,
+    fs_id: bytes,
+    entry: K.DeviceEntry,
+    confirm: bytes,
+    start: dict[str, Any] | None = None,
+) -> bytes:
     wrapped = K.wrap_for_device(keys, fs_id, entry.device_id, entry.public_key)
-    return encode_record("device-key", entry.device_id, keys, wrapped, confirm)
+    return encode_record("device-key", entry.device_id, keys, wrapped, confirm, start)
 
 
 def recovery_record(keys: K.MasterKeys, fs_id: bytes, public: bytes, confirm: bytes) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 from dataclasses import dataclass
@@ -21,11 +20,10 @@ from encfs_cloud.errors import (
     ObjectMissingError,
     PreconditionFailedError,
     RecoveryKeyError,
-    RollbackError,
     UsageError,
 )
 from encfs_cloud.keys import master as K
-from encfs_cloud.keys.device import DeviceIdentity, DeviceState, DeviceStore
+from encfs_cloud.keys.device import DeviceIdentity, DeviceStore
 from encfs_cloud.keys.records import (
     KEYRING_NAME,
     RECOVERY_NAME,
@@ -42,10 +40,22 @@ from encfs_cloud.keys.records import (
     parse_header,
     read_header,
     record_name,
+    record_start,
     recovery_record,
     seal_header,
+    start_bytes,
     store_keyring,
     verify_header,
+)
+from encfs_cloud.keys.trust import (
+    adopt_keyring,
+    check_generations,
+    check_header_generation,
+    check_keyring_generation,
+    refuse_if_uncommitted,
+    remember,
+    same,
+    seed_state,
 )
 from encfs_cloud.store.base import ObjectStore
 
@@ -81,40 +91,6 @@ class Unlocked:
         return f"<Unlocked fs={self.fs_id.hex()} device={self.device.device_id} redacted>"
 
 
-# --- trust checks -----------------------------------------------------------------------------
-
-
-def _check_generations(keys: K.MasterKeys, state: DeviceState, ring: K.Keyring) -> None:
-    """Refuse a generation that differs from one seen before, or an older keyring."""
-    if ring.version < state.keyring_version:
-        raise RollbackError(
-            f"the keyring is version {ring.version} but this device has seen "
-            f"{state.keyring_version}: the bucket was rolled back"
-        )
-    if state.generation_checks and max(state.generation_checks) > ring.generation:
-        raise RollbackError("the key generation went backwards: the bucket was rolled back")
-    for gen in keys.generations:
-        seen = state.generation_checks.get(gen)
-        if seen is not None and not _same(seen, K.key_check(keys, gen)):
-            raise IntegrityError(f"key generation {gen} is not the one this device saw before")
-
-
-def _same(a: bytes, b: bytes) -> bool:
-    return hmac.compare_digest(a, b)
-
-
-def remember(devices: DeviceStore, fs_id: bytes, keys: K.MasterKeys, ring: K.Keyring) -> None:
-    """Record the key commitments and keyring version this device has now seen."""
-    checks = {gen: K.key_check(keys, gen) for gen in keys.generations}
-
-    def change(state: DeviceState) -> None:
-        state.key_check = checks[1]
-        state.keyring_version = max(state.keyring_version, ring.version)
-        state.generation_checks.update(checks)
-
-    devices.update_state(fs_id, change)
-
-
 def finish_open(
     store: ObjectStore,
     devices: DeviceStore,
@@ -132,15 +108,17 @@ def finish_open(
             f"this device is not in the keyring of filesystem {fs_id.hex()}: it was revoked "
             "(or its approval did not finish); enroll again with encfs-cloud device request"
         )
-    if not _same(entry.public_key, identity.public):
+    if not same(entry.public_key, identity.public):
         raise IntegrityError("the keyring lists another public key for this device")
-    keys.restrict(ring.generation)
-    _check_generations(keys, state, ring)
+    check_generations(keys, state, ring)  # a device that saw newer: a rollback (exit 13)
+    check_keyring_generation(keys, ring)
+    adopt_keyring(keys, ring)
     try:
-        verify_header(keys, header)
+        header_gen = verify_header(keys, header)
     except IntegrityError:
         raise IntegrityError("header was modified") from None
-    remember(devices, fs_id, keys, ring)
+    check_header_generation(state, header_gen)
+    remember(devices, fs_id, keys, ring, header_gen)
     return Unlocked(fs_id, header, keys, identity, ring)
 
 
@@ -156,6 +134,7 @@ def init_filesystem(
     fs_id = os.urandom(16)
     identity = devices.create(fs_id, device_name, passphrase)
     keys = K.new_master_keys()
+    keys.keyring_floor = 1  # generation 1 is committed by keyring version 1
     written: list[str] = []
     try:
         check = K.key_check(keys)
@@ -242,6 +221,7 @@ def _unlock_device(
             "enroll again with encfs-cloud device request / recover"
         ) from None
     gen, wrapped, confirm = decode_record(raw, identity.device_id)
+    start = record_start(raw)
     try:
         keys = K.unwrap_for_device(wrapped, fs_id, identity.device_id, identity.private_key)
     except IntegrityError:
@@ -252,12 +232,16 @@ def _unlock_device(
         check = K.key_check(keys)
         state = devices.load_state(fs_id)
         if state.key_check is not None:
-            trusted = _same(state.key_check, check)
+            trusted = same(state.key_check, check)
         else:
             # First unlock after approval (or lost state): only a device that knew our
             # enrollment code could have made this tag, so the bucket cannot substitute keys.
+            # The tag also covers the head the approver had seen, which becomes ours.
             code = codes.enrollment_code(identity.private_key, fs_id, identity.device_id)
-            trusted = codes.enrollment_confirm_ok(code, fs_id, identity.device_id, check, confirm)
+            covered = check + start_bytes(start)
+            trusted = codes.enrollment_confirm_ok(code, fs_id, identity.device_id, covered, confirm)
+            if trusted and start is not None:
+                seed_state(devices, fs_id, start)
         if not trusted:
             raise IntegrityError(
                 "the master key offered to this device is not the filesystem's "
@@ -288,18 +272,22 @@ def refresh(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked) -> boo
     try:
         held = unlocked.keys.generations
         if gen != fresh.current or not all(
-            g in fresh.generations and _same(K.key_check(fresh, g), K.key_check(unlocked.keys, g))
+            g in fresh.generations and same(K.key_check(fresh, g), K.key_check(unlocked.keys, g))
             for g in held
         ):
             raise IntegrityError("this device's key record changed keys it already held")
         ring, _ = load_keyring(store, fresh, fs_id)
         if ring.device(identity.device_id) is None:
             raise DeviceRevokedError(f"this device was revoked from filesystem {fs_id.hex()}")
-        fresh.restrict(ring.generation)
-        _check_generations(fresh, devices.load_state(fs_id), ring)
+        check_generations(fresh, devices.load_state(fs_id), ring)
+        check_keyring_generation(fresh, ring)
+        adopt_keyring(fresh, ring)
         added = [g for g in fresh.generations if g > unlocked.keys.current]
         for g in added:
             unlocked.keys.add(g, SecretKey(fresh.key(g).material))
+        unlocked.keys.starts = dict(ring.starts)
+        unlocked.keys.keyring_floor = fresh.keyring_floor
+        unlocked.keys.uncommitted = fresh.uncommitted
         unlocked.keyring = ring
         remember(devices, fs_id, unlocked.keys, ring)
         return bool(added)
@@ -347,15 +335,30 @@ def unlock_with_recovery(
         )
     try:
         keys = open_recovery(store, fs_id, rec)
+        rec_public = K.recovery_public(rec)
     finally:
         rec.wipe()
     identity: DeviceIdentity | None = None
     try:
         # Refuse a rolled-back bucket before enrolling (state survives only if not wiped).
         state = devices.load_state(fs_id)
-        ring, _ = load_keyring(store, keys, fs_id)
-        keys.restrict(ring.generation)
-        _check_generations(keys, state, ring)
+        try:
+            ring, _ = load_keyring(store, keys, fs_id)
+        except DeviceRevokedError:
+            # The record opened but holds no generation the keyring is sealed under: an old
+            # record with an old key, both replaced by a rotation.
+            raise RecoveryKeyError(
+                "this recovery key no longer opens the filesystem: it was rotated out "
+                "(recovery-key --rotate); use the newest one"
+            ) from None
+        if not same(ring.recovery_public, rec_public):
+            # An old key with an old record the bucket owner put back: rotated out.
+            raise RecoveryKeyError(
+                "this recovery key was replaced (recovery-key --rotate); use the newest one"
+            )
+        check_generations(keys, state, ring)
+        check_keyring_generation(keys, ring)
+        adopt_keyring(keys, ring)
         identity = devices.create(fs_id, device_name, passphrase)
         enroll_device(
             store,
@@ -381,8 +384,10 @@ def enroll_device(
     holder: str,
     entry: K.DeviceEntry,
     confirm: bytes,
+    start: dict[str, Any] | None = None,
 ) -> K.Keyring:
     """Wrap every generation for `entry` and add it to the keyring (under the keyring lock)."""
+    refuse_if_uncommitted(keys)
     with keyring_lock(store, holder):
         ring, etag = load_keyring(store, keys, fs_id)
         if ring.device(entry.device_id) is not None:
@@ -391,13 +396,14 @@ def enroll_device(
             entry.device_id, entry.name, entry.enrolled_at, entry.public_key, ring.generation
         )
         name = record_name(entry.device_id)
-        store.put(name, device_record(keys, fs_id, entry, confirm))
+        store.put(name, device_record(keys, fs_id, entry, confirm, start))
         new = K.Keyring(
             ring.version + 1,
             ring.generation,
             ring.recovery_public,
             ring.recovery_created_at,
             [*ring.devices, entry],
+            dict(ring.starts),
         )
         try:
             store_keyring(store, keys, fs_id, new, etag)

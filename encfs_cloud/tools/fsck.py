@@ -39,7 +39,8 @@ EXIT_DAMAGED = 31
 CHECK_THREADS = 8
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total); total 0: unknown
-ChunkRow = tuple[int, int, int, int, int, int, int]  # inode, idx, off, len, plain_len, ver, gen
+# inode, idx, off, len, plain_len, ver, gen, digest
+ChunkRow = tuple[int, int, int, int, int, int, int, bytes]
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,8 @@ def _check_data(
     }
     by_pack: dict[str, list[ChunkRow]] = defaultdict(list)
     live: dict[str, int] = defaultdict(int)
-    for ino, idx, pack, off, length, plain, ver, gen in md.db.execute(
-        "SELECT inode, idx, pack, off, len, plain_len, version, gen FROM chunks"
+    for ino, idx, pack, off, length, plain, ver, gen, digest in md.db.execute(
+        "SELECT inode, idx, pack, off, len, plain_len, version, gen, digest FROM chunks"
     ):
         live[pack] += length
         if ino not in regular:
@@ -256,7 +257,7 @@ def _check_data(
                 plan.stray_chunks.add(ino)
                 report.add("chunk", f"inode {ino} has data but is not a regular file")
             continue
-        by_pack[pack].append((ino, idx, off, length, plain, ver, gen))
+        by_pack[pack].append((ino, idx, off, length, plain, ver, gen, digest))
         report.chunks += 1
     for pack in sorted(set(by_pack) - set(table)):
         if layout.pack_name(pack) in objects:
@@ -301,13 +302,13 @@ def _verify_pack(
         except ObjectMissingError:
             return [(r[0], r[1], "is in a data object that vanished") for r in rows]
     bad = []
-    for ino, idx, off, length, plain, ver, gen in rows:
+    for ino, idx, off, length, plain, ver, gen, digest in rows:
         if off + length > size:
             bad.append((ino, idx, "lies beyond the end of its data object"))
             continue
         try:
             piece = blob[off : off + length] if blob is not None else store.get(name, off, length)
-            sealer.open_chunk(ino, idx, ver, gen, plain, piece)
+            sealer.open_chunk(ino, idx, ver, gen, plain, piece, digest, pack)
         except ObjectMissingError:
             bad.append((ino, idx, "is in a data object that vanished"))
         except IntegrityError:

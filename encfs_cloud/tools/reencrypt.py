@@ -21,7 +21,7 @@ from encfs_cloud.daemon.lease import FencedStore, Lease
 from encfs_cloud.errors import LeaseHeldError, PreconditionFailedError, RollbackError
 from encfs_cloud.keys.device import DeviceState, DeviceStore
 from encfs_cloud.keys.records import parse_header, seal_header, verify_header
-from encfs_cloud.keys.sealed import OBJECT_MAGIC, Sealer
+from encfs_cloud.keys.sealed import OBJECT_MAGIC, Sealer, sealed_chunk_len
 from encfs_cloud.keys.vault import Unlocked
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.journal import (
@@ -147,17 +147,18 @@ class _PackWriter:
         self.pool = pool
         self.gen = sealer.keys.current
         self.parts: list[bytes] = []
-        self.entries: list[tuple[int, int, int, int, int, int]] = []
+        self.pack_id = layout.random_id()
+        self.entries: list[tuple[int, int, int, int, int, int, bytes]] = []
         self.size = 0
         self.uploads: deque[Future[str]] = deque()
         self.packs_written = 0
         self.bytes_since_commit = 0
 
-    def add(self, ino: int, idx: int, version: int, plain: bytes) -> None:
-        sealed = self.sealer.seal_chunk(ino, idx, version, plain)
-        if self.parts and self.size + len(sealed) > layout.PACK_TARGET:
+    def add(self, ino: int, idx: int, version: int, plain: bytes, digest: bytes) -> None:
+        if self.parts and self.size + sealed_chunk_len(len(plain)) > layout.PACK_TARGET:
             self.close()
-        self.entries.append((ino, idx, self.size, len(sealed), len(plain), version))
+        sealed = self.sealer.seal_chunk(ino, idx, version, plain, self.pack_id)
+        self.entries.append((ino, idx, self.size, len(sealed), len(plain), version, digest))
         self.parts.append(sealed)
         self.size += len(sealed)
         self.bytes_since_commit += len(sealed)
@@ -168,13 +169,14 @@ class _PackWriter:
         """Seal the pack off: point the metadata at it and start its upload."""
         if not self.parts:
             return
-        pack_id = layout.random_id()
+        pack_id = self.pack_id
+        self.pack_id = layout.random_id()  # chunks are sealed under their pack's subkey
         # Random padding is indistinguishable from ciphertext: the size class is all that shows.
         self.parts.append(os.urandom(layout.size_class(self.size) - self.size))
         blob = b"".join(self.parts)
         self.md.add_pack(pack_id, len(blob))
-        for ino, idx, off, length, plain_len, version in self.entries:
-            ref = ChunkRef(pack_id, off, length, plain_len, version, self.gen)
+        for ino, idx, off, length, plain_len, version, digest in self.entries:
+            ref = ChunkRef(pack_id, off, length, plain_len, version, self.gen, digest)
             self.md.set_chunk(ino, idx, ref)
         while len(self.uploads) >= IO_THREADS:  # bounds the memory held by queued uploads
             self.uploads.popleft().result()
@@ -198,13 +200,13 @@ def _plan(md: Metadata, gen: int) -> Plan:
     old ciphertext of the chunks moved out of it in the bucket.
     """
     rows = md.db.execute(
-        "SELECT inode, idx, pack, off, len, plain_len, version, gen FROM chunks "
+        "SELECT inode, idx, pack, off, len, plain_len, version, gen, digest FROM chunks "
         "WHERE pack IN (SELECT DISTINCT pack FROM chunks WHERE gen<>?) ORDER BY pack, off",
         (gen,),
     ).fetchall()
     plan: dict[str, list[tuple[int, int, ChunkRef]]] = {}
-    for ino, idx, pack, off, length, plain_len, version, cgen in rows:
-        ref = ChunkRef(pack, off, length, plain_len, version, cgen)
+    for ino, idx, pack, off, length, plain_len, version, cgen, digest in rows:
+        ref = ChunkRef(pack, off, length, plain_len, version, cgen, digest)
         plan.setdefault(pack, []).append((ino, idx, ref))
     return list(plan.items())
 
@@ -335,8 +337,10 @@ def reencrypt(
                 base = chunks[0][2].off
                 for ino, idx, ref in chunks:
                     blob = span[ref.off - base : ref.off - base + ref.len]
-                    plain = sealer.open_chunk(ino, idx, ref.version, ref.gen, ref.plain_len, blob)
-                    writer.add(ino, idx, ref.version, bytes(plain))
+                    plain = sealer.open_chunk(
+                        ino, idx, ref.version, ref.gen, ref.plain_len, blob, ref.digest, ref.pack
+                    )
+                    writer.add(ino, idx, ref.version, bytes(plain), ref.digest)
                     report.chunks += 1
                 if writer.bytes_since_commit >= COMMIT_EVERY_BYTES:
                     writer.close()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from encfs_cloud import layout
 from encfs_cloud.errors import IntegrityError, ObjectMissingError, StoreError, UsageError
-from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree import acl
 from encfs_cloud.tree.journal import (
@@ -22,6 +22,7 @@ from encfs_cloud.tree.journal import (
     CommitInfo,
     Head,
     apply_delta,
+    check_generation,
     commit_hash,
     decode_commit,
     load_snapshot,
@@ -96,6 +97,7 @@ def recover_state(store: ObjectStore, sealer: Sealer) -> Recovered:
         if isinstance(opened, str) or opened[0].kind != KIND_SNAPSHOT:
             continue
         try:
+            gen = _ratchet(sealer, snap, opened[2], 0)
             md = load_snapshot(opened[1])
         except IntegrityError as exc:
             problems.append(f"metadata commit {snap}: {exc}")
@@ -111,6 +113,7 @@ def recover_state(store: ObjectStore, sealer: Sealer) -> Recovered:
                 problems.append(f"metadata commit {seq + 1} does not chain to commit {seq}")
                 break
             try:
+                gen = _ratchet(sealer, seq + 1, sealed, gen)
                 apply_delta(md, body)
             except IntegrityError as exc:
                 problems.append(f"metadata commit {seq + 1}: {exc}")
@@ -124,6 +127,11 @@ def recover_state(store: ObjectStore, sealer: Sealer) -> Recovered:
     raise IntegrityError(f"no metadata snapshot in the bucket opens ({first}); nothing to recover")
 
 
+def _ratchet(sealer: Sealer, seq: int, sealed: bytes, prev_gen: int) -> int:
+    name = layout.commit_name(seq)
+    return check_generation(sealer, name, seq, object_generation(sealed), prev_gen)
+
+
 # --- reading file data ---------------------------------------------------------------------
 
 
@@ -134,7 +142,9 @@ def read_chunk(
     if ref is None:
         return b""
     blob = store.get(layout.pack_name(ref.pack), ref.off, ref.len)
-    return sealer.open_chunk(ino, idx, ref.version, ref.gen, ref.plain_len, blob)
+    return sealer.open_chunk(
+        ino, idx, ref.version, ref.gen, ref.plain_len, blob, ref.digest, ref.pack
+    )
 
 
 def display(path: bytes) -> str:

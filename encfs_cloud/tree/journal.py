@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from encfs_cloud import layout
 from encfs_cloud.crypto import aead
 from encfs_cloud.errors import IntegrityError, ObjectMissingError
-from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.metadata import SCHEMA, TABLE_KEYS, Metadata
 
@@ -204,10 +204,12 @@ def replay(
         raise IntegrityError(f"metadata commit {missing[0]} is missing from the bucket")
     md: Metadata | None = None
     prev: bytes | None = None
+    prev_gen = 0
     delta_bytes = 0
     for n, seq in enumerate(needed):
         name = layout.commit_name(seq)
         sealed = blob if seq == newest else _fetch(store, seq)
+        prev_gen = check_generation(sealer, name, seq, object_generation(sealed), prev_gen)
         cinfo, cbody = decode_commit(name, sealer.open_object(name, "commit", sealed))
         if cinfo.snapshot_seq != snapshot_seq:
             raise IntegrityError(f"commit {name} belongs to another snapshot")
@@ -228,6 +230,27 @@ def replay(
     assert md is not None and prev is not None
     head = Head(newest, prev, snapshot_seq, len(needed) - 1, delta_bytes)
     return md, head, hashes
+
+
+def check_generation(sealer: Sealer, name: str, seq: int, gen: int, prev_gen: int) -> int:
+    """Generations are a one-way ratchet along the chain; returns `gen` for the next commit.
+
+    From where the keyring says a generation starts, nothing may be sealed under an older one:
+    a device that only holds older keys (a revoked one) cannot append to the chain.
+    """
+    need = sealer.keys.required_generation(seq)
+    if gen < need:
+        raise IntegrityError(
+            f"commit {name} is sealed under key generation {gen}, but generation {need} "
+            f"began at commit {sealer.keys.starts[need]}: written with a retired key "
+            "(a revoked device?)"
+        )
+    if gen < prev_gen:
+        raise IntegrityError(
+            f"commit {name} is sealed under key generation {gen}, older than the commit "
+            f"before it ({prev_gen}): written with a retired key (a revoked device?)"
+        )
+    return gen
 
 
 def _fetch(store: ObjectStore, seq: int) -> bytes:

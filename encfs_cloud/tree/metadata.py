@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS {s}xattrs(
 CREATE TABLE IF NOT EXISTS {s}chunks(
     inode INT NOT NULL, idx INT NOT NULL, pack TEXT NOT NULL, off INT NOT NULL,
     len INT NOT NULL, plain_len INT NOT NULL, version INT NOT NULL, gen INT NOT NULL,
-    PRIMARY KEY(inode, idx)) WITHOUT ROWID;
+    digest BLOB NOT NULL, PRIMARY KEY(inode, idx)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS {s}chunks_by_pack ON chunks(pack, off);
 CREATE TABLE IF NOT EXISTS {s}packs(id TEXT PRIMARY KEY, size INT NOT NULL, live INT NOT NULL)
     WITHOUT ROWID;
@@ -79,6 +79,7 @@ class ChunkRef:
     plain_len: int
     version: int
     gen: int
+    digest: bytes  # chunk_digest of the plaintext: what the reader must find
 
 
 INODE_FIELDS = tuple(Inode.__dataclass_fields__)
@@ -262,7 +263,8 @@ class Metadata:
 
     def get_chunk(self, ino: int, idx: int) -> ChunkRef | None:
         row = self.db.execute(
-            "SELECT pack, off, len, plain_len, version, gen FROM chunks WHERE inode=? AND idx=?",
+            "SELECT pack, off, len, plain_len, version, gen, digest FROM chunks "
+            "WHERE inode=? AND idx=?",
             (ino, idx),
         ).fetchone()
         return ChunkRef(*row) if row else None
@@ -273,8 +275,8 @@ class Metadata:
         if old is not None:
             self._release(old)
         self.db.execute(
-            "INSERT OR REPLACE INTO chunks VALUES(?,?,?,?,?,?,?,?)",
-            (ino, idx, ref.pack, ref.off, ref.len, ref.plain_len, ref.version, ref.gen),
+            "INSERT OR REPLACE INTO chunks VALUES(?,?,?,?,?,?,?,?,?)",
+            (ino, idx, ref.pack, ref.off, ref.len, ref.plain_len, ref.version, ref.gen, ref.digest),
         )
         self.db.execute("UPDATE packs SET live=live+? WHERE id=?", (ref.len, ref.pack))
         self.dirty["chunks"].add((ino, idx))
@@ -284,7 +286,7 @@ class Metadata:
     def drop_chunks(self, ino: int, first_idx: int) -> list[ChunkRef]:
         """Forget chunks from `first_idx` on (truncate, unlink); returns what was dropped."""
         rows = self.db.execute(
-            "SELECT idx, pack, off, len, plain_len, version, gen FROM chunks "
+            "SELECT idx, pack, off, len, plain_len, version, gen, digest FROM chunks "
             "WHERE inode=? AND idx>=?",
             (ino, first_idx),
         ).fetchall()
@@ -300,7 +302,7 @@ class Metadata:
     def chunks_in_pack(self, pack: str, start: int, end: int) -> list[tuple[int, int, ChunkRef]]:
         """(inode, index, ref) of the chunks stored in `pack` at offsets [start, end)."""
         rows = self.db.execute(
-            "SELECT inode, idx, pack, off, len, plain_len, version, gen FROM chunks "
+            "SELECT inode, idx, pack, off, len, plain_len, version, gen, digest FROM chunks "
             "WHERE pack=? AND off>=? AND off<? ORDER BY off",
             (pack, start, end),
         )
