@@ -99,6 +99,12 @@ class AbortedError(EncfsCloudError):
     exit_code = 17
 
 
+class StoreUnfitError(EncfsCloudError):
+    """The store does not enforce conditional writes (or fails another check of `doctor`)."""
+
+    exit_code = 19
+
+
 # --- runtime errors ----------------------------------------------------------------------
 
 
@@ -184,6 +190,7 @@ EXIT_CODES: dict[str, int] = {
         DeviceRevokedError,
         RecoveryKeyError,
         AbortedError,
+        StoreUnfitError,
         IntegrityError,
         StoreError,
     )

@@ -8,6 +8,8 @@ import sys
 
 from encfs_cloud.daemon.options import read_secret_file
 from encfs_cloud.errors import EXIT_CODES, UsageError
+from encfs_cloud.keys.connection import with_remembered
+from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store import StoreOptions
 
 EXIT_HELP = "exit codes: 0 ok; " + ", ".join(
@@ -34,5 +36,12 @@ def ask_new_passphrase(args: argparse.Namespace) -> bytes | None:
     return first.encode()
 
 
-def store_from_args(args: argparse.Namespace) -> StoreOptions:
-    return StoreOptions(endpoint_url=getattr(args, "endpoint_url", None))
+def store_from_args(args: argparse.Namespace, source: str | None = None) -> StoreOptions:
+    """The options given, completed by what this device remembered for SOURCE."""
+    options = StoreOptions(
+        endpoint_url=getattr(args, "endpoint_url", None),
+        region=getattr(args, "region", None),
+        profile=getattr(args, "profile", None),
+    )
+    source = source or getattr(args, "source", None)
+    return with_remembered(DeviceStore(), source, options) if source else options

@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encfs_cloud.daemon import control
+from encfs_cloud.daemon import control, runtime
+from encfs_cloud.errors import EncfsCloudError
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.store.profile import StoreProfile
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -69,11 +72,27 @@ def render(s: dict[str, Any]) -> str:
     lines.append(
         f"  errors:      {err['upload']} upload, {err['read']} read, {err['integrity']} integrity"
     )
+    profile = StoreProfile.from_json(s.get("store_profile"))
+    if profile is not None:
+        lines.append(f"  store:       {profile.summary()}")
     return "\n".join(lines)
+
+
+def _store_profile(mountpoint: Path) -> dict[str, Any] | None:
+    """The profile this device remembered for the mounted store (read locally, not asked)."""
+    entry = runtime.registered(mountpoint)
+    fs_hex = entry.get("fs_id") if entry else None
+    if not isinstance(fs_hex, str):
+        return None
+    try:
+        return DeviceStore().load_state(bytes.fromhex(fs_hex)).store_profile
+    except (ValueError, EncfsCloudError):
+        return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     report = control.query(Path(args.mountpoint))
+    report["store_profile"] = _store_profile(Path(args.mountpoint))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

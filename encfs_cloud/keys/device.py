@@ -88,6 +88,9 @@ class DeviceState:
     key_check: bytes | None = None
     keyring_version: int = 0
     generation_checks: dict[int, bytes] = field(default_factory=dict)
+    # How to reach the store (keys/connection.py) and what probing it found (keys/storefit.py).
+    connection: dict[str, str] = field(default_factory=dict)
+    store_profile: dict[str, Any] | None = None
 
 
 def validate_device_name(name: str) -> str:
@@ -292,6 +295,8 @@ class DeviceStore:
                 generation_checks={
                     int(g): bytes.fromhex(v) for g, v in doc["generation_checks"].items()
                 },
+                connection={str(k): str(v) for k, v in doc.get("connection", {}).items()},
+                store_profile=doc.get("store_profile"),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise FormatError(f"device state {path} is unreadable: {exc}") from None
@@ -327,6 +332,8 @@ class DeviceStore:
             "key_check": None if state.key_check is None else state.key_check.hex(),
             "keyring_version": state.keyring_version,
             "generation_checks": {str(g): v.hex() for g, v in state.generation_checks.items()},
+            "connection": state.connection,
+            "store_profile": state.store_profile,
         }
         write_atomic(self.folder(fs_id) / STATE_FILE, _canonical(doc), exclusive=False)
 
