@@ -72,7 +72,8 @@ def test_rclone_writes_refused_unless_risk_accepted(
     rclone_server: Server, rclone_bucket: str, device: Device
 ) -> None:
     source = rclone_bucket
-    refused = device.run("init", source, "--no-passphrase")
+    # No passphrase option and no terminal: the store is judged before a passphrase is asked.
+    refused = device.run("init", source)
     message = one_line_error(refused, UNFIT)
     assert "does not enforce conditional writes" in message
     assert "--unsafe-no-conditional-writes" in message
@@ -114,6 +115,26 @@ def test_rclone_mount_refused_unless_risk_accepted(
     with device.mounted(source, mnt, "unsafe_no_conditional_writes"):
         (mnt / "note.txt").write_text("single writer")
         assert (mnt / "note.txt").read_text() == "single writer"
+
+
+def test_doctor_on_a_folder_remembers_for_an_enrolled_device(
+    device: Device, local_source: str
+) -> None:
+    before = device.run("doctor", local_source)
+    assert before.returncode == 0, before.stderr
+    assert "filesystem: none yet" in before.stdout
+    assert "checksums: n/a" in before.stdout
+    device.init(local_source)
+    state = next(device.home.rglob("state.json"))
+    doc = json.loads(state.read_text())
+    doc["store_profile"] = None  # forget what init found: doctor must record it again
+    state.write_text(json.dumps(doc))
+    after = device.run("doctor", local_source)
+    assert after.returncode == 0, after.stderr
+    assert "this device is enrolled: the profile is remembered" in after.stdout
+    remembered = json.loads(state.read_text())["store_profile"]
+    assert remembered["if_none_match"] == remembered["if_match"] == "enforced"
+    assert remembered["store"] == local_source
 
 
 def test_endpoint_region_and_profile_remembered(

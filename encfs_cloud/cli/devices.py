@@ -361,7 +361,7 @@ def umount_and_wipe(args: argparse.Namespace) -> int:
     fs_hex, source = entry.get("fs_id"), entry.get("source")
     if not isinstance(source, str):
         raise MountpointError(f"{mountpoint} is not an encfs-cloud mount of this machine")
-    store = open_store(source, store_from_args(args))
+    store = open_store(source, store_from_args(args, source))
     fs_id = bytes.fromhex(fs_hex) if isinstance(fs_hex, str) else fs_id_of(read_header(store))
     devices = DeviceStore()
     enrollment.check_not_last(store, _own_id(devices, fs_id))  # a refusal leaves it mounted
