@@ -20,8 +20,9 @@ from encfs_cloud.store.profile import ENFORCED, HONOURED, IGNORED, NOT_APPLICABL
 
 log = logging.getLogger(__name__)
 
-# Scratch objects live here for the seconds a probe takes; fsck counts anything else under
-# the prefix that it does not know as garbage, so a probe interrupted by a crash is tidied.
+# Scratch objects live here for the seconds a probe takes. A probe killed midway leaves up to
+# two 4 KiB objects of random bytes that nothing reads; no probe deletes another's, since two
+# devices may probe at once.
 PROBE_PREFIX = "probe/"
 _WRONG_ETAG = '"' + "0" * 32 + '"'
 # Setup problems end the probe: nothing it found would be true.
