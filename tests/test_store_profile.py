@@ -11,10 +11,12 @@ from encfs_cloud.errors import EXIT_CODES, StoreUnfitError
 from encfs_cloud.keys.connection import remember_connection, remembered_connection, with_remembered
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.storefit import check_writable, profile_for, require_conditional_writes
+from encfs_cloud.store import open_store
 from encfs_cloud.store.base import StoreOptions
 from encfs_cloud.store.memory import MemoryStore
 from encfs_cloud.store.probe import PROBE_PREFIX, probe_store
 from encfs_cloud.store.profile import ENFORCED, HONOURED, IGNORED, StoreProfile, findings
+from tests.fixtures_s3 import MotoServer
 
 
 class IgnoresConditions(MemoryStore):
@@ -154,3 +156,21 @@ def test_connection_is_remembered_per_source(
     # Only s3:// sources and enrolled devices keep anything.
     remember_connection(devices, bytes(16), "s3://x/y", given)
     assert not devices.folder(bytes(16)).exists()
+
+
+@pytest.mark.s3
+def test_probe_on_moto_sees_versioning_and_the_clock(s3_server: MotoServer, s3_bucket: str) -> None:
+    store = open_store(f"{s3_bucket}/home")
+    profile = probe_store(store)
+    assert profile.fit and profile.endpoint == s3_server.endpoint_url
+    assert (profile.checksums, profile.versioning) == ("validated", "off")
+    assert profile.clock_skew is not None  # moto sends a Date header
+    bucket = s3_bucket.removeprefix("s3://")
+    s3_server.client().put_bucket_versioning(
+        Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
+    )
+    versioned = probe_store(store)
+    assert versioned.versioning == "enabled"
+    [finding] = [f for f in findings(versioned) if f.check == "versioning"]
+    assert finding.level == "warn" and "lifecycle rule" in finding.explain
+    assert versioned.fit  # advice, not a refusal
