@@ -111,6 +111,12 @@ class Interrupted(EncfsCloudError):
     exit_code = 130
 
 
+class StoreUnfitError(EncfsCloudError):
+    """The store does not enforce conditional writes (or fails another check of `doctor`)."""
+
+    exit_code = 19
+
+
 # --- runtime errors ----------------------------------------------------------------------
 
 
@@ -197,6 +203,7 @@ EXIT_CODES: dict[str, int] = {
         RecoveryKeyError,
         AbortedError,
         ChangesSpooledError,
+        StoreUnfitError,
         IntegrityError,
         StoreError,
         Interrupted,

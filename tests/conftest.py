@@ -3,5 +3,6 @@
 pytest_plugins: list[str] = [
     "tests.fixtures_mount",
     "tests.fixtures_s3",
+    "tests.fixtures_servers",
     "tests.fixtures_unit",
 ]

@@ -9,6 +9,8 @@ import sys
 from encfs_cloud.daemon.health import WatchedStore
 from encfs_cloud.daemon.options import check_endpoint_url, read_secret_file
 from encfs_cloud.errors import EXIT_CODES, UsageError
+from encfs_cloud.keys.connection import with_remembered
+from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store import StoreOptions, open_store
 from encfs_cloud.store.base import ObjectStore
 
@@ -38,8 +40,16 @@ def ask_new_passphrase(args: argparse.Namespace) -> bytes | None:
 
 def open_source(args: argparse.Namespace, source: str | None = None) -> ObjectStore:
     """The store of SOURCE, watched so that a store that does not answer is noticed."""
-    return WatchedStore(open_store(source or args.source, store_from_args(args)))
+    source = source or args.source
+    return WatchedStore(open_store(source, store_from_args(args, source)))
 
 
-def store_from_args(args: argparse.Namespace) -> StoreOptions:
-    return StoreOptions(endpoint_url=check_endpoint_url(getattr(args, "endpoint_url", None)))
+def store_from_args(args: argparse.Namespace, source: str | None = None) -> StoreOptions:
+    """The options given, completed by what this device remembered for SOURCE."""
+    options = StoreOptions(
+        endpoint_url=check_endpoint_url(getattr(args, "endpoint_url", None)),
+        region=getattr(args, "region", None),
+        profile=getattr(args, "profile", None),
+    )
+    source = source or getattr(args, "source", None)
+    return with_remembered(DeviceStore(), source, options) if source else options

@@ -24,6 +24,7 @@ from encfs_cloud.keys import enrollment
 from encfs_cloud.keys import master as K
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.records import fs_id_of, read_header, record_name
+from encfs_cloud.keys.storefit import check_writable
 from encfs_cloud.keys.vault import Unlocked, unlock, unlock_with_recovery
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tools.reencrypt import exclusive, reencrypt
@@ -54,9 +55,22 @@ def _unlock_passphrase(
     return None
 
 
+def _check_writable(
+    args: argparse.Namespace, store: ObjectStore, devices: DeviceStore, fs_id: bytes
+) -> None:
+    unsafe = getattr(args, "unsafe_no_conditional_writes", False)
+    what = args.command if args.command != "device" else f"device {args.device_command}"
+    check_writable(store, devices, fs_id, unsafe=unsafe, doing=f"run {what}")
+
+
 @contextlib.contextmanager
-def _opened(args: argparse.Namespace) -> Iterator[tuple[ObjectStore, DeviceStore, Unlocked]]:
-    """The store, this machine's devices and the unlocked filesystem (wiped at the end)."""
+def _opened(
+    args: argparse.Namespace, *, writes: bool = True
+) -> Iterator[tuple[ObjectStore, DeviceStore, Unlocked]]:
+    """The store, this machine's devices and the unlocked filesystem (wiped at the end).
+
+    For a command that `writes`, the store must enforce conditional writes (keys/storefit.py).
+    """
     store = _store(args)
     devices = DeviceStore()
     fs_id = fs_id_of(read_header(store))
@@ -67,6 +81,8 @@ def _opened(args: argparse.Namespace) -> Iterator[tuple[ObjectStore, DeviceStore
         )
     unlocked = unlock(store, devices, _unlock_passphrase(args, devices, fs_id))
     try:
+        if writes:
+            _check_writable(args, store, devices, fs_id)
         yield store, devices, unlocked
     finally:
         unlocked.wipe()
@@ -102,7 +118,7 @@ def _run_reencrypt(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with _opened(args) as (store, _, unlocked):
+    with _opened(args, writes=False) as (store, _, unlocked):
         me = unlocked.device.device_id
         entries = enrollment.list_devices(store, unlocked)
         ring = unlocked.keyring
@@ -132,6 +148,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     store = _store(args)
     devices = DeviceStore()
     fs_id = fs_id_of(read_header(store))
+    _check_writable(args, store, devices, fs_id)
     if devices.has(fs_id):  # asking again shows the same code
         passphrase = _unlock_passphrase(args, devices, fs_id)
     else:
@@ -247,6 +264,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     store = _store(args)
+    _check_writable(args, store, DeviceStore(), fs_id_of(read_header(store)))
     if args.recovery_key_file:
         text = read_secret_file(args.recovery_key_file).decode(errors="replace")
     elif _interactive():
@@ -278,7 +296,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_recovery_key(args: argparse.Namespace) -> int:
-    with _opened(args) as (store, devices, unlocked):
+    with _opened(args, writes=args.rotate) as (store, devices, unlocked):
         if not args.rotate:
             created = unlocked.keyring.recovery_created_at
             print(f"recovery key created {created}; it is never stored, only shown once.")

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 from encfs_cloud import __version__
-from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, open_source
+from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, store_from_args
 from encfs_cloud.cli.progress import FlushView, StoreWaitNotice
 from encfs_cloud.daemon.health import WatchedStore
 from encfs_cloud.daemon.logs import setup_command_logging
@@ -22,6 +22,7 @@ from encfs_cloud.daemon.options import check_endpoint_url, parse_mount_options
 from encfs_cloud.daemon.runtime import keep_secrets_off_disk
 from encfs_cloud.daemon.unmount import unmount
 from encfs_cloud.errors import EncfsCloudError, NotEmptyError, UsageError
+from encfs_cloud.keys.connection import with_remembered
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store import StoreOptions, open_store
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # Modules that add subcommands; each has `register(subparsers, common_parent_parser)`.
 COMMAND_MODULES = (
     "encfs_cloud.cli.devices",
+    "encfs_cloud.cli.doctor",
     "encfs_cloud.cli.maintenance",
     "encfs_cloud.cli.status",
     "encfs_cloud.cli.wipe",
@@ -51,15 +53,29 @@ def _command_modules() -> list[ModuleType]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from encfs_cloud.keys.connection import remember_connection, told
+    from encfs_cloud.keys.storefit import remember_profile, require_conditional_writes
     from encfs_cloud.keys.vault import init_filesystem
+    from encfs_cloud.store.probe import probe_store
 
-    store = open_source(args)
-    # The store first: an unreachable or non-empty one must not cost typing a passphrase.
+    options = store_from_args(args)
+    store = WatchedStore(open_store(args.source, options))
+    # The store is checked before the passphrase is asked for: a bad store wastes no typing.
+    # Emptiness first: a refused init must leave a non-empty store exactly as it was.
     if next(iter(store.list("")), None) is not None:
         raise NotEmptyError(f"{store.url} is not empty; init needs an empty bucket or prefix")
+    profile = probe_store(store)
+    require_conditional_writes(
+        profile, unsafe=args.unsafe_no_conditional_writes, doing=f"init {args.source}"
+    )
     passphrase = ask_new_passphrase(args)
-    unlocked, recovery = init_filesystem(store, DeviceStore(), passphrase, args.device_name)
+    devices = DeviceStore()
+    unlocked, recovery = init_filesystem(store, devices, passphrase, args.device_name)
     try:
+        remember_profile(devices, unlocked.fs_id, profile)
+        remember_connection(devices, unlocked.fs_id, args.source, options)
+        settings = ",".join(f"{k}={v}" for k, v in told(options).items())
+        how = f"-o {settings} " if settings and args.source.startswith("s3://") else ""
         print(f"Created an encfs-cloud filesystem at {args.source}")
         print(f"filesystem id: {unlocked.fs_id.hex()}")
         print(f"device id: {unlocked.device.device_id}")
@@ -67,7 +83,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         print("RECOVERY KEY (shown once; print it or write it down and keep it safe):")
         print(f"  {recovery}")
         print()
-        print(f"Mount it with: mount.encfs-cloud {args.source} MOUNTPOINT")
+        print(f"Mount it with: mount.encfs-cloud {how}{args.source} MOUNTPOINT")
     finally:
         unlocked.wipe()
     return 0
@@ -85,10 +101,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
     request = parse_mount_options(args.source, mountpoint, args.options or [])
     request.foreground = request.foreground or args.foreground
-    if args.endpoint_url:
-        request.store_options = dataclasses.replace(
-            request.store_options, endpoint_url=check_endpoint_url(args.endpoint_url)
-        )
+    given = {k: getattr(args, k, None) for k in ("endpoint_url", "region", "profile")}
+    given["endpoint_url"] = check_endpoint_url(given["endpoint_url"])
+    request.store_options = dataclasses.replace(
+        request.store_options, **{k: v for k, v in given.items() if v}
+    )
+    request.store_options = with_remembered(DeviceStore(), request.source, request.store_options)
+    if getattr(args, "unsafe_no_conditional_writes", False):
+        request.unsafe_no_conditional_writes = True
     if request.passphrase is None:
         request.passphrase = _ask_unlock_passphrase(request.source, request.store_options)
     return mount(request)
@@ -127,6 +147,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--endpoint-url", help="S3 endpoint (default: the boto3 chain)")
+    common.add_argument("--region", help="S3 region (default: the boto3 chain)")
+    common.add_argument("--profile", help="AWS profile in ~/.aws/config (default: AWS_PROFILE)")
+    common.add_argument(
+        "--unsafe-no-conditional-writes",
+        action="store_true",
+        help="write even where the store ignores If-None-Match/If-Match (one device only)",
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser = argparse.ArgumentParser(
         prog="encfs-cloud",
@@ -187,8 +214,8 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         help="ro, cache_size=SIZE, passphrase_file=FILE, endpoint_url=URL, region=NAME, "
         "profile=NAME, allow_other, allow_root, max_read=N, log=FILE, "
         "commit_interval=SECONDS, sync_timeout=SECONDS, read_timeout=SECONDS, "
-        "connect_timeout=SECONDS, takeover, allow_rollback, debug, "
-        "exec, noexec, suid, nosuid, dev, nodev",
+        "connect_timeout=SECONDS, takeover, allow_rollback, unsafe_no_conditional_writes, "
+        "debug, exec, noexec, suid, nosuid, dev, nodev",
     )
     # mount(8) passes these; they mean nothing to us.
     p.add_argument("-s", "-n", dest="_ignored", action="store_true", help=argparse.SUPPRESS)

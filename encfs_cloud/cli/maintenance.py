@@ -17,6 +17,7 @@ from encfs_cloud.daemon.options import read_secret_file
 from encfs_cloud.errors import Interrupted
 from encfs_cloud.keys.device import DeviceState, DeviceStore
 from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.storefit import check_writable
 from encfs_cloud.keys.vault import Unlocked, read_header, unlock
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tools.fsck import EXIT_CLEAN, EXIT_DAMAGED, EXIT_REPAIRED, Report, check, repair
@@ -117,6 +118,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         sealer = Sealer(unlocked.fs_id, unlocked.keys)
         lease = Lease(store, sealer, unlocked.device.device_id, unlocked.device.name)
         if args.repair:
+            unsafe = args.unsafe_no_conditional_writes
+            check_writable(store, devices, unlocked.fs_id, unsafe=unsafe, doing="fsck --repair")
             lease.acquire(takeover=args.takeover, how="--takeover")
         try:
             renewing = lease.renewed_in_background() if lease.held else contextlib.nullcontext()

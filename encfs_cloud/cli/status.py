@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encfs_cloud.daemon import control
-from encfs_cloud.errors import MountpointError
+from encfs_cloud.daemon import control, runtime
+from encfs_cloud.errors import EncfsCloudError, MountpointError
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.store.profile import StoreProfile
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -109,6 +111,9 @@ def render(s: dict[str, Any]) -> str:
     lines.append(
         f"  errors:      {err['upload']} upload, {err['read']} read, {err['integrity']} integrity"
     )
+    profile = StoreProfile.from_json(s.get("store_profile"))
+    if profile is not None:
+        lines.append(f"  store fit:   {profile.summary()}")
     return "\n".join(lines)
 
 
@@ -186,7 +191,20 @@ def prometheus(s: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _store_profile(mountpoint: Path) -> dict[str, Any] | None:
+    """The profile this device remembered for the mounted store (read locally, not asked)."""
+    entry = runtime.registered(mountpoint)
+    fs_hex = entry.get("fs_id") if entry else None
+    if not isinstance(fs_hex, str):
+        return None
+    try:
+        return DeviceStore().load_state(bytes.fromhex(fs_hex)).store_profile
+    except (ValueError, EncfsCloudError):
+        return None
+
+
 def _show(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    report["store_profile"] = _store_profile(Path(args.mountpoint))
     if args.json:
         return json.dumps(report, indent=2, sort_keys=True)
     if args.prometheus:

@@ -26,8 +26,10 @@ from encfs_cloud.errors import (
     MountpointError,
     StoreError,
 )
+from encfs_cloud.keys.connection import remember_connection
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.keys.storefit import OPT_OUT_MOUNT, check_writable
 from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import StoreOptions, open_store
 from encfs_cloud.store.base import ObjectStore
@@ -52,6 +54,7 @@ class MountRequest:
     log_file: str | None = None
     debug: bool = False
     takeover: bool = False
+    unsafe_no_conditional_writes: bool = False
     fuse_options: list[str] = field(default_factory=list)
 
 
@@ -76,7 +79,17 @@ def prepare(request: MountRequest) -> Volume:
     unlocked = unlock(store, devices, request.passphrase)
     lease: Lease | None = None
     try:
+        remember_connection(devices, unlocked.fs_id, request.source, request.store_options)
         if not request.volume_options.read_only:
+            # Probed at this device's first read-write mount, then remembered.
+            check_writable(
+                store,
+                devices,
+                unlocked.fs_id,
+                unsafe=request.unsafe_no_conditional_writes,
+                doing="mount read-write",
+                opt_out=OPT_OUT_MOUNT,
+            )
             # Taken before the replay, so what we load is the previous writer's final state;
             # every write then goes through the fence, which refuses it once the lease is lost.
             sealer = Sealer(unlocked.fs_id, unlocked.keys)

@@ -160,6 +160,7 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
             "allow_other",
             "takeover",
             "allow_rollback",
+            "unsafe_no_conditional_writes",
             "debug",
             "foreground",
             "allow_root",
@@ -211,5 +212,6 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
         debug="debug" in flags,
         fuse_options=fuse_extra + (["allow_root"] if "allow_root" in flags else []),
         takeover="takeover" in flags,
+        unsafe_no_conditional_writes="unsafe_no_conditional_writes" in flags,
     )
     return request

@@ -89,6 +89,9 @@ class DeviceState:
     keyring_version: int = 0
     generation_checks: dict[int, bytes] = field(default_factory=dict)
     header_generation: int = 0  # the newest generation the header was seen tagged under
+    # How to reach the store (keys/connection.py) and what probing it found (keys/storefit.py).
+    connection: dict[str, str] = field(default_factory=dict)
+    store_profile: dict[str, Any] | None = None
 
 
 def validate_device_name(name: str) -> str:
@@ -294,6 +297,8 @@ class DeviceStore:
                     int(g): bytes.fromhex(v) for g, v in doc["generation_checks"].items()
                 },
                 header_generation=int(doc.get("header_generation", 0)),
+                connection={str(k): str(v) for k, v in doc.get("connection", {}).items()},
+                store_profile=doc.get("store_profile"),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise FormatError(f"device state {path} is unreadable: {exc}") from None
@@ -330,6 +335,8 @@ class DeviceStore:
             "keyring_version": state.keyring_version,
             "generation_checks": {str(g): v.hex() for g, v in state.generation_checks.items()},
             "header_generation": state.header_generation,
+            "connection": state.connection,
+            "store_profile": state.store_profile,
         }
         write_atomic(self.folder(fs_id) / STATE_FILE, _canonical(doc), exclusive=False)
 

@@ -196,6 +196,11 @@ class S3Store:
                 f"AWS profile {o.profile!r} is not in ~/.aws/config: check the profile name"
             ) from None
 
+    @property
+    def client(self) -> S3Client:
+        """The boto3 client, for probes of what the ObjectStore protocol does not cover."""
+        return self._client
+
     def _key(self, name: str) -> str:
         check_name(name)
         return self.prefix + name
