@@ -34,6 +34,7 @@ class Device:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["XDG_DATA_HOME"] = str(self.home)
+        env["XDG_CACHE_HOME"] = str(self.home / "cache")  # the disk cache is the device's too
         env.setdefault("ENCFS_CLOUD_TEST_FAST_KDF", "1")
         env.update(self.extra_env)
         return env

@@ -170,6 +170,8 @@ def test_bucket_device_and_tmp_hold_no_plaintext(
     assert not {k: v for k, v in leaks.items() if v}, "plaintext in the bucket"
     on_device = {str(p): scan_file(p, s) for p in device.home.rglob("*") if p.is_file()}
     assert on_device, "the device folder holds no files: wrong folder?"
+    cached = [p for p in (device.home / "cache" / "encfs-cloud").rglob("*") if p.is_file()]
+    assert cached, "the sealed disk cache (scanned with the device folder) holds nothing"
     assert not {k: v for k, v in on_device.items() if v}, "plaintext in the device folder"
     names = [str(p) for p in device.home.rglob("*")]
     assert not [n for n in names if s.found_in(n.encode())], "plaintext in a device file name"

@@ -16,6 +16,7 @@ from encfs_cloud.cli.args import ask_new_passphrase, store_from_args
 from encfs_cloud.daemon import runtime
 from encfs_cloud.daemon.options import read_secret_file
 from encfs_cloud.daemon.unmount import unmount
+from encfs_cloud.data import diskcache
 from encfs_cloud.errors import (
     AbortedError,
     DeviceKeyMissingError,
@@ -305,8 +306,11 @@ def _own_id(devices: DeviceStore, fs_id: bytes) -> str | None:
 
 def _wipe_local(devices: DeviceStore, fs_id: bytes) -> None:
     device_id = _own_id(devices, fs_id)
+    caches = diskcache.remove_all(devices.folder(fs_id), fs_id)
     devices.wipe(fs_id)
     print(f"wiped this device's key and state for filesystem {fs_id.hex()}")
+    for folder in caches:
+        print(f"removed the disk cache {folder}")
     if device_id:
         print(f"device id: {device_id}")
         print(

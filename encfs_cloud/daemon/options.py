@@ -125,6 +125,8 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
                 "sync_timeout",
                 "read_timeout",
                 "connect_timeout",
+                "cache_dir",
+                "disk_cache_size",
             )
             and sep
         ):
@@ -140,6 +142,13 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
         volume.cache_size = parse_size(pairs["cache_size"])
         if volume.cache_size < 16 << 20:
             raise UsageError("cache_size must be at least 16M")
+    if "disk_cache_size" in pairs:
+        volume.disk_cache_size = parse_size(pairs["disk_cache_size"])
+        if 0 < volume.disk_cache_size < 16 << 20:
+            raise UsageError("disk_cache_size must be 0 (no disk cache) or at least 16M")
+    if "cache_dir" in pairs:
+        # The daemon changes to "/": a relative folder means relative to the caller.
+        volume.cache_dir = Path(os.path.abspath(pairs["cache_dir"]))
     for name in ("commit_interval", "sync_timeout"):
         seconds = _seconds(pairs, name)
         if seconds is not None:

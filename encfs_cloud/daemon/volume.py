@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -13,6 +14,7 @@ from encfs_cloud.daemon.operations import Operations
 from encfs_cloud.data import spool
 from encfs_cloud.data.cache import ChunkCache
 from encfs_cloud.data.committer import Committer
+from encfs_cloud.data.diskcache import DiskCache, default_folder, default_size, remember
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.data.uploader import Uploader
 from encfs_cloud.errors import DeviceRevokedError, RollbackError, StoreError
@@ -38,6 +40,8 @@ class VolumeOptions:
     commit_interval: float = 5.0
     allow_rollback: bool = False
     sync_timeout: float = 120.0
+    cache_dir: Path | None = None  # the sealed disk cache; None: under $XDG_CACHE_HOME
+    disk_cache_size: int | None = None  # None: the default (see diskcache); 0: no disk cache
 
 
 class Volume:
@@ -69,7 +73,10 @@ class Volume:
         # in-flight chunks, and their sealed copies in pack buffers while they upload.
         clean = max(self.options.cache_size - 2 * dirty_limit, 16 << 20)
         self.cache = ChunkCache(clean, dirty_limit)
-        self.uploader = Uploader(md, self.cache, self.sealer, store, limiter=self.limiter)
+        self.disk = self._disk_cache()
+        self.uploader = Uploader(
+            md, self.cache, self.sealer, store, limiter=self.limiter, disk=self.disk
+        )
         self.committer = Committer(
             md,
             self.uploader,
@@ -78,11 +85,24 @@ class Volume:
             before_commit=self._refresh_keys,
             sync_timeout=self.options.sync_timeout,
         )
-        self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
+        self.data = FileData(
+            md, self.cache, self.sealer, store, self.uploader, self.limiter, self.disk
+        )
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
         self._keys_checked = 0.0
         self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
+
+    def _disk_cache(self) -> DiskCache | None:
+        opts = self.options
+        folder = opts.cache_dir or default_folder(self.unlocked.fs_id)
+        size = default_size(folder) if opts.disk_cache_size is None else opts.disk_cache_size
+        if size <= 0:
+            return None
+        if opts.cache_dir is not None:
+            remember(self.devices.folder(self.unlocked.fs_id), folder)
+        # A read-only mount may run beside the read-write one: the writer's spill is not its own.
+        return DiskCache(folder, size, keep_spill=opts.read_only)
 
     def _replay(self) -> tuple[Metadata, Head]:
         """Load the newest state and refuse one older than this device has seen."""

@@ -9,6 +9,7 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.data.cache import ChunkCache, ChunkKey
+from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.data.uploader import Uploader
 from encfs_cloud.errors import IntegrityError, StoreError
 from encfs_cloud.keys.sealed import Sealer
@@ -34,8 +35,10 @@ class FileData:
         store: ObjectStore,
         uploader: Uploader,
         limiter: trio.CapacityLimiter,
+        disk: DiskCache | None = None,
     ) -> None:
         self.md = md
+        self.disk = disk
         self.cache = cache
         self.sealer = sealer
         self.store = store
@@ -113,7 +116,35 @@ class FileData:
         return results
 
     def _fetch(self, run: Run) -> list[bytes | memoryview | IntegrityError]:
-        """One GET for the run; each chunk opened on its own, so one bad chunk fails alone."""
+        """The run's chunks, from the disk cache where it holds them, else with one GET per
+        stretch of missing chunks; each chunk opened on its own, so one bad chunk fails alone."""
+        results: list[bytes | memoryview | IntegrityError | None] = [None] * len(run)
+        disk = self.disk
+        if disk is not None:
+            for i, (ino, idx, ref) in enumerate(run):
+                sealed = disk.get(ref.pack, ref.off, ref.len)
+                if sealed is None:
+                    continue
+                try:
+                    results[i] = self._open(ino, idx, ref, sealed)
+                except IntegrityError as exc:
+                    # A damaged or altered cache file: drop it and ask the bucket instead.
+                    log.warning("inode %d chunk %d: disk cache entry dropped: %s", ino, idx, exc)
+                    disk.drop(ref.pack, ref.off)
+        start = 0
+        while start < len(run):
+            if results[start] is not None:
+                start += 1
+                continue
+            end = start + 1
+            while end < len(run) and results[end] is None:
+                end += 1
+            results[start:end] = self._fetch_from_store(run[start:end])
+            start = end
+        return [r for r in results if r is not None]
+
+    def _fetch_from_store(self, run: Run) -> list[bytes | memoryview | IntegrityError]:
+        """One ranged GET for chunks lying back to back in one pack."""
         first = run[0][2]
         name = layout.pack_name(first.pack)
         total = run[-1][2].off + run[-1][2].len - first.off
@@ -131,21 +162,20 @@ class FileData:
             try:
                 if start + ref.len > len(blob):
                     raise IntegrityError(f"object {name} is shorter than its chunks")
-                results.append(
-                    self.sealer.open_chunk(
-                        ino,
-                        idx,
-                        ref.version,
-                        ref.gen,
-                        ref.plain_len,
-                        blob[start : start + ref.len],
-                    )
-                )
+                sealed = blob[start : start + ref.len]
+                results.append(self._open(ino, idx, ref, sealed))
+                if self.disk is not None:
+                    self.disk.put_chunk(ref.pack, ref.off, sealed)
             except IntegrityError as exc:
                 self.integrity_errors += 1
                 log.error("inode %d chunk %d in object %s: %s", ino, idx, name, exc)
                 results.append(exc)
         return results
+
+    def _open(
+        self, ino: int, idx: int, ref: ChunkRef, sealed: bytes | memoryview
+    ) -> bytes | memoryview:
+        return self.sealer.open_chunk(ino, idx, ref.version, ref.gen, ref.plain_len, sealed)
 
     async def read(self, ino: int, size: int, offset: int, length: int) -> bytes:
         if offset >= size or length <= 0:

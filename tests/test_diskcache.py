@@ -1,0 +1,246 @@
+"""The sealed disk cache: remount re-reads stay local, tampering and eviction, spill to disk."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from encfs_cloud import layout
+from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.data.diskcache import DiskCache, default_folder, remove_all
+from encfs_cloud.keys import vault
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.store.memory import MemoryStore
+from encfs_cloud.tree.metadata import ROOT_INODE
+from encfs_cloud.tree.namespace import Namespace
+
+MiB = 1 << 20
+
+
+class CountingStore(MemoryStore):
+    """Counts GETs of packs, and can hold pack PUTs until released (a slow bucket)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pack_gets = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        if name.startswith(layout.DATA_PREFIX):
+            self.pack_gets += 1
+        return super().get(name, start, length)
+
+    def put(
+        self, name: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        if name.startswith(layout.DATA_PREFIX):
+            assert self.gate.wait(600), "the test never released the gate"
+        return super().put(name, bytes(data), if_none_match=if_none_match, if_match=if_match)
+
+
+@pytest.fixture(autouse=True)
+def _fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCFS_CLOUD_TEST_FAST_KDF", "1")
+    monkeypatch.setenv("ENCFS_CLOUD_MACHINE_ID", "test-machine")
+
+
+@pytest.fixture
+def devices(tmp_path: Path) -> DeviceStore:
+    return DeviceStore(tmp_path / "xdg-data" / "encfs-cloud")
+
+
+@pytest.fixture
+def store(devices: DeviceStore) -> CountingStore:
+    s = CountingStore()
+    vault.init_filesystem(s, devices, None, "laptop")
+    return s
+
+
+def with_volume(
+    store: CountingStore,
+    devices: DeviceStore,
+    body: Callable[[Volume], object],
+    **options: object,
+) -> Volume:
+    """Run `body(volume)` (a coroutine function) on a real Volume, then flush and close it."""
+    vol = Volume(store, vault.unlock(store, devices, None), devices, VolumeOptions(**options))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vol.run)
+            await body(vol)  # type: ignore[misc]
+            await vol.flush()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        vol.wipe()
+    return vol
+
+
+def writer(files: dict[bytes, bytes]) -> Callable[[Volume], object]:
+    async def body(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        for name, data in files.items():
+            node = ns.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
+            node.size = await vol.data.write(node.id, 0, 0, data)
+            vol.md.put_inode(node)
+
+    return body
+
+
+def reader(found: dict[bytes, bytes]) -> Callable[[Volume], object]:
+    async def body(vol: Volume) -> None:
+        for _, name, node in vol.md.list_entries(ROOT_INODE, 0):
+            found[name] = await vol.data.read(node.id, node.size, 0, node.size)
+
+    return body
+
+
+FILES = {
+    b"big": os.urandom(3 * MiB + 777),
+    b"small": b"a small file " * 50,
+    b"other": os.urandom(5000),
+}
+
+
+def test_reread_after_remount_is_served_from_disk(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    with_volume(store, devices, writer(FILES))
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found))
+    assert found == FILES
+    assert store.pack_gets == 0, "uploaded packs stay sealed on disk: no GET after a remount"
+    # Without the disk cache the same reads go to the bucket.
+    found.clear()
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == FILES and store.pack_gets > 0
+
+
+def test_cache_holds_only_private_ciphertext(
+    store: CountingStore, devices: DeviceStore, tmp_path: Path
+) -> None:
+    vol = with_volume(store, devices, writer(FILES))
+    assert vol.disk is not None
+    folder = vol.disk.folder
+    assert folder == default_folder(vol.unlocked.fs_id)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    entries = [p for p in folder.rglob("*") if p.is_file()]
+    assert entries
+    bucket = {o.name: store.get(o.name) for o in store.list(layout.DATA_PREFIX)}
+    for path in entries:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        blob = path.read_bytes()
+        assert FILES[b"small"][:40] not in blob
+        assert blob == bucket["data/" + path.name], "a cache file is the bucket's object"
+
+
+def test_tampered_cache_file_is_dropped_and_refetched(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    vol = with_volume(store, devices, writer(FILES))
+    assert vol.disk is not None
+    for path in vol.disk.folder.iterdir():
+        if path.is_file():
+            blob = bytearray(path.read_bytes())
+            for off in range(0, len(blob), 4096):
+                blob[off] ^= 0x5A  # every chunk of every cached pack is damaged
+            path.write_bytes(bytes(blob))
+    found: dict[bytes, bytes] = {}
+    again = with_volume(store, devices, reader(found))
+    assert found == FILES, "a bad cache file never gives wrong plaintext"
+    assert store.pack_gets > 0 and again.data.integrity_errors == 0
+    assert again.disk is not None and again.disk.dropped > 0
+    # What the re-fetch cached is good: the next remount reads locally again.
+    before = store.pack_gets
+    found.clear()
+    with_volume(store, devices, reader(found))
+    assert found == FILES and store.pack_gets == before
+
+
+def test_truncated_cache_file_is_a_miss(store: CountingStore, devices: DeviceStore) -> None:
+    vol = with_volume(store, devices, writer(FILES))
+    assert vol.disk is not None
+    for path in vol.disk.folder.iterdir():
+        if path.is_file():
+            os.truncate(path, 100)
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found))
+    assert found == FILES and store.pack_gets > 0
+
+
+def test_eviction_keeps_the_budget_and_the_recently_used(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", 64 << 10)  # entries up to 16 KiB
+    for n in range(40):
+        cache.put_chunk("ab" * 16, n * 4096, os.urandom(4096))
+        cache.get("ab" * 16, 0, 4096)  # chunk 0 is used all the time
+        assert cache.bytes <= cache.capacity
+    assert cache.get("ab" * 16, 0, 4096) is not None, "the most recently used survives"
+    assert cache.get("ab" * 16, 4096, 4096) is None, "the least recently used went first"
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "c").iterdir() if p.is_file())
+    assert on_disk == cache.bytes <= cache.capacity
+    # The order and the contents survive a reopen (a remount), within a smaller budget too.
+    again = DiskCache(tmp_path / "c", 16 << 10)
+    assert again.bytes <= 16 << 10
+    assert again.get("ab" * 16, 0, 4096) is not None
+
+
+def test_interrupted_writes_and_crashed_spill_are_cleared(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    cache.spill("cd" * 16, os.urandom(8192))
+    (tmp_path / "c" / "x.1234.tmp").write_bytes(b"half")
+    reopened = DiskCache(tmp_path / "c", 1 << 20)
+    assert not list((tmp_path / "c" / "spill").iterdir())
+    assert not (tmp_path / "c" / "x.1234.tmp").exists() and reopened.bytes == 0
+
+
+def test_wipe_removes_default_and_named_cache_folders(
+    store: CountingStore, devices: DeviceStore, tmp_path: Path
+) -> None:
+    named = tmp_path / "elsewhere" / "cache"
+    vol = with_volume(store, devices, writer(FILES), cache_dir=named)
+    with_volume(store, devices, reader({}))
+    fs_id = vol.unlocked.fs_id
+    assert named.is_dir() and default_folder(fs_id).is_dir()
+    removed = remove_all(devices.folder(fs_id), fs_id)
+    assert set(removed) == {named, default_folder(fs_id)}
+    assert not named.exists() and not default_folder(fs_id).exists()
+
+
+def test_dirty_data_spills_to_disk_instead_of_stalling(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """With the bucket refusing to finish any upload, 96 MiB (six times the dirty limit) are
+    still written: the packs that do not fit in memory wait sealed on disk."""
+    data = os.urandom(96 * MiB)
+    spilled: list[int] = []
+
+    async def body(vol: Volume) -> None:
+        store.gate.clear()
+        ns = Namespace(vol.md)
+        node = ns.create(ROOT_INODE, b"burst", stat.S_IFREG | 0o644, 0, 0)
+        with trio.move_on_after(200) as guard:  # a deadlock guard, not a timing assertion
+            for off in range(0, len(data), MiB):
+                node.size = await vol.data.write(node.id, node.size, off, data[off : off + MiB])
+        assert not guard.cancelled_caught, "the writer stalled while the bucket was blocked"
+        vol.md.put_inode(node)
+        assert vol.cache.dirty_bytes + vol.cache.inflight_bytes <= 48 * MiB
+        spilled.append(vol.uploader.bytes_spilled)
+        # Spilled chunks read back (from the sealed spill files) before any upload landed.
+        assert await vol.data.read(node.id, node.size, 80 * MiB, MiB) == data[80 * MiB : 81 * MiB]
+        store.gate.set()  # the flush after the body must now reach the bucket
+
+    with_volume(store, devices, body, cache_size=64 * MiB)
+    assert spilled[0] >= 32 * MiB
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {b"burst": data}
