@@ -161,7 +161,7 @@ class Uploader:
         """The bucket is slower than the writer: seal the pack to disk now and release its
         plaintext, so the writer goes on at disk speed; the upload sends the sealed file."""
         disk = self.disk
-        if disk is None or not disk.can_spill(layout.size_class(pack.size)):
+        if disk is None or not disk.can_spill(layout.pack_class(pack.size)):
             return  # no room: the writer waits for the bucket, as without a disk cache
 
         def seal_and_write() -> int:
@@ -189,7 +189,7 @@ class Uploader:
             assert self.disk is not None
             return self.disk.read_spilled(pack.id)
         total = pack.size
-        blob = bytearray(layout.size_class(total))
+        blob = bytearray(layout.pack_class(total))
         view = memoryview(blob)
         off = 0
         for (ino, idx), version, data in pack.entries:
