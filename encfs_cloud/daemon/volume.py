@@ -14,6 +14,7 @@ from encfs_cloud.daemon.operations import Operations
 from encfs_cloud.data import spool
 from encfs_cloud.data.cache import ChunkCache
 from encfs_cloud.data.committer import Committer
+from encfs_cloud.data.compactor import Compactor
 from encfs_cloud.data.diskcache import DiskCache, default_folder, default_size, remember
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.data.uploader import Uploader
@@ -89,6 +90,14 @@ class Volume:
             md, self.cache, self.sealer, store, self.uploader, self.limiter, self.disk
         )
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
+        self.compactor = Compactor(
+            md,
+            store,
+            self.limiter,
+            uploader=self.uploader,
+            stopped=lambda: self.committer.stopped or self.ops.read_only,
+            disk=self.disk,
+        )
         self._keys_checked = 0.0
         self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
@@ -175,6 +184,8 @@ class Volume:
             self.data.nursery = nursery
             await nursery.start(self.uploader.run)
             nursery.start_soon(self.committer.run, self.options.commit_interval)
+            if not self.options.read_only:
+                nursery.start_soon(self.compactor.run)
             task_status.started()
 
     async def flush(self) -> None:

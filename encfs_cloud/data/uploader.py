@@ -108,6 +108,7 @@ class Uploader:
         if pack is None:
             return
         self.open_pack = None
+        self.md.set_pack_size(pack.id, layout.pack_class(pack.size))
         self.pending[pack.id] = pack
         assert self.nursery is not None, "uploader not started"
         self.nursery.start_soon(self._upload, pack)
