@@ -16,6 +16,7 @@ from encfs_cloud import layout
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.data import compactor
 from encfs_cloud.data.diskcache import DiskCache, default_folder, remove_all
+from encfs_cloud.data.filedata import READ_AROUND_BYTES
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.memory import MemoryStore
@@ -31,12 +32,14 @@ class CountingStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.pack_gets = 0
+        self.ranges: list[tuple[str, int, int | None]] = []
         self.gate = threading.Event()
         self.gate.set()
 
     def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         if name.startswith(layout.DATA_PREFIX):
             self.pack_gets += 1
+            self.ranges.append((name, start, length))
         return super().get(name, start, length)
 
     def put(
@@ -305,3 +308,32 @@ def test_compaction_plan_frees_space_or_does_nothing() -> None:
     half = [(f"h{n}", target, target // 2) for n in range(10)]
     chosen = compactor.plan(half, busy=frozenset({"h0"}))
     assert "h0" not in chosen and len(chosen) == 9
+
+
+def test_read_around_get_shows_only_offset_and_pack_size(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Issue #10: a cold small file's GET must not show how many small chunks follow it or
+    where the live ones end. It covers a fixed window from the chunk's start, cut only by the
+    pack's end, whatever lies inside, and one GET still serves the neighbours."""
+    files = {f"s{n:02d}".encode(): os.urandom(1000 + 37 * n) for n in range(40)}
+    with_volume(store, devices, writer(files))
+
+    async def delete_some(vol: Volume) -> None:  # dead chunks between the live ones
+        for n in range(1, 40, 3):
+            ino = vol.md.lookup(ROOT_INODE, f"s{n:02d}".encode())
+            assert ino is not None
+            vol.data.forget(ino)
+            vol.md.drop_chunks(ino, 0)
+            vol.md.remove_entry(ROOT_INODE, f"s{n:02d}".encode())
+            vol.md.delete_inode(ino)
+
+    with_volume(store, devices, delete_some, disk_cache_size=0)
+    store.ranges.clear()
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {k: v for k, v in files.items() if int(k[1:]) % 3 != 1}
+    sizes = {o.name: o.size for o in store.list(layout.DATA_PREFIX)}
+    assert len(store.ranges) == 1, "one GET serves every small file of the pack"
+    for name, start, length in store.ranges:
+        assert length == min(READ_AROUND_BYTES, sizes[name] - start)

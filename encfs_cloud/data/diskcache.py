@@ -179,6 +179,13 @@ class DiskCache:
         with contextlib.suppress(OSError):
             os.utime(path, ns=(stamp, stamp))
 
+    def holds(self, pack: str, off: int) -> bool:
+        """Whether a chunk at `off` of `pack` may be served from disk (a hint, not a promise)."""
+        with self._lock:
+            if f"{pack}-{off:x}" in self._files or pack in self._files:
+                return True
+        return self._spilled(pack)
+
     def drop(self, pack: str, off: int) -> None:
         """Forget the entries that served a bad chunk; the next read goes to the bucket."""
         with self._lock:

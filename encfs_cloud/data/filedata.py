@@ -71,37 +71,57 @@ class FileData:
             await event.wait()
             return await self.chunk(ino, idx)
         run = [(ino, idx, ref)]
-        if ref.len < READ_AROUND_BYTES:
-            run += self._neighbours(ref)
-        result = (await self._fetch_run(run))[0]
+        window = self._window(ref)
+        if window is not None:
+            run += self._neighbours(ref, window)
+        result = (await self._fetch_run(run, window))[0]
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def _neighbours(self, ref: ChunkRef) -> Run:
-        """Small chunks stored right after this one (files written together are usually read
-        together: a tree copy, a backup, rsync): fetched in the same GET."""
+    def _window(self, ref: ChunkRef) -> tuple[int, int] | None:
+        """The read-around GET for a cold small chunk: (start, length), or None for none.
+
+        Its length depends only on where the chunk starts and the pack's size, both of which
+        the bucket owner sees anyway: never on how many chunks follow, which of them are live
+        or where the live data ends (issue #10). Packs whose size the metadata does not know
+        (written before sizes were recorded) get no read-around.
+        """
+        if ref.len >= READ_AROUND_BYTES:
+            return None
+        if self.disk is not None and self.disk.holds(ref.pack, ref.off):
+            return None  # served locally: a GET would only be wasted
+        size = self.md.pack_size(ref.pack)
+        if size <= ref.off + ref.len:
+            return None
+        return ref.off, min(READ_AROUND_BYTES, size - ref.off)
+
+    def _neighbours(self, ref: ChunkRef, window: tuple[int, int]) -> Run:
+        """Live chunks stored after this one inside the window (files written together are
+        usually read together: a tree copy, a backup, rsync): opened from the same GET."""
         run: Run = []
-        end = ref.off + ref.len
-        for ino, idx, near in self.md.chunks_in_pack(ref.pack, end, ref.off + READ_AROUND_BYTES):
-            if near.off != end or near.off + near.len > ref.off + READ_AROUND_BYTES:
-                break  # a gap (a dead chunk) or too far: stop the run here
+        end = window[0] + window[1]
+        for ino, idx, near in self.md.chunks_in_pack(ref.pack, ref.off + ref.len, end):
+            if near.off + near.len > end:
+                break
             if (ino, idx, near.version) in self._fetching or self.cache.get(
                 (ino, idx), near.version, count=False
             ) is not None:
-                break
+                continue
             run.append((ino, idx, near))
-            end = near.off + near.len
         return run
 
-    async def _fetch_run(self, run: Run) -> list[bytes | memoryview | IntegrityError]:
-        """Fetch chunks lying back to back in one pack with one ranged GET; cache them."""
+    async def _fetch_run(
+        self, run: Run, window: tuple[int, int] | None = None
+    ) -> list[bytes | memoryview | IntegrityError]:
+        """Fetch chunks of one pack (back to back, or inside `window`), with one ranged GET
+        or from the disk cache; cache them."""
         tokens = [(ino, idx, ref.version) for ino, idx, ref in run]
         event = trio.Event()
         for token in tokens:
             self._fetching[token] = event
         try:
-            results = await trio.to_thread.run_sync(self._fetch, run, limiter=self.limiter)
+            results = await trio.to_thread.run_sync(self._fetch, run, window, limiter=self.limiter)
             self.bytes_fetched += sum(ref.len for _, _, ref in run)  # trio thread: no race
         finally:
             for token in tokens:
@@ -115,9 +135,14 @@ class FileData:
                 self.cache.put_clean((ino, idx), ref.version, plain)
         return results
 
-    def _fetch(self, run: Run) -> list[bytes | memoryview | IntegrityError]:
+    def _fetch(
+        self, run: Run, window: tuple[int, int] | None = None
+    ) -> list[bytes | memoryview | IntegrityError]:
         """The run's chunks, from the disk cache where it holds them, else with one GET per
-        stretch of missing chunks; each chunk opened on its own, so one bad chunk fails alone."""
+        stretch of missing chunks; each chunk opened on its own, so one bad chunk fails alone.
+        With a read-around `window`, one GET of exactly that range."""
+        if window is not None:
+            return self._fetch_from_store(run, window)
         results: list[bytes | memoryview | IntegrityError | None] = [None] * len(run)
         disk = self.disk
         if disk is not None:
@@ -143,13 +168,16 @@ class FileData:
             start = end
         return [r for r in results if r is not None]
 
-    def _fetch_from_store(self, run: Run) -> list[bytes | memoryview | IntegrityError]:
-        """One ranged GET for chunks lying back to back in one pack."""
+    def _fetch_from_store(
+        self, run: Run, window: tuple[int, int] | None = None
+    ) -> list[bytes | memoryview | IntegrityError]:
+        """One ranged GET for chunks of one pack: back to back, or inside `window`."""
         first = run[0][2]
         name = layout.pack_name(first.pack)
-        total = run[-1][2].off + run[-1][2].len - first.off
+        if window is None:
+            window = first.off, run[-1][2].off + run[-1][2].len - first.off
         try:
-            blob = memoryview(self.store.get(name, first.off, total))
+            blob = memoryview(self.store.get(name, *window))
         except StoreError as exc:
             self.store_errors += 1
             log.error(
@@ -158,7 +186,7 @@ class FileData:
             raise
         results: list[bytes | memoryview | IntegrityError] = []
         for ino, idx, ref in run:
-            start = ref.off - first.off
+            start = ref.off - window[0]
             try:
                 if start + ref.len > len(blob):
                     raise IntegrityError(f"object {name} is shorter than its chunks")
