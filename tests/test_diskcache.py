@@ -13,10 +13,12 @@ import pytest
 import trio
 
 from encfs_cloud import layout
+from encfs_cloud.daemon.options import parse_mount_options
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.data import compactor
 from encfs_cloud.data.diskcache import DiskCache, default_folder, remove_all
 from encfs_cloud.data.filedata import READ_AROUND_BYTES
+from encfs_cloud.errors import UsageError
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.memory import MemoryStore
@@ -337,3 +339,43 @@ def test_read_around_get_shows_only_offset_and_pack_size(
     assert len(store.ranges) == 1, "one GET serves every small file of the pack"
     for name, start, length in store.ranges:
         assert length == min(READ_AROUND_BYTES, sizes[name] - start)
+
+
+def test_mount_options_for_the_disk_cache(tmp_path: Path) -> None:
+    request = parse_mount_options("file:///b", tmp_path, ["disk_cache_size=2G,cache_dir=rel/cache"])
+    assert request.volume_options.disk_cache_size == 2 << 30
+    assert request.volume_options.cache_dir == Path(os.path.abspath("rel/cache"))
+    off = parse_mount_options("file:///b", tmp_path, ["disk_cache_size=0"])
+    assert off.volume_options.disk_cache_size == 0
+    assert parse_mount_options("file:///b", tmp_path, []).volume_options.disk_cache_size is None
+    with pytest.raises(UsageError):
+        parse_mount_options("file:///b", tmp_path, ["disk_cache_size=1M"])
+
+
+def test_eviction_under_pressure_through_a_volume(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Reading 24 MiB of files through a 16 MiB disk cache: it stays within its budget, the
+    files read back whole, and a remount finds the most recently read ones on disk."""
+    files = {f"f{n:03d}".encode(): os.urandom(200_000) for n in range(120)}
+    with_volume(store, devices, writer(files), disk_cache_size=0)
+    found: dict[bytes, bytes] = {}
+    vol = with_volume(store, devices, reader(found), disk_cache_size=16 * MiB)
+    assert found == files
+    assert vol.disk is not None and 0 < vol.disk.bytes <= 16 * MiB
+    on_disk = sum(p.stat().st_size for p in vol.disk.folder.iterdir() if p.is_file())
+    assert on_disk == vol.disk.bytes
+    store.ranges.clear()
+    last: dict[bytes, bytes] = {}
+
+    async def read_newest(v: Volume) -> None:
+        for name in sorted(files)[-20:]:  # read last, so still cached
+            ino = v.md.lookup(ROOT_INODE, name)
+            assert ino is not None
+            node = v.md.get_inode(ino)
+            assert node is not None
+            last[name] = await v.data.read(ino, node.size, 0, node.size)
+
+    with_volume(store, devices, read_newest, disk_cache_size=16 * MiB)
+    assert last == {k: files[k] for k in sorted(files)[-20:]}
+    assert store.ranges == [], "the most recently used entries survived the eviction"

@@ -13,7 +13,7 @@ import trio
 from encfs_cloud import layout
 from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.data.uploader import Uploader
-from encfs_cloud.errors import StoreError
+from encfs_cloud.errors import EncfsCloudError, StoreError
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.metadata import ChunkRef, Metadata
 
@@ -244,5 +244,5 @@ class Compactor:
                 continue
             try:
                 await self.compact()
-            except StoreError as exc:
+            except (EncfsCloudError, OSError) as exc:  # never the end of the mount: next time
                 log.warning("compaction stopped: %s", exc)
