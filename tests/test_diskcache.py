@@ -219,8 +219,9 @@ def test_wipe_removes_default_and_named_cache_folders(
     fs_id = vol.unlocked.fs_id
     assert named.is_dir() and default_folder(fs_id).is_dir()
     removed = remove_all(devices.folder(fs_id), fs_id)
-    assert set(removed) == {named, default_folder(fs_id)}
-    assert not named.exists() and not default_folder(fs_id).exists()
+    assert set(removed) == {named / fs_id.hex(), default_folder(fs_id)}
+    assert not (named / fs_id.hex()).exists() and not default_folder(fs_id).exists()
+    assert named.is_dir(), "the folder the user named stays; only ours inside it goes"
 
 
 def test_dirty_data_spills_to_disk_instead_of_stalling(

@@ -104,14 +104,18 @@ class Volume:
 
     def _disk_cache(self) -> DiskCache | None:
         opts = self.options
-        folder = opts.cache_dir or default_folder(self.unlocked.fs_id)
+        fs_id = self.unlocked.fs_id
+        # Always a folder of our own inside cache_dir, so `wipe` never deletes what the user
+        # named (cache_dir=$HOME would otherwise be one typo away).
+        folder = opts.cache_dir / fs_id.hex() if opts.cache_dir else default_folder(fs_id)
         size = default_size(folder) if opts.disk_cache_size is None else opts.disk_cache_size
         if size <= 0:
             return None
-        if opts.cache_dir is not None:
-            remember(self.devices.folder(self.unlocked.fs_id), folder)
         # A read-only mount may run beside the read-write one: the writer's spill is not its own.
-        return DiskCache(folder, size, keep_spill=opts.read_only)
+        disk = DiskCache(folder, size, keep_spill=opts.read_only)
+        if opts.cache_dir is not None:
+            remember(self.devices.folder(fs_id), folder)
+        return disk
 
     def _replay(self) -> tuple[Metadata, Head]:
         """Load the newest state and refuse one older than this device has seen."""

@@ -61,7 +61,8 @@ def remove_all(device_folder: Path, fs_id: bytes) -> list[Path]:
         folders += [Path(line) for line in record.read_text().splitlines() if line]
     removed = []
     for folder in folders:
-        if folder.is_dir() and not folder.is_symlink():
+        # Only folders named after the filesystem: never one the user named in cache_dir=.
+        if folder.name == fs_id.hex() and folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
@@ -84,7 +85,8 @@ class DiskCache:
     def __init__(self, folder: Path, capacity: int, *, keep_spill: bool = False) -> None:
         self.folder = folder
         self.capacity = capacity
-        make_private_dir(folder.parent)
+        if not folder.parent.exists():
+            make_private_dir(folder.parent)
         make_private_dir(folder)
         check_private_dir(folder)
         self.spill_folder = folder / SPILL_DIR
