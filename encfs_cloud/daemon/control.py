@@ -125,7 +125,8 @@ def status(volume: Volume, mountpoint: Path, rates: Rates) -> dict[str, Any]:
             "folder": str(disk.folder),
             "bytes": disk.bytes,
             "capacity": disk.capacity,
-            "spilled_bytes": disk.spill_bytes,
+            "spilled_bytes": disk.spill_bytes,  # sealed on disk now, waiting for upload
+            "bytes_spilled": volume.uploader.bytes_spilled,  # since mounting
             "hits": disk.hits,
             "misses": disk.misses,
             "dropped": disk.dropped,

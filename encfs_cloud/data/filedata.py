@@ -11,7 +11,7 @@ from encfs_cloud import layout
 from encfs_cloud.data.cache import ChunkCache, ChunkKey
 from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.data.uploader import Uploader
-from encfs_cloud.errors import IntegrityError, StoreError
+from encfs_cloud.errors import IntegrityError, ObjectMissingError, StoreError
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.metadata import ChunkRef, Metadata
@@ -74,7 +74,13 @@ class FileData:
         window = self._window(ref)
         if window is not None:
             run += self._neighbours(ref, window)
-        result = (await self._fetch_run(run, window))[0]
+        try:
+            result = (await self._fetch_run(run, window))[0]
+        except ObjectMissingError:
+            if self.md.get_chunk(ino, idx) == ref:
+                raise
+            # Compaction or a rewrite moved the chunk and its old pack went meanwhile.
+            return await self.chunk(ino, idx)
         if isinstance(result, BaseException):
             raise result
         return result
@@ -82,19 +88,16 @@ class FileData:
     def _window(self, ref: ChunkRef) -> tuple[int, int] | None:
         """The read-around GET for a cold small chunk: (start, length), or None for none.
 
-        Its length depends only on where the chunk starts and the pack's size, both of which
-        the bucket owner sees anyway: never on how many chunks follow, which of them are live
-        or where the live data ends (issue #10). Packs whose size the metadata does not know
-        (written before sizes were recorded) get no read-around.
+        Always READ_AROUND_BYTES from the chunk's start (stores cut a range at the object's
+        end): the request shows only where the chunk starts, and the answer's length only the
+        pack's size, both of which the bucket owner sees anyway; never how many chunks follow,
+        which of them are live or where the live data ends (issue #10).
         """
         if ref.len >= READ_AROUND_BYTES:
             return None
         if self.disk is not None and self.disk.holds(ref.pack, ref.off):
             return None  # served locally: a GET would only be wasted
-        size = self.md.pack_size(ref.pack)
-        if size <= ref.off + ref.len:
-            return None
-        return ref.off, min(READ_AROUND_BYTES, size - ref.off)
+        return ref.off, READ_AROUND_BYTES
 
     def _neighbours(self, ref: ChunkRef, window: tuple[int, int]) -> Run:
         """Live chunks stored after this one inside the window (files written together are

@@ -313,11 +313,6 @@ class Metadata:
         self.db.execute("INSERT INTO packs VALUES(?,?,0)", (pack_id, size))
         self.dirty["packs"].add((pack_id,))
 
-    def pack_size(self, pack_id: str) -> int:
-        """The pack's object size, 0 if unknown."""
-        row = self.db.execute("SELECT size FROM packs WHERE id=?", (pack_id,)).fetchone()
-        return int(row[0]) if row else 0
-
     def set_pack_size(self, pack_id: str, size: int) -> None:
         """The pack's object size (its class), known once it is closed; 0 means unknown."""
         self.db.execute("UPDATE packs SET size=? WHERE id=?", (size, pack_id))

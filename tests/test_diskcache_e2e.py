@@ -1,16 +1,20 @@
 """Through a real mount: random rewrites inflate storage, fsck --repair compacts, bytes survive;
-the disk cache serves a remount's re-read and `umount --wipe` removes it."""
+the disk cache serves a remount's re-read, takes a burst the bucket is too slow for, and
+`umount --wipe` removes it."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures_mount import Device, needs_fuse
+from tests.fixtures_s3 import MotoServer
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -93,3 +97,31 @@ def test_remount_reread_from_disk_cache_and_wipe_removes_it(
         device.run("umount", str(mnt))
     assert done.returncode == 0, done.stdout + done.stderr
     assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def proxy(s3_server: MotoServer) -> Iterator[FaultProxy]:
+    with FaultProxy(s3_server.endpoint_url) as p:
+        yield p
+
+
+def test_burst_spills_to_disk_while_uploads_are_slow(
+    device: Device, s3_bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The first pack uploads hang for 20 s each; 48 MiB still go in (six times the 8 MiB
+    dirty limit of cache_size=32M): the packs beyond it wait sealed on disk. fsync and the
+    unmount wait for the bucket, and everything reads back from it."""
+    device.init(s3_bucket)
+    proxy.inject(Fault.DELAY, count=4, method="PUT", path=r"/data/", delay=20.0)
+    opts = [f"endpoint_url={proxy.endpoint_url}", "cache_size=32M", f"log={tmp_path / 'log'}"]
+    content = os.urandom(48 * MiB)
+    with device.mounted(s3_bucket, tmp_path / "mnt", *opts) as mnt:
+        with open(mnt / "burst", "wb") as f:
+            for off in range(0, len(content), MiB):
+                f.write(content[off : off + MiB])
+            os.fsync(f.fileno())  # the bucket holds it all once this returns
+        status = json.loads(device.run("status", str(mnt), "--json", check=True).stdout)
+        assert status["disk_cache"]["bytes_spilled"] > 0, status
+        assert status["disk_cache"]["spilled_bytes"] == 0, "fsync left spilled packs behind"
+    with device.mounted(s3_bucket, tmp_path / "mnt", *opts, "disk_cache_size=0") as mnt:
+        assert (mnt / "burst").read_bytes() == content
