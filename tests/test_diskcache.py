@@ -378,3 +378,18 @@ def test_eviction_under_pressure_through_a_volume(
     with_volume(store, devices, read_newest, disk_cache_size=16 * MiB)
     assert last == {k: files[k] for k in sorted(files)[-20:]}
     assert store.ranges == [], "the most recently used entries survived the eviction"
+
+
+def test_names_that_are_not_pack_ids_never_become_paths(tmp_path: Path) -> None:
+    """A forged commit could name a pack "../x": the cache neither writes nor reads it."""
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    (tmp_path / "c" / "a-folder").mkdir()  # something not ours in the folder is left alone
+    for bad in ("../escape", "a/b", "", "AB" * 16, "x" * 65):
+        cache.put_chunk(bad, 0, b"sealed")
+        cache.put_pack(bad, b"sealed")
+        assert cache.get(bad, 0, 6) is None
+        with pytest.raises(OSError):
+            cache.spill(bad, b"sealed")
+    assert not (tmp_path / "escape").exists()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a-folder", "spill"]
+    assert DiskCache(tmp_path / "c", 1 << 20).bytes == 0

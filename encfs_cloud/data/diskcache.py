@@ -106,8 +106,10 @@ class DiskCache:
         for entry in os.scandir(self.folder):
             if entry.name == SPILL_DIR:
                 continue
-            if entry.name.endswith(_TMP) or not entry.is_file(follow_symlinks=False):
-                _unlink(Path(entry.path))  # an interrupted write, or something not ours
+            if not entry.is_file(follow_symlinks=False):
+                continue  # not ours: never served, never counted
+            if entry.name.endswith(_TMP):
+                _unlink(Path(entry.path))  # an interrupted write
                 continue
             st = entry.stat(follow_symlinks=False)
             entries.append((st.st_mtime_ns, entry.name, st.st_size))
@@ -152,6 +154,8 @@ class DiskCache:
 
     def get(self, pack: str, off: int, length: int) -> bytes | None:
         """The sealed bytes [off, off+length) of a pack, from a chunk file or a pack file."""
+        if not _valid(pack):
+            return None
         for name, start in ((f"{pack}-{off:x}", 0), (pack, off)):
             with self._lock:
                 known = name in self._files
@@ -207,6 +211,8 @@ class DiskCache:
         self._put(pack, blob)
 
     def _put(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        if not _valid(name.split("-", 1)[0]):
+            return
         if len(data) > self.capacity // 4:
             return  # one entry may not push out most of the cache
         try:
@@ -228,7 +234,7 @@ class DiskCache:
     # --- spilled packs -----------------------------------------------------------------------
 
     def _spilled(self, pack: str) -> bool:
-        return (self.spill_folder / pack).is_file()
+        return _valid(pack) and (self.spill_folder / pack).is_file()
 
     def can_spill(self, size: int) -> bool:
         with self._lock:
@@ -236,6 +242,8 @@ class DiskCache:
 
     def spill(self, pack: str, blob: bytes | bytearray | memoryview) -> None:
         """Keep a sealed pack on disk until it is uploaded (raises OSError if it cannot)."""
+        if not _valid(pack):
+            raise OSError(f"not a pack id: {pack!r}")
         _write_new(self.spill_folder / pack, blob)
         with self._lock:
             self.spill_bytes += len(blob)
@@ -268,6 +276,12 @@ class DiskCache:
         with self._lock:
             self._add(pack, size)
         self._evict()
+
+
+def _valid(pack: str) -> bool:
+    """Pack ids are random hex; anything else (a forged commit naming "../x") never becomes
+    a path."""
+    return 0 < len(pack) <= 64 and all(c in "0123456789abcdef" for c in pack)
 
 
 def _pread(path: Path, off: int, length: int) -> bytes | None:

@@ -132,7 +132,7 @@ class Uploader:
                         self.store.put, layout.pack_name(pack.id), body, limiter=self.limiter
                     )
                 break
-            except StoreError as exc:
+            except (StoreError, OSError) as exc:  # OSError: its spill file could not be read
                 self.errors += 1
                 log.warning("upload of pack %s failed (%s); retrying in %.1fs", pack.id, exc, delay)
                 await trio.sleep(delay)
