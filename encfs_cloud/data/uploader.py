@@ -21,6 +21,7 @@ from encfs_cloud.tree.metadata import ChunkRef, Metadata
 log = logging.getLogger(__name__)
 
 UPLOAD_SLOTS = 4  # packs sealed or sending at once; reads keep the other I/O threads
+CLOSE_ROOM = 64 << 10  # a pack with less room left than this is closed (under 1 % padding)
 
 
 @dataclass
@@ -96,7 +97,9 @@ class Uploader:
         pack.entries.append((key, version, data))
         pack.size += length
         self.md.set_chunk(ino, idx, ref)
-        if pack.size >= layout.PACK_TARGET:
+        # Full once less than CLOSE_ROOM is left: eight whole chunks leave 32 KiB, and waiting
+        # for the next write to learn that it does not fit would hold the upload back.
+        if layout.PACK_TARGET - pack.size < CLOSE_ROOM:
             self.close_pack()
 
     def flush_dirty(self, ino: int | None = None) -> None:
