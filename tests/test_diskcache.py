@@ -393,3 +393,37 @@ def test_names_that_are_not_pack_ids_never_become_paths(tmp_path: Path) -> None:
     assert not (tmp_path / "escape").exists()
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a-folder", "spill"]
     assert DiskCache(tmp_path / "c", 1 << 20).bytes == 0
+
+
+def test_background_compaction_of_a_mount(store: CountingStore, devices: DeviceStore) -> None:
+    """The mount's own loop notices the inflated ratio and compacts, with no one asking."""
+    content = bytearray(os.urandom(16 * MiB))
+    rng = random.Random(7)
+
+    async def body(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        node = ns.create(ROOT_INODE, b"img", stat.S_IFREG | 0o644, 0, 0)
+        node.size = await vol.data.write(node.id, 0, 0, bytes(content))
+        vol.md.put_inode(node)
+        await vol.flush()
+        for _ in range(5):
+            for _ in range(6):
+                off = rng.randrange(len(content) // 4096) * 4096
+                piece = os.urandom(4096)
+                content[off : off + 4096] = piece
+                await vol.data.write(node.id, node.size, off, piece)
+            await vol.flush()
+        assert vol.compactor.worth_it()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.compactor.run, 0.01)
+            with trio.move_on_after(120):  # poll: no timing assertion
+                while not vol.compactor.packs_compacted:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert vol.compactor.packs_compacted > 0
+        assert not vol.compactor.worth_it()
+
+    with_volume(store, devices, body)
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {b"img": bytes(content)}

@@ -198,7 +198,8 @@ class Compactor:
         return frozenset(ids)
 
     def worth_it(self, goal: float = TRIGGER) -> bool:
-        stored, live = ratio(self.md.all_packs())
+        # Dead packs wait for the next durable commit to be deleted: not compaction's job.
+        stored, live = ratio(p for p in self.md.all_packs() if p[2] > 0)
         return stored > goal * live and stored - live >= MIN_RECLAIM
 
     async def compact(self, goal: float = GOAL) -> int:
