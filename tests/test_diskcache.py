@@ -124,13 +124,14 @@ def test_reread_after_remount_is_served_from_disk(
 ) -> None:
     with_volume(store, devices, writer(FILES))
     found: dict[bytes, bytes] = {}
-    with_volume(store, devices, reader(found))
+    again = with_volume(store, devices, reader(found))
     assert found == FILES
     assert store.pack_gets == 0, "uploaded packs stay sealed on disk: no GET after a remount"
+    assert again.data.bytes_fetched == 0 and again.disk is not None and again.disk.hits > 0
     # Without the disk cache the same reads go to the bucket.
     found.clear()
-    with_volume(store, devices, reader(found), disk_cache_size=0)
-    assert found == FILES and store.pack_gets > 0
+    without = with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == FILES and store.pack_gets > 0 and without.data.bytes_fetched > 0
 
 
 def test_cache_holds_only_private_ciphertext(

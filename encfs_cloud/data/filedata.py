@@ -124,8 +124,11 @@ class FileData:
         for token in tokens:
             self._fetching[token] = event
         try:
-            results = await trio.to_thread.run_sync(self._fetch, run, window, limiter=self.limiter)
-            self.bytes_fetched += sum(ref.len for _, _, ref in run)  # trio thread: no race
+            fetched: list[int] = []  # bytes the bucket sent (the disk cache may serve the rest)
+            results = await trio.to_thread.run_sync(
+                self._fetch, run, window, fetched, limiter=self.limiter
+            )
+            self.bytes_fetched += sum(fetched)  # trio thread: no race
         finally:
             for token in tokens:
                 del self._fetching[token]
@@ -139,13 +142,13 @@ class FileData:
         return results
 
     def _fetch(
-        self, run: Run, window: tuple[int, int] | None = None
+        self, run: Run, window: tuple[int, int] | None, fetched: list[int]
     ) -> list[bytes | memoryview | IntegrityError]:
         """The run's chunks, from the disk cache where it holds them, else with one GET per
         stretch of missing chunks; each chunk opened on its own, so one bad chunk fails alone.
         With a read-around `window`, one GET of exactly that range."""
         if window is not None:
-            return self._fetch_from_store(run, window)
+            return self._fetch_from_store(run, fetched, window)
         results: list[bytes | memoryview | IntegrityError | None] = [None] * len(run)
         disk = self.disk
         if disk is not None:
@@ -167,12 +170,12 @@ class FileData:
             end = start + 1
             while end < len(run) and results[end] is None:
                 end += 1
-            results[start:end] = self._fetch_from_store(run[start:end])
+            results[start:end] = self._fetch_from_store(run[start:end], fetched)
             start = end
         return [r for r in results if r is not None]
 
     def _fetch_from_store(
-        self, run: Run, window: tuple[int, int] | None = None
+        self, run: Run, fetched: list[int], window: tuple[int, int] | None = None
     ) -> list[bytes | memoryview | IntegrityError]:
         """One ranged GET for chunks of one pack: back to back, or inside `window`."""
         first = run[0][2]
@@ -181,6 +184,7 @@ class FileData:
             window = first.off, run[-1][2].off + run[-1][2].len - first.off
         try:
             blob = memoryview(self.store.get(name, *window))
+            fetched.append(len(blob))
         except StoreError as exc:
             self.store_errors += 1
             log.error(
