@@ -87,7 +87,7 @@ def test_remount_reread_from_disk_cache_and_wipe_removes_it(
         assert status["disk_cache"]["hits"] > 0 and status["errors"]["read"] == 0
     (bucket / "data").rmdir()
     hidden.rename(bucket / "data")
-    cache = device.home / "cache" / "encfs-cloud"
+    cache = device.cache_home / "encfs-cloud"
     assert any(p.is_file() for p in cache.rglob("*"))
     mnt = tmp_path / "mnt"
     done = device.mount(local_source, mnt)

@@ -168,12 +168,17 @@ def test_bucket_device_and_tmp_hold_no_plaintext(
     assert any(name.startswith(layout.DATA_PREFIX) for name in objects), "no data was stored"
     leaks = {name: s.found_in(name.encode() + b"\0" + body) for name, body in objects.items()}
     assert not {k: v for k, v in leaks.items() if v}, "plaintext in the bucket"
-    on_device = {str(p): scan_file(p, s) for p in device.home.rglob("*") if p.is_file()}
+    cached = [p for p in (device.cache_home / "encfs-cloud").rglob("*") if p.is_file()]
+    assert cached, "the sealed disk cache holds nothing: wrong folder?"
+    on_device = {
+        str(p): scan_file(p, s)
+        for top in (device.home, device.cache_home)
+        for p in top.rglob("*")
+        if p.is_file()
+    }
     assert on_device, "the device folder holds no files: wrong folder?"
-    cached = [p for p in (device.home / "cache" / "encfs-cloud").rglob("*") if p.is_file()]
-    assert cached, "the sealed disk cache (scanned with the device folder) holds nothing"
     assert not {k: v for k, v in on_device.items() if v}, "plaintext in the device folder"
-    names = [str(p) for p in device.home.rglob("*")]
+    names = [str(p) for top in (device.home, device.cache_home) for p in top.rglob("*")]
     assert not [n for n in names if s.found_in(n.encode())], "plaintext in a device file name"
     # Temp folders and the runtime folder (mount registry, control sockets), outside the mount.
     elsewhere = [Path(p) for p in ("/tmp", "/var/tmp", "/run/encfs-cloud") if os.path.isdir(p)]

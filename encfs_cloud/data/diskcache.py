@@ -65,6 +65,8 @@ def remove_all(device_folder: Path, fs_id: bytes) -> list[Path]:
         if folder.name == fs_id.hex() and folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
+    with contextlib.suppress(OSError):  # like the device folder's root: gone once empty
+        default_folder(fs_id).parent.rmdir()
     return removed
 
 
