@@ -31,9 +31,15 @@ class Device:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
+    def cache_home(self) -> Path:
+        """This device's XDG_CACHE_HOME (the sealed disk cache), next to its data home."""
+        return self.home.with_name(self.home.name + "-cache")
+
+    @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["XDG_DATA_HOME"] = str(self.home)
+        env["XDG_CACHE_HOME"] = str(self.cache_home)
         env.setdefault("ENCFS_CLOUD_TEST_FAST_KDF", "1")
         env.update(self.extra_env)
         return env

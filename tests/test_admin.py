@@ -354,7 +354,8 @@ def test_logs_have_levels_and_no_names_contents_or_keys(proxied: Proxied, tmp_pa
     log = tmp_path / "encfs.log"
     m.remount(f"log={log}", "debug")
     _workload(m.mnt)
-    m.remount()  # cold, so the next read must ask the store, which now fails
+    # Cold (no disk cache either), so the next read must ask the store, which now fails.
+    m.remount(f"log={log}", "debug", "disk_cache_size=0")
     proxy.inject(Fault.HTTP_500, count=1_000_000, method="GET", path="/data/")
     try:
         with pytest.raises(OSError) as failed:

@@ -36,6 +36,9 @@ pytestmark = [needs_fuse, pytest.mark.fuse]
 MIB = 1 << 20
 STRESS = bool(os.environ.get("ENCFS_STRESS"))
 FUZZ_FLIPS = 200 if STRESS else 12
+# Attacks on the bucket must be read from it: this device's sealed disk cache still holds the
+# authentic bytes it wrote (test_diskcache.py attacks the cache itself).
+BUCKET_READS = "disk_cache_size=0"
 
 
 # --- shared set-up: one filesystem per source and purpose, built once per module -------------
@@ -190,7 +193,7 @@ def data_world(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> It
     assert chunks["replay.bin"][0].ref.version != old.ref.version
     victims = _attack_data(bucket, chunks, old_sealed)
     log = base / "daemon.log"
-    with device.mounted(source, mnt, f"log={log}") as m:
+    with device.mounted(source, mnt, f"log={log}", BUCKET_READS) as m:
         yield DataWorld(device, m, log, contents, inodes, victims)
 
 
@@ -248,7 +251,7 @@ def test_random_bit_flips(
         spots.setdefault(chunk.object, []).append(
             (chunk.off + rng.randrange(chunk.len), rng.randrange(8))
         )
-    with device.mounted(source, tmp_path / "mnt") as m:
+    with device.mounted(source, tmp_path / "mnt", BUCKET_READS) as m:
         for obj, where in spots.items():
             bucket.flip_bits(obj, where)
         for n in rng.sample(names, len(names)):
@@ -317,7 +320,7 @@ def test_uncommitted_chunk_replayed_after_crash(
     old_sealed = orphan_bytes[: chunk.len]  # x.bin's chunk went first into the orphan pack
     tally["tried"] += 1
     bucket.write_range(chunk.object, chunk.off, old_sealed)
-    with device.mounted(source, mnt) as m:
+    with device.mounted(source, mnt, BUCKET_READS) as m:
         try:
             content = (m / "x.bin").read_bytes()
         except OSError as exc:

@@ -68,7 +68,14 @@ tally = tally_fixture(
 
 def options(proxy: FaultProxy, log: Path, *extra: str) -> list[str]:
     # A hung request then costs 5 s rather than boto's default 30.
-    return [f"endpoint_url={proxy.endpoint_url}", f"log={log}", "read_timeout=5", *extra]
+    # No disk cache: the reads after a remount must meet the GET faults, not local copies.
+    return [
+        f"endpoint_url={proxy.endpoint_url}",
+        f"log={log}",
+        "read_timeout=5",
+        "disk_cache_size=0",
+        *extra,
+    ]
 
 
 def write_files(mnt: Path, folder: str) -> None:

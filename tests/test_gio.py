@@ -109,7 +109,7 @@ def test_preview_of_a_large_file_fetches_only_its_chunk(gio_mount: SharedMount) 
             if i == offset // CHUNK:
                 expected = block[:4096]
             f.write(block)
-    gio_mount.remount()  # cold: nothing of the file in any cache
+    gio_mount.remount("disk_cache_size=0")  # cold: nothing of the file in any cache
     before = gio_mount.status()["transfers"]["bytes_fetched"]
     fd = os.open(mnt / "video.bin", os.O_RDONLY)
     try:

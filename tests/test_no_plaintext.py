@@ -168,10 +168,17 @@ def test_bucket_device_and_tmp_hold_no_plaintext(
     assert any(name.startswith(layout.DATA_PREFIX) for name in objects), "no data was stored"
     leaks = {name: s.found_in(name.encode() + b"\0" + body) for name, body in objects.items()}
     assert not {k: v for k, v in leaks.items() if v}, "plaintext in the bucket"
-    on_device = {str(p): scan_file(p, s) for p in device.home.rglob("*") if p.is_file()}
+    cached = [p for p in (device.cache_home / "encfs-cloud").rglob("*") if p.is_file()]
+    assert cached, "the sealed disk cache holds nothing: wrong folder?"
+    on_device = {
+        str(p): scan_file(p, s)
+        for top in (device.home, device.cache_home)
+        for p in top.rglob("*")
+        if p.is_file()
+    }
     assert on_device, "the device folder holds no files: wrong folder?"
     assert not {k: v for k, v in on_device.items() if v}, "plaintext in the device folder"
-    names = [str(p) for p in device.home.rglob("*")]
+    names = [str(p) for top in (device.home, device.cache_home) for p in top.rglob("*")]
     assert not [n for n in names if s.found_in(n.encode())], "plaintext in a device file name"
     # Temp folders and the runtime folder (mount registry, control sockets), outside the mount.
     elsewhere = [Path(p) for p in ("/tmp", "/var/tmp", "/run/encfs-cloud") if os.path.isdir(p)]
@@ -188,7 +195,8 @@ def test_bucket_device_and_tmp_hold_no_plaintext(
 def test_object_sizes_are_size_classes(
     device: Device, any_source: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """Packs and commits come out exactly at a size class (or a multiple of the largest)."""
+    """Commits come out exactly at a size class (or a multiple of the largest), packs at 64 or
+    256 KiB or a multiple of layout.PACK_STEP."""
     device.init(any_source)
     with device.mounted(any_source, tmp_path / "mnt") as mnt:
         for i, size in enumerate((0, 1, 4095, 100_000, 3 * MiB + 1, 9 * MiB)):
@@ -210,8 +218,15 @@ def test_object_sizes_are_size_classes(
     }
     assert any(n.startswith(layout.DATA_PREFIX) for n in sizes)
     assert any(n.startswith(layout.META_PREFIX) for n in sizes)
-    odd = {name: size for name, size in sizes.items() if layout.size_class(size) != size}
+
+    def is_class(name: str, size: int) -> bool:
+        if name.removeprefix(prefix).startswith(layout.DATA_PREFIX):  # packs: finer classes
+            return layout.pack_class(size) == size and (
+                size in layout.SIZE_CLASSES[:2] or size % layout.PACK_STEP == 0
+            )
+        return layout.size_class(size) == size and (
+            size in layout.SIZE_CLASSES or size % layout.SIZE_CLASSES[-1] == 0
+        )
+
+    odd = {name: size for name, size in sizes.items() if not is_class(name, size)}
     assert not odd, f"objects whose size is not a size class: {odd}"
-    assert set(sizes.values()) <= set(layout.SIZE_CLASSES) | {
-        n * layout.SIZE_CLASSES[-1] for n in range(1, 8)
-    }

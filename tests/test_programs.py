@@ -246,7 +246,8 @@ def test_restic_backup_of_the_mount_reads_nothing_the_second_time(
     make_tree(shared.mnt / "home", seed=4)
     env = _restic_env(tmp_path, RESTIC_REPOSITORY=str(tmp_path / "repo"))  # a local repository
     run(restic, "init", env=env)
-    shared.remount()  # cold: the first backup must fetch every file from the bucket
+    # Cold, without the disk cache: the first backup must fetch every file from the bucket.
+    shared.remount("disk_cache_size=0")
 
     def backup() -> tuple[dict[str, Any], int]:
         done = run(restic, "backup", "--json", "home", env=env, cwd=shared.mnt)

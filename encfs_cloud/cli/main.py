@@ -211,8 +211,9 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         dest="options",
         action="append",
         metavar="OPTION[,OPTION...]",
-        help="ro, cache_size=SIZE, passphrase_file=FILE, endpoint_url=URL, region=NAME, "
-        "profile=NAME, allow_other, allow_root, max_read=N, log=FILE, "
+        help="ro, cache_size=SIZE, cache_dir=DIR, disk_cache_size=SIZE, passphrase_file=FILE, "
+        "endpoint_url=URL, region=NAME, profile=NAME, allow_other, allow_root, max_read=N, "
+        "log=FILE, "
         "commit_interval=SECONDS, sync_timeout=SECONDS, read_timeout=SECONDS, "
         "connect_timeout=SECONDS, takeover, allow_rollback, unsafe_no_conditional_writes, "
         "debug, exec, noexec, suid, nosuid, dev, nodev",

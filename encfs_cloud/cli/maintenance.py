@@ -170,13 +170,14 @@ def _conclude(
     for note in report.notes:
         print(f"note: {note}")
     seq = report.state.head.seq
-    if not report.findings:
+    if not report.findings and not (args.repair and report.plan.compact):
         print(
             f"clean: {report.files} files, {report.chunks} chunks in {report.packs} data "
             f"objects verified (metadata commit {seq})"
         )
         return EXIT_CLEAN
-    print(f"{len(report.findings)} problems found")
+    if report.findings:
+        print(f"{len(report.findings)} problems found")
     if not args.repair:
         print("run fsck --repair to fix them (salvage first to copy out damaged files' data)")
         return EXIT_DAMAGED
@@ -198,7 +199,7 @@ def _conclude(
         print(f"repaired: wrote metadata snapshot {head.seq}")
     else:
         print("repaired")
-    return EXIT_REPAIRED
+    return EXIT_REPAIRED if report.findings else EXIT_CLEAN  # compaction alone: was clean
 
 
 def _plan_lines(report: Report) -> list[str]:
@@ -222,6 +223,11 @@ def _plan_lines(report: Report) -> list[str]:
         lines.append("rebuild the data accounting")
     if plan.delete_objects:
         lines.append(f"delete {len(plan.delete_objects)} objects that nothing references")
+    if plan.compact:
+        lines.append(
+            f"compact {len(plan.compact)} data objects (copy their live sealed chunks into new "
+            f"ones, then delete them: {plan.reclaim / (1 << 20):.1f} MiB freed)"
+        )
     if plan.changes_metadata() or not state.complete:
         lines.append("write the result as a new metadata snapshot")
     return lines

@@ -105,6 +105,21 @@ def render(s: dict[str, Any]) -> str:
     ]
     if isinstance(s.get("store"), dict):
         lines.append(f"  store:       {_store_line(s['store'])}")
+    storage = s.get("storage")
+    if isinstance(storage, dict):
+        live, stored = storage["live_bytes"], storage["stored_bytes"]
+        lines.append(
+            f"  storage:     {human_bytes(live)} live in {human_bytes(stored)} stored"
+            + (f" ({stored / live:.2f}x)" if live else "")
+            + f"; {storage['packs_compacted']} packs compacted since mount"
+        )
+    disk = s.get("disk_cache")
+    if isinstance(disk, dict):
+        lines.append(
+            f"  disk cache:  {human_bytes(disk['bytes'])} of {human_bytes(disk['capacity'])}"
+            f" ({human_bytes(disk['spilled_bytes'])} spilled, waiting for upload),"
+            f" {disk['hits']} hits, {disk['misses']} misses, {disk['dropped']} dropped"
+        )
     lease = s.get("lease")
     if isinstance(lease, dict):
         lines.append(f"  lease:       {_lease_line(lease)}")

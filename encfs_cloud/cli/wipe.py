@@ -13,6 +13,7 @@ from encfs_cloud.cli.devices import _add, _confirm, _opened, _store
 from encfs_cloud.cli.progress import FlushView
 from encfs_cloud.daemon import runtime
 from encfs_cloud.daemon.unmount import unmount
+from encfs_cloud.data import diskcache
 from encfs_cloud.errors import (
     AbortedError,
     DeviceKeyMissingError,
@@ -36,8 +37,11 @@ def _own_id(devices: DeviceStore, fs_id: bytes) -> str | None:
 
 def _wipe_local(devices: DeviceStore, fs_id: bytes, left: bool) -> None:
     device_id = _own_id(devices, fs_id)
+    caches = diskcache.remove_all(devices.folder(fs_id), fs_id)
     devices.wipe(fs_id)
     print(f"wiped this device's key and state for filesystem {fs_id.hex()}")
+    for folder in caches:
+        print(f"removed the disk cache {folder}")
     if device_id:
         print(f"device id: {device_id}")
         if not left:

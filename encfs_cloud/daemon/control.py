@@ -17,6 +17,7 @@ import trio
 from encfs_cloud import __version__
 from encfs_cloud.daemon import runtime
 from encfs_cloud.daemon.health import find_watch, iso
+from encfs_cloud.data.compactor import ratio
 from encfs_cloud.errors import MountpointError
 
 if TYPE_CHECKING:
@@ -117,6 +118,25 @@ def status(volume: Volume, mountpoint: Path, rates: Rates) -> dict[str, Any]:
     watch = find_watch(volume.store)
     if watch is not None:  # from memory: says the store is unreachable without asking it
         report["store"] = watch.report()
+    stored, live = ratio(volume.md.all_packs())
+    report["storage"] = {
+        "live_bytes": live,  # sealed chunks the files use
+        "stored_bytes": stored,  # packs in the bucket, padding and dead chunks included
+        "packs_compacted": volume.compactor.packs_compacted,
+        "bytes_compacted": volume.compactor.bytes_copied,
+    }
+    disk = volume.disk
+    if disk is not None:
+        report["disk_cache"] = {
+            "folder": str(disk.folder),
+            "bytes": disk.bytes,
+            "capacity": disk.capacity,
+            "spilled_bytes": disk.spill_bytes,  # sealed on disk now, waiting for upload
+            "bytes_spilled": volume.uploader.bytes_spilled,  # since mounting
+            "hits": disk.hits,
+            "misses": disk.misses,
+            "dropped": disk.dropped,
+        }
     if volume.lease is not None:  # a read-only mount holds none
         lease = volume.lease
         report["lease"] = {"holder": f"this device ({lease.device_name})", **lease.status()}

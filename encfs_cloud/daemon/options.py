@@ -54,6 +54,8 @@ VALUE_OPTIONS = (
     "sync_timeout",
     "read_timeout",
     "connect_timeout",
+    "cache_dir",
+    "disk_cache_size",
 )
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
@@ -135,6 +137,8 @@ _EXAMPLE = {
     "sync_timeout": "120",
     "read_timeout": "30",
     "connect_timeout": "5",
+    "cache_dir": "/var/cache/encfs-cloud",
+    "disk_cache_size": "1G",
 }
 
 
@@ -192,6 +196,13 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
         volume.cache_size = parse_size(pairs["cache_size"])
         if volume.cache_size < 16 << 20:
             raise UsageError("cache_size must be at least 16M")
+    if "disk_cache_size" in pairs:
+        volume.disk_cache_size = parse_size(pairs["disk_cache_size"])
+        if 0 < volume.disk_cache_size < 16 << 20:
+            raise UsageError("disk_cache_size must be 0 (no disk cache) or at least 16M")
+    if "cache_dir" in pairs:
+        # The daemon changes to "/": a relative folder means relative to the caller.
+        volume.cache_dir = Path(os.path.abspath(pairs["cache_dir"]))
     for name in ("commit_interval", "sync_timeout"):
         seconds = _seconds(pairs, name)
         if seconds is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -14,6 +15,8 @@ from encfs_cloud.daemon.operations import Operations
 from encfs_cloud.data import spool
 from encfs_cloud.data.cache import ChunkCache
 from encfs_cloud.data.committer import Committer
+from encfs_cloud.data.compactor import Compactor
+from encfs_cloud.data.diskcache import DiskCache, default_folder, default_size, remember
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.data.uploader import Uploader
 from encfs_cloud.errors import (
@@ -47,6 +50,8 @@ class VolumeOptions:
     commit_interval: float = 5.0
     allow_rollback: bool = False
     sync_timeout: float = 120.0
+    cache_dir: Path | None = None  # the sealed disk cache; None: under $XDG_CACHE_HOME
+    disk_cache_size: int | None = None  # None: the default (see diskcache); 0: no disk cache
 
 
 class Volume:
@@ -78,7 +83,10 @@ class Volume:
         # in-flight chunks, and their sealed copies in pack buffers while they upload.
         clean = max(self.options.cache_size - 2 * dirty_limit, 16 << 20)
         self.cache = ChunkCache(clean, dirty_limit)
-        self.uploader = Uploader(md, self.cache, self.sealer, store, limiter=self.limiter)
+        self.disk = self._disk_cache()
+        self.uploader = Uploader(
+            md, self.cache, self.sealer, store, limiter=self.limiter, disk=self.disk
+        )
         self.committer = Committer(
             md,
             self.uploader,
@@ -87,13 +95,39 @@ class Volume:
             before_commit=self._refresh_keys,
             sync_timeout=self.options.sync_timeout,
         )
-        self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
+        self.data = FileData(
+            md, self.cache, self.sealer, store, self.uploader, self.limiter, self.disk
+        )
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
+        self.compactor = Compactor(
+            md,
+            store,
+            self.sealer,
+            self.limiter,
+            uploader=self.uploader,
+            stopped=lambda: self.committer.stopped or self.ops.read_only,
+            disk=self.disk,
+        )
         self._keys_checked = 0.0
         self._unsettled: tuple[int, int] | None = None  # (old generation, newest seq under it)
         self._keys_lock = trio.Lock()  # the commit path and the idle watch both check
         self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
+
+    def _disk_cache(self) -> DiskCache | None:
+        opts = self.options
+        fs_id = self.unlocked.fs_id
+        # Always a folder of our own inside cache_dir, so `wipe` never deletes what the user
+        # named (cache_dir=$HOME would otherwise be one typo away).
+        folder = opts.cache_dir / fs_id.hex() if opts.cache_dir else default_folder(fs_id)
+        size = default_size(folder) if opts.disk_cache_size is None else opts.disk_cache_size
+        if size <= 0:
+            return None
+        # A read-only mount may run beside the read-write one: the writer's spill is not its own.
+        disk = DiskCache(folder, size, keep_spill=opts.read_only)
+        if opts.cache_dir is not None:
+            remember(self.devices.folder(fs_id), folder)
+        return disk
 
     def _replay(self) -> tuple[Metadata, Head]:
         """Load the newest state and refuse one older than this device has seen."""
@@ -221,6 +255,7 @@ class Volume:
             nursery.start_soon(self.committer.run, self.options.commit_interval)
             if not self.options.read_only:
                 nursery.start_soon(self._watch_keys)
+                nursery.start_soon(self.compactor.run)
             task_status.started()
 
     async def flush(self) -> None:

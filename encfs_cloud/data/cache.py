@@ -95,6 +95,12 @@ class ChunkCache:
             self.inflight_bytes -= len(data)
         self.put_clean(key, version, data)
 
+    def spilled(self, key: ChunkKey, data: bytes | bytearray) -> None:
+        """The chunk's pack was sealed to the disk cache: unpin it; reads go to the disk."""
+        if self.inflight.get(key) is data:
+            del self.inflight[key]
+            self.inflight_bytes -= len(data)
+
     def forget(self, ino: int, first_idx: int = 0) -> None:
         """Drop every state of chunks >= first_idx of `ino` (truncate, delete)."""
         for key in [k for k in self.dirty if k[0] == ino and k[1] >= first_idx]:

@@ -9,8 +9,9 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.data.cache import ChunkCache, ChunkKey
+from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.data.uploader import Uploader
-from encfs_cloud.errors import IntegrityError, StoreError
+from encfs_cloud.errors import IntegrityError, ObjectMissingError, StoreError
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.metadata import ChunkRef, Metadata
@@ -41,8 +42,10 @@ class FileData:
         store: ObjectStore,
         uploader: Uploader,
         limiter: trio.CapacityLimiter,
+        disk: DiskCache | None = None,
     ) -> None:
         self.md = md
+        self.disk = disk
         self.cache = cache
         self.sealer = sealer
         self.store = store
@@ -76,27 +79,47 @@ class FileData:
             await event.wait()
             return await self.chunk(ino, idx)
         run = [(ino, idx, ref)]
-        if ref.len < READ_AROUND_BYTES:
-            run += self._neighbours(ref)
-        result = (await self._fetch_run(run))[0]
+        window = self._read_around(ref)
+        if window is not None:
+            run += self._neighbours(ref, window)
+        try:
+            result = (await self._fetch_run(run, window=window))[0]
+        except ObjectMissingError:
+            if self.md.get_chunk(ino, idx) == ref:
+                raise
+            # Compaction or a rewrite moved the chunk and its old pack went meanwhile.
+            return await self.chunk(ino, idx)
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def _neighbours(self, ref: ChunkRef) -> Run:
-        """Small chunks stored right after this one (files written together are usually read
-        together: a tree copy, a backup, rsync): fetched in the same GET."""
+    def _read_around(self, ref: ChunkRef) -> tuple[int, int] | None:
+        """The read-around GET for a cold small chunk: (start, length), or None for none.
+
+        Always READ_AROUND_BYTES from the chunk's start (stores cut a range at the object's
+        end): the request shows only where the chunk starts, and the answer's length only the
+        pack's size, both of which the bucket owner sees anyway; never how many chunks follow,
+        which of them are live or where the live data ends (issue #10).
+        """
+        if ref.len >= READ_AROUND_BYTES:
+            return None
+        if self.disk is not None and self.disk.holds(ref.pack, ref.off):
+            return None  # served locally: a GET would only be wasted
+        return ref.off, READ_AROUND_BYTES
+
+    def _neighbours(self, ref: ChunkRef, window: tuple[int, int]) -> Run:
+        """Live chunks stored after this one inside the window (files written together are
+        usually read together: a tree copy, a backup, rsync): opened from the same GET."""
         run: Run = []
-        end = ref.off + ref.len
-        for ino, idx, near in self.md.chunks_in_pack(ref.pack, end, ref.off + READ_AROUND_BYTES):
-            if near.off != end or near.off + near.len > ref.off + READ_AROUND_BYTES:
-                break  # a gap (a dead chunk) or too far: stop the run here
+        end = window[0] + window[1]
+        for ino, idx, near in self.md.chunks_in_pack(ref.pack, ref.off + ref.len, end):
+            if near.off + near.len > end:
+                break
             if (ino, idx, near.version) in self._fetching or self.cache.get(
                 (ino, idx), near.version, count=False
             ) is not None:
-                break
+                continue
             run.append((ino, idx, near))
-            end = near.off + near.len
         return run
 
     def _claim(self, run: Run) -> trio.Event:
@@ -107,9 +130,13 @@ class FileData:
         return event
 
     async def _fetch_run(
-        self, run: Run, event: trio.Event | None = None
+        self,
+        run: Run,
+        event: trio.Event | None = None,
+        window: tuple[int, int] | None = None,
     ) -> list[bytes | memoryview | IntegrityError]:
-        """Fetch chunks lying back to back in one pack with one ranged GET; cache them.
+        """Fetch chunks of one pack (back to back, or inside `window`), with one ranged GET
+        or from the disk cache; cache them.
 
         A prefetch claims its chunks when it is scheduled (event given), not when its task
         starts: a reader served from the cache can run ahead of tasks not yet started.
@@ -118,8 +145,11 @@ class FileData:
         if event is None:
             event = self._claim(run)
         try:
-            results = await trio.to_thread.run_sync(self._fetch, run, limiter=self.limiter)
-            self.bytes_fetched += sum(ref.len for _, _, ref in run)  # trio thread: no race
+            fetched: list[int] = []  # bytes the bucket sent (the disk cache may serve the rest)
+            results = await trio.to_thread.run_sync(
+                self._fetch, run, window, fetched, limiter=self.limiter
+            )
+            self.bytes_fetched += sum(fetched)  # trio thread: no race
         finally:
             for token in tokens:
                 del self._fetching[token]
@@ -132,13 +162,50 @@ class FileData:
                 self.cache.put_clean((ino, idx), ref.version, plain)
         return results
 
-    def _fetch(self, run: Run) -> list[bytes | memoryview | IntegrityError]:
-        """One GET for the run; each chunk opened on its own, so one bad chunk fails alone."""
+    def _fetch(
+        self, run: Run, window: tuple[int, int] | None, fetched: list[int]
+    ) -> list[bytes | memoryview | IntegrityError]:
+        """The run's chunks, from the disk cache where it holds them, else with one GET per
+        stretch of missing chunks; each chunk opened on its own, so one bad chunk fails alone.
+        With a read-around `window`, one GET of exactly that range."""
+        if window is not None:
+            return self._fetch_from_store(run, fetched, window)
+        results: list[bytes | memoryview | IntegrityError | None] = [None] * len(run)
+        disk = self.disk
+        if disk is not None:
+            for i, (ino, idx, ref) in enumerate(run):
+                sealed = disk.get(ref.pack, ref.off, ref.len)
+                if sealed is None:
+                    continue
+                try:
+                    results[i] = self._open(ino, idx, ref, sealed)
+                except IntegrityError as exc:
+                    # A damaged or altered cache file: drop it and ask the bucket instead.
+                    log.warning("inode %d chunk %d: disk cache entry dropped: %s", ino, idx, exc)
+                    disk.drop(ref.pack, ref.off)
+        start = 0
+        while start < len(run):
+            if results[start] is not None:
+                start += 1
+                continue
+            end = start + 1
+            while end < len(run) and results[end] is None:
+                end += 1
+            results[start:end] = self._fetch_from_store(run[start:end], fetched)
+            start = end
+        return [r for r in results if r is not None]
+
+    def _fetch_from_store(
+        self, run: Run, fetched: list[int], window: tuple[int, int] | None = None
+    ) -> list[bytes | memoryview | IntegrityError]:
+        """One ranged GET for chunks of one pack: back to back, or inside `window`."""
         first = run[0][2]
         name = layout.pack_name(first.pack)
-        total = run[-1][2].off + run[-1][2].len - first.off
+        if window is None:
+            window = first.off, run[-1][2].off + run[-1][2].len - first.off
         try:
-            blob = memoryview(self.store.get(name, first.off, total))
+            blob = memoryview(self.store.get(name, *window))
+            fetched.append(len(blob))
         except StoreError as exc:
             self.store_errors += 1
             log.error(
@@ -147,27 +214,26 @@ class FileData:
             raise
         results: list[bytes | memoryview | IntegrityError] = []
         for ino, idx, ref in run:
-            start = ref.off - first.off
+            start = ref.off - window[0]
             try:
                 if start + ref.len > len(blob):
                     raise IntegrityError(f"object {name} is shorter than its chunks")
-                results.append(
-                    self.sealer.open_chunk(
-                        ino,
-                        idx,
-                        ref.version,
-                        ref.gen,
-                        ref.plain_len,
-                        blob[start : start + ref.len],
-                        ref.digest,
-                        ref.pack,
-                    )
-                )
+                sealed = blob[start : start + ref.len]
+                results.append(self._open(ino, idx, ref, sealed))
+                if self.disk is not None:
+                    self.disk.put_chunk(ref.pack, ref.off, sealed)
             except IntegrityError as exc:
                 self.integrity_errors += 1
                 log.error("inode %d chunk %d in object %s: %s", ino, idx, name, exc)
                 results.append(exc)
         return results
+
+    def _open(
+        self, ino: int, idx: int, ref: ChunkRef, sealed: bytes | memoryview
+    ) -> bytes | memoryview:
+        return self.sealer.open_chunk(
+            ino, idx, ref.version, ref.gen, ref.plain_len, sealed, ref.digest, ref.pack
+        )
 
     async def read(self, ino: int, size: int, offset: int, length: int) -> bytes:
         if offset >= size or length <= 0:

@@ -12,6 +12,7 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.data.cache import ChunkCache, ChunkKey
+from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.errors import StoreError
 from encfs_cloud.keys.sealed import Sealer, chunk_digest, sealed_chunk_len
 from encfs_cloud.store.base import ObjectStore
@@ -20,6 +21,7 @@ from encfs_cloud.tree.metadata import ChunkRef, Metadata
 log = logging.getLogger(__name__)
 
 UPLOAD_SLOTS = 4  # packs sealed or sending at once; reads keep the other I/O threads
+CLOSE_ROOM = 64 << 10  # a pack with less room left than this is closed (under 1 % padding)
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Pack:
     )  # key, version, data
     size: int = 0
     done: trio.Event = field(default_factory=trio.Event)
+    spilled: bool = False  # sealed into the disk cache's spill folder; entries released
 
 
 class Uploader:
@@ -48,8 +51,10 @@ class Uploader:
         store: ObjectStore,
         *,
         limiter: trio.CapacityLimiter,
+        disk: DiskCache | None = None,
     ) -> None:
         self.md = md
+        self.disk = disk  # sealed copies of uploaded packs, and packs spilled before upload
         self.cache = cache
         self.sealer = sealer
         self.store = store
@@ -60,6 +65,7 @@ class Uploader:
         self.nursery: trio.Nursery | None = None
         self.space_freed = trio.Event()
         self.bytes_uploaded = 0
+        self.bytes_spilled = 0
         self.errors = 0
 
     # --- chunks into packs ---------------------------------------------------------------
@@ -91,7 +97,9 @@ class Uploader:
         pack.entries.append((key, version, data))
         pack.size += length
         self.md.set_chunk(ino, idx, ref)
-        if pack.size >= layout.PACK_TARGET:
+        # Full once less than CLOSE_ROOM is left: eight whole chunks leave 32 KiB, and waiting
+        # for the next write to learn that it does not fit would hold the upload back.
+        if layout.PACK_TARGET - pack.size < CLOSE_ROOM:
             self.close_pack()
 
     def flush_dirty(self, ino: int | None = None) -> None:
@@ -103,11 +111,14 @@ class Uploader:
         if pack is None:
             return
         self.open_pack = None
+        self.md.set_pack_size(pack.id, layout.pack_class(pack.size))
         self.pending[pack.id] = pack
         assert self.nursery is not None, "uploader not started"
         self.nursery.start_soon(self._upload, pack)
 
     async def _upload(self, pack: Pack) -> None:
+        if self.cache.pressure:  # the bucket is slower than the writers
+            await self._spill(pack)
         delay = 0.5
         while True:
             try:
@@ -124,12 +135,14 @@ class Uploader:
                         self.store.put, layout.pack_name(pack.id), body, limiter=self.limiter
                     )
                 break
-            except StoreError as exc:
+            except (StoreError, OSError) as exc:  # OSError: its spill file could not be read
                 self.errors += 1
                 log.warning("upload of pack %s failed (%s); retrying in %.1fs", pack.id, exc, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         self.bytes_uploaded += len(blob)
+        if self.disk is not None:
+            await trio.to_thread.run_sync(self._keep_on_disk, pack, blob, limiter=self.limiter)
         for key, version, data in pack.entries:
             self.cache.landed(key, version, data)
         pack.entries.clear()
@@ -137,9 +150,50 @@ class Uploader:
         pack.done.set()
         self._wake_writers()
 
+    def _keep_on_disk(self, pack: Pack, blob: bytearray) -> None:
+        """A landed pack stays on disk, sealed, so re-reading it (even after a remount) is local."""
+        assert self.disk is not None
+        try:
+            if pack.spilled:
+                self.disk.spill_landed(pack.id)
+            else:
+                self.disk.put_pack(pack.id, blob)
+        except OSError as exc:
+            log.warning("disk cache: cannot keep pack %s (%s)", pack.id, exc)
+
+    async def _spill(self, pack: Pack) -> None:
+        """The bucket is slower than the writer: seal the pack to disk now and release its
+        plaintext, so the writer goes on at disk speed; the upload sends the sealed file."""
+        disk = self.disk
+        if disk is None or not disk.can_spill(layout.pack_class(pack.size)):
+            return  # no room: the writer waits for the bucket, as without a disk cache
+
+        def seal_and_write() -> int:
+            assert disk is not None
+            blob = self._build_pack(pack)
+            disk.spill(pack.id, blob)
+            return len(blob)
+
+        try:
+            size = await trio.to_thread.run_sync(seal_and_write, limiter=self.limiter)
+        except OSError as exc:
+            log.warning(
+                "disk cache: cannot spill pack %s (%s); waiting for the bucket", pack.id, exc
+            )
+            return
+        self.bytes_spilled += size
+        pack.spilled = True
+        for key, _version, data in pack.entries:
+            self.cache.spilled(key, data)
+        pack.entries.clear()
+        self._wake_writers()
+
     def _build_pack(self, pack: Pack) -> bytearray:
+        if pack.spilled:
+            assert self.disk is not None
+            return self.disk.read_spilled(pack.id)
         total = pack.size
-        blob = bytearray(layout.size_class(total))
+        blob = bytearray(layout.pack_class(total))
         view = memoryview(blob)
         off = 0
         for (ino, idx), version, data in pack.entries:
@@ -187,6 +241,9 @@ class Uploader:
                 await trio.to_thread.run_sync(self.store.delete, name, limiter=self.limiter)
             except StoreError as exc:
                 log.warning("could not delete %s (%s); fsck will collect it", name, exc)
+            if self.disk is not None and name.startswith(layout.DATA_PREFIX):
+                pack_id = name[len(layout.DATA_PREFIX) :]
+                await trio.to_thread.run_sync(self.disk.forget_pack, pack_id, limiter=self.limiter)
 
     # --- background loop -----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from encfs_cloud import layout
+from encfs_cloud.data import compactor
 from encfs_cloud.errors import IntegrityError, ObjectMissingError
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectStore
@@ -64,10 +65,13 @@ class Plan:
     add_packs: set[str] = field(default_factory=set)  # pack rows the table lacks
     recount: bool = False  # pack accounting is wrong: recompute it
     delete_objects: list[str] = field(default_factory=list)  # referenced by nothing
+    compact: list[str] = field(default_factory=list)  # mostly dead packs to rewrite
+    reclaim: int = 0  # bytes compaction frees
 
     def changes_metadata(self) -> bool:
         return bool(
-            self.remove_inodes
+            self.compact
+            or self.remove_inodes
             or self.remove_entries
             or self.stray_chunks
             or self.nlink
@@ -266,6 +270,14 @@ def _check_data(
     if any(table.get(p, 0) != live.get(p, 0) for p in set(table) | set(live)):
         plan.recount = True
         report.add("accounting", "the pack table's live byte counts disagree with the chunks")
+    sizes = {p: objects.get(layout.pack_name(p), 0) for p in live}
+    plan.compact = compactor.plan([(p, sizes[p], used) for p, used in live.items()])
+    if plan.compact:
+        plan.reclaim = sum(sizes[p] - live[p] for p in plan.compact)
+        report.notes.append(
+            f"{len(plan.compact)} data objects are mostly dead space "
+            f"({plan.reclaim / (1 << 20):.1f} MiB to reclaim): fsck --repair compacts them"
+        )
     bad: dict[int, list[str]] = defaultdict(list)
     report.packs = len(by_pack)
     with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="fsck") as pool:
@@ -375,6 +387,8 @@ def repair(store: ObjectStore, sealer: Sealer, report: Report) -> Head | None:
                 md.put_inode(inode)
         for pack in plan.add_packs:
             md.add_pack(pack, 0)
+        if plan.compact:  # the copies land before the snapshot that names them
+            compactor.compact_now(md, store, sealer, plan.compact)
         dead = _recount_packs(md)
         md.forget_packs(dead)
         late += [layout.pack_name(p) for p in dead]

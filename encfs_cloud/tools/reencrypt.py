@@ -172,7 +172,7 @@ class _PackWriter:
         pack_id = self.pack_id
         self.pack_id = layout.random_id()  # chunks are sealed under their pack's subkey
         # Random padding is indistinguishable from ciphertext: the size class is all that shows.
-        self.parts.append(os.urandom(layout.size_class(self.size) - self.size))
+        self.parts.append(os.urandom(layout.pack_class(self.size) - self.size))
         blob = b"".join(self.parts)
         self.md.add_pack(pack_id, len(blob))
         for ino, idx, off, length, plain_len, version, digest in self.entries:

@@ -329,6 +329,11 @@ class Metadata:
         self.db.execute("INSERT INTO packs VALUES(?,?,0)", (pack_id, size))
         self.dirty["packs"].add((pack_id,))
 
+    def set_pack_size(self, pack_id: str, size: int) -> None:
+        """The pack's object size (its class), known once it is closed; 0 means unknown."""
+        self.db.execute("UPDATE packs SET size=? WHERE id=?", (size, pack_id))
+        self.dirty["packs"].add((pack_id,))
+
     def _release(self, ref: ChunkRef) -> None:
         self.db.execute("UPDATE packs SET live=live-? WHERE id=?", (ref.len, ref.pack))
         self.dirty["packs"].add((ref.pack,))

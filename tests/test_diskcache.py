@@ -1,0 +1,430 @@
+"""The sealed disk cache (re-reads after remount, tampering, eviction, spill); compaction."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from encfs_cloud import layout
+from encfs_cloud.daemon.options import parse_mount_options
+from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.data import compactor
+from encfs_cloud.data.diskcache import DiskCache, default_folder, remove_all
+from encfs_cloud.data.filedata import READ_AROUND_BYTES
+from encfs_cloud.errors import UsageError
+from encfs_cloud.keys import vault
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.store.memory import MemoryStore
+from encfs_cloud.tree.metadata import ROOT_INODE
+from encfs_cloud.tree.namespace import Namespace
+
+MiB = 1 << 20
+
+
+class CountingStore(MemoryStore):
+    """Counts GETs of packs, and can hold pack PUTs until released (a slow bucket)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pack_gets = 0
+        self.ranges: list[tuple[str, int, int | None]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        if name.startswith(layout.DATA_PREFIX):
+            self.pack_gets += 1
+            self.ranges.append((name, start, length))
+        return super().get(name, start, length)
+
+    def put(
+        self, name: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        if name.startswith(layout.DATA_PREFIX):
+            assert self.gate.wait(600), "the test never released the gate"
+        return super().put(name, bytes(data), if_none_match=if_none_match, if_match=if_match)
+
+
+@pytest.fixture(autouse=True)
+def _fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCFS_CLOUD_TEST_FAST_KDF", "1")
+    monkeypatch.setenv("ENCFS_CLOUD_MACHINE_ID", "test-machine")
+
+
+@pytest.fixture
+def devices(tmp_path: Path) -> DeviceStore:
+    return DeviceStore(tmp_path / "xdg-data" / "encfs-cloud")
+
+
+@pytest.fixture
+def store(devices: DeviceStore) -> CountingStore:
+    s = CountingStore()
+    vault.init_filesystem(s, devices, None, "laptop")
+    return s
+
+
+def with_volume(
+    store: CountingStore,
+    devices: DeviceStore,
+    body: Callable[[Volume], object],
+    **options: object,
+) -> Volume:
+    """Run `body(volume)` (a coroutine function) on a real Volume, then flush and close it."""
+    vol = Volume(store, vault.unlock(store, devices, None), devices, VolumeOptions(**options))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vol.run)
+            await body(vol)  # type: ignore[misc]
+            await vol.flush()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        vol.wipe()
+    return vol
+
+
+def writer(files: dict[bytes, bytes]) -> Callable[[Volume], object]:
+    async def body(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        for name, data in files.items():
+            node = ns.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
+            node.size = await vol.data.write(node.id, 0, 0, data)
+            vol.md.put_inode(node)
+
+    return body
+
+
+def reader(found: dict[bytes, bytes]) -> Callable[[Volume], object]:
+    async def body(vol: Volume) -> None:
+        for _, name, node in vol.md.list_entries(ROOT_INODE, 0):
+            found[name] = await vol.data.read(node.id, node.size, 0, node.size)
+
+    return body
+
+
+FILES = {
+    b"big": os.urandom(3 * MiB + 777),
+    b"small": b"a small file " * 50,
+    b"other": os.urandom(5000),
+}
+
+
+def test_reread_after_remount_is_served_from_disk(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    with_volume(store, devices, writer(FILES))
+    found: dict[bytes, bytes] = {}
+    again = with_volume(store, devices, reader(found))
+    assert found == FILES
+    assert store.pack_gets == 0, "uploaded packs stay sealed on disk: no GET after a remount"
+    assert again.data.bytes_fetched == 0 and again.disk is not None and again.disk.hits > 0
+    # Without the disk cache the same reads go to the bucket.
+    found.clear()
+    without = with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == FILES and store.pack_gets > 0 and without.data.bytes_fetched > 0
+
+
+def test_cache_holds_only_private_ciphertext(
+    store: CountingStore, devices: DeviceStore, tmp_path: Path
+) -> None:
+    vol = with_volume(store, devices, writer(FILES))
+    assert vol.disk is not None
+    folder = vol.disk.folder
+    assert folder == default_folder(vol.unlocked.fs_id)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    entries = [p for p in folder.rglob("*") if p.is_file()]
+    assert entries
+    bucket = {o.name: store.get(o.name) for o in store.list(layout.DATA_PREFIX)}
+    for path in entries:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        blob = path.read_bytes()
+        assert FILES[b"small"][:40] not in blob
+        assert blob == bucket["data/" + path.name], "a cache file is the bucket's object"
+
+
+def test_tampered_cache_file_is_dropped_and_refetched(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    vol = with_volume(store, devices, writer(FILES))
+    assert vol.disk is not None
+    for path in vol.disk.folder.iterdir():
+        if path.is_file():
+            blob = bytearray(path.read_bytes())
+            for off in range(0, len(blob), 4096):
+                blob[off] ^= 0x5A  # every chunk of every cached pack is damaged
+            path.write_bytes(bytes(blob))
+    found: dict[bytes, bytes] = {}
+    again = with_volume(store, devices, reader(found))
+    assert found == FILES, "a bad cache file never gives wrong plaintext"
+    assert store.pack_gets > 0 and again.data.integrity_errors == 0
+    assert again.disk is not None and again.disk.dropped > 0
+    # What the re-fetch cached is good: the next remount reads locally again.
+    before = store.pack_gets
+    found.clear()
+    with_volume(store, devices, reader(found))
+    assert found == FILES and store.pack_gets == before
+
+
+def test_truncated_cache_file_is_a_miss(store: CountingStore, devices: DeviceStore) -> None:
+    vol = with_volume(store, devices, writer(FILES))
+    assert vol.disk is not None
+    for path in vol.disk.folder.iterdir():
+        if path.is_file():
+            os.truncate(path, 100)
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found))
+    assert found == FILES and store.pack_gets > 0
+
+
+def test_eviction_keeps_the_budget_and_the_recently_used(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", 64 << 10)  # entries up to 16 KiB
+    for n in range(40):
+        cache.put_chunk("ab" * 16, n * 4096, os.urandom(4096))
+        cache.get("ab" * 16, 0, 4096)  # chunk 0 is used all the time
+        assert cache.bytes <= cache.capacity
+    assert cache.get("ab" * 16, 0, 4096) is not None, "the most recently used survives"
+    assert cache.get("ab" * 16, 4096, 4096) is None, "the least recently used went first"
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "c").iterdir() if p.is_file())
+    assert on_disk == cache.bytes <= cache.capacity
+    # The order and the contents survive a reopen (a remount), within a smaller budget too.
+    again = DiskCache(tmp_path / "c", 16 << 10)
+    assert again.bytes <= 16 << 10
+    assert again.get("ab" * 16, 0, 4096) is not None
+
+
+def test_interrupted_writes_and_crashed_spill_are_cleared(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    cache.spill("cd" * 16, os.urandom(8192))
+    (tmp_path / "c" / "x.1234.tmp").write_bytes(b"half")
+    reopened = DiskCache(tmp_path / "c", 1 << 20)
+    assert not list((tmp_path / "c" / "spill").iterdir())
+    assert not (tmp_path / "c" / "x.1234.tmp").exists() and reopened.bytes == 0
+
+
+def test_wipe_removes_default_and_named_cache_folders(
+    store: CountingStore, devices: DeviceStore, tmp_path: Path
+) -> None:
+    named = tmp_path / "elsewhere" / "cache"
+    vol = with_volume(store, devices, writer(FILES), cache_dir=named)
+    with_volume(store, devices, reader({}))
+    fs_id = vol.unlocked.fs_id
+    assert named.is_dir() and default_folder(fs_id).is_dir()
+    removed = remove_all(devices.folder(fs_id), fs_id)
+    assert set(removed) == {named / fs_id.hex(), default_folder(fs_id)}
+    assert not (named / fs_id.hex()).exists() and not default_folder(fs_id).exists()
+    assert named.is_dir(), "the folder the user named stays; only ours inside it goes"
+
+
+def test_dirty_data_spills_to_disk_instead_of_stalling(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """With the bucket refusing to finish any upload, 96 MiB (six times the dirty limit) are
+    still written: the packs that do not fit in memory wait sealed on disk."""
+    data = os.urandom(96 * MiB)
+    spilled: list[int] = []
+
+    async def body(vol: Volume) -> None:
+        store.gate.clear()
+        ns = Namespace(vol.md)
+        node = ns.create(ROOT_INODE, b"burst", stat.S_IFREG | 0o644, 0, 0)
+        with trio.move_on_after(200) as guard:  # a deadlock guard, not a timing assertion
+            for off in range(0, len(data), MiB):
+                node.size = await vol.data.write(node.id, node.size, off, data[off : off + MiB])
+        assert not guard.cancelled_caught, "the writer stalled while the bucket was blocked"
+        vol.md.put_inode(node)
+        assert vol.cache.dirty_bytes + vol.cache.inflight_bytes <= 48 * MiB
+        spilled.append(vol.uploader.bytes_spilled)
+        # Spilled chunks read back (from the sealed spill files) before any upload landed.
+        assert await vol.data.read(node.id, node.size, 80 * MiB, MiB) == data[80 * MiB : 81 * MiB]
+        store.gate.set()  # the flush after the body must now reach the bucket
+
+    with_volume(store, devices, body, cache_size=64 * MiB)
+    assert spilled[0] >= 32 * MiB
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {b"burst": data}
+
+
+def bucket_ratio(store: CountingStore, vol: Volume) -> float:
+    """Bytes of packs in the bucket per live byte the chunk map uses."""
+    stored = sum(o.size for o in store.list(layout.DATA_PREFIX))
+    live = sum(used for _, _, used in vol.md.all_packs())
+    return stored / live
+
+
+def test_compaction_after_random_rewrites(store: CountingStore, devices: DeviceStore) -> None:
+    """Random rewrites leave dead chunks in old packs; compaction copies the live ones (no
+    decryption), the next commit drops the old packs, and every byte reads back."""
+    size = 24 * MiB
+    content = bytearray(os.urandom(size))
+    rng = random.Random(13)
+    ratios: list[float] = []
+
+    async def body(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        node = ns.create(ROOT_INODE, b"db", stat.S_IFREG | 0o644, 0, 0)
+        node.size = await vol.data.write(node.id, 0, 0, bytes(content))
+        vol.md.put_inode(node)
+        await vol.flush()
+        for _ in range(6):  # each round a commit: rewritten chunks leave dead ones behind
+            for _ in range(6):
+                off = rng.randrange(size // 4096) * 4096
+                piece = os.urandom(4096)
+                content[off : off + 4096] = piece
+                await vol.data.write(node.id, node.size, off, piece)
+            await vol.flush()
+        ratios.append(bucket_ratio(store, vol))
+        assert vol.compactor.worth_it(1.05)
+        assert await vol.compactor.compact() > 0
+        await vol.flush()  # commits the moved rows, then deletes the emptied packs
+        with trio.move_on_after(120):  # deletions run in the background: poll, no timing
+            while bucket_ratio(store, vol) > 1.05:
+                await trio.sleep(0.05)
+        ratios.append(bucket_ratio(store, vol))
+
+    with_volume(store, devices, body)
+    assert ratios[0] > 1.3, f"the rewrites should have inflated storage: {ratios}"
+    assert ratios[1] <= 1.05, f"compaction left stored/live at {ratios[1]:.3f}"
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {b"db": bytes(content)}
+
+
+def test_compaction_plan_frees_space_or_does_nothing() -> None:
+    step, target = layout.PACK_STEP, layout.PACK_TARGET
+    # One nearly empty small pack alone: its copy would be as large; nothing to gain.
+    assert compactor.plan([("a", 64 << 10, 4096), ("b", 3 * step, 3 * MiB)]) == []
+    # Many nearly empty small packs merge into one: worth it, emptiest first.
+    tiny = [(f"t{n:02d}", 256 << 10, 8192 + n) for n in range(64)]
+    chosen = compactor.plan([*tiny, ("full", target, target - 100)])
+    assert chosen == [p for p, _, _ in tiny] and "full" not in chosen
+    # Half-dead full packs are rewritten until stored/live reaches the goal; busy ones never.
+    half = [(f"h{n}", target, target // 2) for n in range(10)]
+    chosen = compactor.plan(half, busy=frozenset({"h0"}))
+    assert "h0" not in chosen and len(chosen) == 9
+
+
+def test_read_around_get_shows_only_offset_and_pack_size(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Issue #10: a cold small file's GET must not show how many small chunks follow it or
+    where the live ones end. It asks for a fixed window from the chunk's start (the store cuts
+    it at the pack's end), whatever lies inside, and one GET still serves the neighbours."""
+    files = {f"s{n:02d}".encode(): os.urandom(1000 + 37 * n) for n in range(40)}
+    with_volume(store, devices, writer(files))
+
+    async def delete_some(vol: Volume) -> None:  # dead chunks between the live ones
+        for n in range(1, 40, 3):
+            ino = vol.md.lookup(ROOT_INODE, f"s{n:02d}".encode())
+            assert ino is not None
+            vol.data.forget(ino)
+            vol.md.drop_chunks(ino, 0)
+            vol.md.remove_entry(ROOT_INODE, f"s{n:02d}".encode())
+            vol.md.delete_inode(ino)
+
+    with_volume(store, devices, delete_some, disk_cache_size=0)
+    store.ranges.clear()
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {k: v for k, v in files.items() if int(k[1:]) % 3 != 1}
+    assert len(store.ranges) == 1, "one GET serves every small file of the pack"
+    assert [length for _, _, length in store.ranges] == [READ_AROUND_BYTES]
+
+
+def test_mount_options_for_the_disk_cache(tmp_path: Path) -> None:
+    request = parse_mount_options("file:///b", tmp_path, ["disk_cache_size=2G,cache_dir=rel/cache"])
+    assert request.volume_options.disk_cache_size == 2 << 30
+    assert request.volume_options.cache_dir == Path(os.path.abspath("rel/cache"))
+    off = parse_mount_options("file:///b", tmp_path, ["disk_cache_size=0"])
+    assert off.volume_options.disk_cache_size == 0
+    assert parse_mount_options("file:///b", tmp_path, []).volume_options.disk_cache_size is None
+    with pytest.raises(UsageError):
+        parse_mount_options("file:///b", tmp_path, ["disk_cache_size=1M"])
+
+
+def test_eviction_under_pressure_through_a_volume(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Reading 24 MiB of files through a 16 MiB disk cache: it stays within its budget, the
+    files read back whole, and a remount finds the most recently read ones on disk."""
+    files = {f"f{n:03d}".encode(): os.urandom(200_000) for n in range(120)}
+    with_volume(store, devices, writer(files), disk_cache_size=0)
+    found: dict[bytes, bytes] = {}
+    vol = with_volume(store, devices, reader(found), disk_cache_size=16 * MiB)
+    assert found == files
+    assert vol.disk is not None and 0 < vol.disk.bytes <= 16 * MiB
+    on_disk = sum(p.stat().st_size for p in vol.disk.folder.iterdir() if p.is_file())
+    assert on_disk == vol.disk.bytes
+    store.ranges.clear()
+    last: dict[bytes, bytes] = {}
+
+    async def read_newest(v: Volume) -> None:
+        for name in sorted(files)[-20:]:  # read last, so still cached
+            ino = v.md.lookup(ROOT_INODE, name)
+            assert ino is not None
+            node = v.md.get_inode(ino)
+            assert node is not None
+            last[name] = await v.data.read(ino, node.size, 0, node.size)
+
+    with_volume(store, devices, read_newest, disk_cache_size=16 * MiB)
+    assert last == {k: files[k] for k in sorted(files)[-20:]}
+    assert store.ranges == [], "the most recently used entries survived the eviction"
+
+
+def test_names_that_are_not_pack_ids_never_become_paths(tmp_path: Path) -> None:
+    """A forged commit could name a pack "../x": the cache neither writes nor reads it."""
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    (tmp_path / "c" / "a-folder").mkdir()  # something not ours in the folder is left alone
+    for bad in ("../escape", "a/b", "", "AB" * 16, "x" * 65):
+        cache.put_chunk(bad, 0, b"sealed")
+        cache.put_pack(bad, b"sealed")
+        assert cache.get(bad, 0, 6) is None
+        with pytest.raises(OSError):
+            cache.spill(bad, b"sealed")
+    assert not (tmp_path / "escape").exists()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a-folder", "spill"]
+    assert DiskCache(tmp_path / "c", 1 << 20).bytes == 0
+
+
+def test_background_compaction_of_a_mount(store: CountingStore, devices: DeviceStore) -> None:
+    """The mount's own loop notices the inflated ratio and compacts, with no one asking."""
+    content = bytearray(os.urandom(16 * MiB))
+    rng = random.Random(7)
+
+    async def body(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        node = ns.create(ROOT_INODE, b"img", stat.S_IFREG | 0o644, 0, 0)
+        node.size = await vol.data.write(node.id, 0, 0, bytes(content))
+        vol.md.put_inode(node)
+        await vol.flush()
+        for _ in range(5):
+            for _ in range(6):
+                off = rng.randrange(len(content) // 4096) * 4096
+                piece = os.urandom(4096)
+                content[off : off + 4096] = piece
+                await vol.data.write(node.id, node.size, off, piece)
+            await vol.flush()
+        assert vol.compactor.worth_it()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.compactor.run, 0.01)
+            with trio.move_on_after(120):  # poll: no timing assertion
+                while not vol.compactor.packs_compacted:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert vol.compactor.packs_compacted > 0
+        assert not vol.compactor.worth_it()
+
+    with_volume(store, devices, body)
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {b"img": bytes(content)}

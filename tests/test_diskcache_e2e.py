@@ -1,0 +1,127 @@
+"""Through a real mount: random rewrites inflate storage, fsck --repair compacts, bytes survive;
+the disk cache serves a remount's re-read, takes a burst the bucket is too slow for, and
+`umount --wipe` removes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faultproxy import Fault, FaultProxy
+from tests.fixtures_mount import Device, needs_fuse
+from tests.fixtures_s3 import MotoServer
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+MiB = 1 << 20
+
+
+def pack_bytes(bucket: Path) -> int:
+    return sum(p.stat().st_size for p in (bucket / "data").iterdir())
+
+
+def rewrite_randomly(path: Path, content: bytearray, rounds: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "r+b") as f:
+        for _ in range(rounds):  # an fsync per round: a commit, so old chunks die for good
+            for _ in range(8):
+                off = rng.randrange(len(content) // 4096) * 4096
+                piece = os.urandom(4096)
+                content[off : off + 4096] = piece
+                f.seek(off)
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def test_fsck_repair_compacts_random_rewrites(
+    device: Device, local_source: str, tmp_path: Path
+) -> None:
+    bucket = Path(local_source[len("file://") :])
+    device.init(local_source)
+    content = bytearray(os.urandom(24 * MiB))
+    with device.mounted(local_source, tmp_path / "mnt") as mnt:
+        (mnt / "db").write_bytes(content)
+        rewrite_randomly(mnt / "db", content, 6, 1)
+        status = json.loads(device.run("status", str(mnt), "--json", check=True).stdout)
+        storage = status["storage"]
+        assert storage["stored_bytes"] > 1.3 * storage["live_bytes"]
+        text = device.run("status", str(mnt), check=True).stdout
+        assert "live in" in text and "disk cache:" in text
+    before = pack_bytes(bucket)
+    assert before > 1.3 * len(content)
+    done = device.run("fsck", local_source)
+    assert done.returncode == 0 and "fsck --repair compacts them" in done.stdout, done.stdout
+    done = device.run("fsck", local_source, "--repair", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "compact" in done.stdout
+    after = pack_bytes(bucket)
+    assert after <= 1.05 * len(content), f"{before} → {after} for {len(content)}"
+    done = device.run("fsck", local_source)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stdout
+    with device.mounted(local_source, tmp_path / "mnt", "disk_cache_size=0") as mnt:
+        assert (mnt / "db").read_bytes() == bytes(content)
+
+
+def test_remount_reread_from_disk_cache_and_wipe_removes_it(
+    device: Device, local_source: str, tmp_path: Path
+) -> None:
+    """With the bucket's packs made unreadable, a remount still reads the file: from the disk
+    cache, authenticated. `umount --wipe` then deletes the cache."""
+    bucket = Path(local_source[len("file://") :])
+    device.init(local_source)
+    content = os.urandom(5 * MiB + 123)
+    with device.mounted(local_source, tmp_path / "mnt") as mnt:
+        (mnt / "f").write_bytes(content)
+    hidden = tmp_path / "hidden"
+    (bucket / "data").rename(hidden)  # a bucket read would now fail
+    (bucket / "data").mkdir()
+    with device.mounted(local_source, tmp_path / "mnt") as mnt:
+        assert (mnt / "f").read_bytes() == content
+        status = json.loads(device.run("status", str(mnt), "--json", check=True).stdout)
+        assert status["disk_cache"]["hits"] > 0 and status["errors"]["read"] == 0
+    (bucket / "data").rmdir()
+    hidden.rename(bucket / "data")
+    cache = device.cache_home / "encfs-cloud"
+    assert any(p.is_file() for p in cache.rglob("*"))
+    mnt = tmp_path / "mnt"
+    done = device.mount(local_source, mnt)
+    assert done.returncode == 0, done.stderr
+    done = device.run("umount", "--wipe", str(mnt))  # the recovery key is left: not refused
+    if done.returncode != 0:  # leave nothing mounted whatever happened
+        device.run("umount", str(mnt))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def proxy(s3_server: MotoServer) -> Iterator[FaultProxy]:
+    with FaultProxy(s3_server.endpoint_url) as p:
+        yield p
+
+
+def test_burst_spills_to_disk_while_uploads_are_slow(
+    device: Device, s3_bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The first pack uploads hang for 20 s each; 48 MiB still go in (six times the 8 MiB
+    dirty limit of cache_size=32M): the packs beyond it wait sealed on disk. fsync and the
+    unmount wait for the bucket, and everything reads back from it."""
+    device.init(s3_bucket)
+    proxy.inject(Fault.DELAY, count=4, method="PUT", path=r"/data/", delay=20.0)
+    opts = [f"endpoint_url={proxy.endpoint_url}", "cache_size=32M", f"log={tmp_path / 'log'}"]
+    content = os.urandom(48 * MiB)
+    with device.mounted(s3_bucket, tmp_path / "mnt", *opts) as mnt:
+        with open(mnt / "burst", "wb") as f:
+            for off in range(0, len(content), MiB):
+                f.write(content[off : off + MiB])
+            os.fsync(f.fileno())  # the bucket holds it all once this returns
+        status = json.loads(device.run("status", str(mnt), "--json", check=True).stdout)
+        assert status["disk_cache"]["bytes_spilled"] > 0, status
+        assert status["disk_cache"]["spilled_bytes"] == 0, "fsync left spilled packs behind"
+    with device.mounted(s3_bucket, tmp_path / "mnt", *opts, "disk_cache_size=0") as mnt:
+        assert (mnt / "burst").read_bytes() == content
