@@ -1,0 +1,42 @@
+"""One deadline per user-visible operation, shared by every store call made inside it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+# An absolute time.monotonic() value. A ContextVar rather than an argument: the callers
+# that own a budget (unmount, a command) are layers above the loops that call the store,
+# and trio copies the context into its worker threads, so the store sees it unchanged.
+_DEADLINE: ContextVar[float | None] = ContextVar("encfs_cloud_store_deadline", default=None)
+
+
+@contextmanager
+def operation_budget(seconds: float) -> Iterator[float]:
+    """Bound every store call made inside the block to end `seconds` from now.
+
+    Budgets nest by taking the earlier end, so an inner retry loop can never extend what
+    its caller promised the user. Yields the absolute deadline.
+    """
+    end = time.monotonic() + seconds
+    outer = _DEADLINE.get()
+    if outer is not None:
+        end = min(end, outer)
+    token = _DEADLINE.set(end)
+    try:
+        yield end
+    finally:
+        _DEADLINE.reset(token)
+
+
+def budget_deadline() -> float | None:
+    """The absolute deadline (time.monotonic()) of the enclosing budget, if any."""
+    return _DEADLINE.get()
+
+
+def budget_left() -> float | None:
+    """Seconds left in the enclosing budget (never negative), or None when unbounded."""
+    end = _DEADLINE.get()
+    return None if end is None else max(0.0, end - time.monotonic())
