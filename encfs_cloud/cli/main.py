@@ -20,6 +20,7 @@ from encfs_cloud.daemon.unmount import unmount
 from encfs_cloud.errors import EncfsCloudError
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store import StoreOptions, open_store
+from encfs_cloud.store.budget import set_wait_reporter
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s: %(message)s",
     )
+    if sys.stderr.isatty():  # say what a silent store is keeping us waiting for
+        set_wait_reporter(lambda line: print(f"{parser.prog}: {line}", file=sys.stderr, flush=True))
     try:
         result: int = args.func(args)
         return result

@@ -46,6 +46,7 @@ from encfs_cloud.errors import (
 )
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectInfo, ObjectStore
+from encfs_cloud.store.budget import operation_budget
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ DEFAULT_VALIDITY = 60.0
 VALIDITY_ENV = "ENCFS_CLOUD_LEASE_SECONDS"  # tuning and tests: a shorter lease
 CLOCK_SKEW = 5.0
 ACQUIRE_ATTEMPTS = 4
+RELEASE_BUDGET = 5.0  # seconds an unmount spends on releasing the lease, at most
 
 
 def default_validity() -> float:
@@ -359,7 +361,8 @@ class LeaseKeeper:
             with self._scope:
                 while True:
                     try:
-                        ok = await trio.to_thread.run_sync(self.lease.renew)
+                        # Abandoned when stopped: unmount need not wait for a slow store.
+                        ok = await trio.to_thread.run_sync(self._renew_once, abandon_on_cancel=True)
                     except StoreError as exc:
                         log.warning("could not renew the lease (%s); retrying", exc)
                         ok = None
@@ -374,11 +377,23 @@ class LeaseKeeper:
         finally:
             self._stopped.set()
 
-    async def stop_and_release(self) -> None:
-        """Stop renewing (waiting for a renewal in flight), then release the lease."""
+    def _renew_once(self) -> bool:
+        # A renewal slower than a quarter of the validity is worth nothing; bounding it also
+        # keeps a hung store from holding up unmount, which waits for it.
+        with operation_budget(self.lease.validity / 4):
+            return self.lease.renew()
+
+    async def stop_and_release(self, seconds: float = RELEASE_BUDGET) -> None:
+        """Stop renewing (waiting for a renewal in flight), then release the lease.
+
+        Bounded by `seconds` in all: a lease that cannot be released expires on its own.
+        Both writes are conditional, so a renewal still in flight cannot undo the release.
+        """
         self._scope.cancel()
-        await self._stopped.wait()
-        await trio.to_thread.run_sync(self.lease.release)
+        with operation_budget(seconds):
+            with trio.move_on_after(seconds):
+                await self._stopped.wait()
+            await trio.to_thread.run_sync(self.lease.release)
 
 
 class FencedStore:

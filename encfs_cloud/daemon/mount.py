@@ -21,6 +21,7 @@ from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import StoreOptions, open_store
+from encfs_cloud.store.budget import operation_budget
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,27 @@ async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> Non
             nursery.cancel_scope.cancel()
 
 
+_SEAL_MARGIN = 5.0
+
+
 async def _final_flush(volume: Volume) -> None:
     """Put every change in the bucket; if the store cannot take it, spool it sealed locally."""
     if volume.committer.stopped:
         log.error("unmount: this mount lost the right to write; uncommitted changes are dropped")
         return
+    timeout = volume.options.sync_timeout
     try:
-        await volume.flush()
-        if not volume.options.read_only:
-            log.info("unmount: every change is in the bucket")
-        return
+        # One budget for the whole flush: the store calls inside it end by then too, so
+        # the retry loops of committer and store cannot multiply what unmount waits for.
+        # The waits end a little later, so that changes are sealed into the commit queue
+        # (and so into the spool) even when a store call used up the whole budget.
+        with operation_budget(timeout), trio.move_on_after(timeout + _SEAL_MARGIN) as scope:
+            await volume.flush()
+        if not scope.cancelled_caught:
+            if not volume.options.read_only:
+                log.info("unmount: every change is in the bucket")
+            return
+        log.error("unmount: the store did not take the last changes within %gs", timeout)
     except EncfsCloudError as exc:
         log.error("unmount: could not write the last changes to the bucket: %s", exc)
     if volume.committer.stopped:

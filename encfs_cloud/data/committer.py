@@ -171,6 +171,9 @@ class Committer:
                 await trio.to_thread.run_sync(
                     lambda: up.store.put(name, commit.sealed, if_none_match=True),
                     limiter=up.limiter,
+                    # On cancel (unmount) the commit stays queued and is spooled; should
+                    # it land anyway, its upload from the spool meets its own bytes.
+                    abandon_on_cancel=True,
                 )
                 return
             except PreconditionFailedError:

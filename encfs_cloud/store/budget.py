@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -11,6 +11,20 @@ from contextvars import ContextVar
 # that own a budget (unmount, a command) are layers above the loops that call the store,
 # and trio copies the context into its worker threads, so the store sees it unchanged.
 _DEADLINE: ContextVar[float | None] = ContextVar("encfs_cloud_store_deadline", default=None)
+_reporter: list[Callable[[str], None]] = []
+
+
+def set_wait_reporter(reporter: Callable[[str], None] | None) -> None:
+    """Have `reporter` told, every 5 s, which store a silent request is waiting for.
+
+    The command line installs one when stderr is a terminal; nothing else does. (Here rather
+    than beside the S3 watchdog, so that setting it does not import botocore.)
+    """
+    _reporter[:] = [] if reporter is None else [reporter]
+
+
+def wait_reporter() -> Callable[[str], None] | None:
+    return _reporter[0] if _reporter else None
 
 
 @contextmanager

@@ -149,12 +149,19 @@ class S3Store:
         with watchdog.Operation(
             self.url, o.max_attempts, o.deadline + allowance, budget_deadline()
         ) as ticket:
+            if ticket.left() <= 0:
+                # The caller's budget is spent: fail now rather than send what must be cut.
+                raise TransientStoreError(f"{op} {name} on {self.url}: no time left to try")
             attempt = 0
             while True:
                 attempt += 1
                 ticket.begin(attempt, o.connect_timeout + o.read_timeout + allowance)
                 try:
-                    return fn()
+                    result = fn()
+                    if not ticket.overdue:
+                        return result
+                    # Headers cut by the watchdog can parse as a short, valid-looking answer.
+                    last: BaseException = ShortBody("the answer was cut at the deadline")
                 except bce.NoCredentialsError:
                     raise CredentialsError(NO_CREDENTIALS) from None
                 except CREDENTIAL_EXC as exc:
@@ -167,7 +174,7 @@ class S3Store:
                     final = client_error(exc, f"{op} {name}", self.bucket, self.endpoint, self.url)
                     if final is not None:
                         raise final from exc
-                    last: BaseException = exc
+                    last = exc
                 except RETRYABLE_EXC as exc:
                     last = exc
                 finally:
@@ -236,6 +243,8 @@ class S3Store:
         ticket = watchdog.current()
         declared = resp.get("ContentLength")
         if ticket is not None:
+            if ticket.overdue:
+                raise ShortBody("the answer was cut at the deadline")
             ticket.heard()
             ticket.allow(declared or 0)
         body = resp["Body"]

@@ -18,6 +18,8 @@ from botocore.awsrequest import (
     AWSHTTPSConnectionPool,
 )
 
+from encfs_cloud.store.budget import wait_reporter
+
 log = logging.getLogger(__name__)
 
 # The slowest transfer rate an attempt is granted on top of its fixed allowance: a pack of
@@ -27,17 +29,7 @@ MIN_RATE = 64 * 1024
 WAIT_REPORT_AFTER = 5.0
 _TICK = 0.2
 
-_reporter: Callable[[str], None] | None = None
 _local = threading.local()
-
-
-def set_wait_reporter(reporter: Callable[[str], None] | None) -> None:
-    """Have `reporter` told, every 5 s, which store a silent request is waiting for.
-
-    The command line installs one when stderr is a terminal; the daemon never does.
-    """
-    global _reporter
-    _reporter = reporter
 
 
 class Operation:
@@ -160,7 +152,7 @@ class _Watchdog:
                     return
             now = time.monotonic()
             for op in ops:
-                op.check(now, _reporter)
+                op.check(now, wait_reporter())
 
 
 _WATCHDOG = _Watchdog()
