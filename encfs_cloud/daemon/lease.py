@@ -175,9 +175,12 @@ class Lease:
     def read(self) -> tuple[LeaseInfo | None, str | None]:
         """The lease and its etag: (None, None) if absent, (None, etag) if it does not open."""
         try:
-            blob, etag = self.store.get_with_etag(layout.LEASE_NAME)
+            blob, etag = self.store.get_with_etag(layout.LEASE_NAME, layout.LEASE_CAP + 1)
         except ObjectMissingError:
             return None, None
+        if len(blob) > layout.LEASE_CAP:  # refused like any lease that does not open
+            log.debug("the lease object is larger than %d bytes", layout.LEASE_CAP)
+            return None, etag
         try:
             raw = self.sealer.open_object(layout.LEASE_NAME, LEASE_KIND, blob)
             return LeaseInfo.decode(raw), etag
@@ -421,8 +424,8 @@ class FencedStore:
     def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         return self.inner.get(name, start, length)
 
-    def get_with_etag(self, name: str) -> tuple[bytes, str]:
-        return self.inner.get_with_etag(name)
+    def get_with_etag(self, name: str, limit: int | None = None) -> tuple[bytes, str]:
+        return self.inner.get_with_etag(name, limit)
 
     def put(
         self,

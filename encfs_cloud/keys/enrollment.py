@@ -37,6 +37,7 @@ from encfs_cloud.keys.records import (
 )
 from encfs_cloud.keys.vault import Unlocked, enroll_device, refresh, remember
 from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.store.capped import read_capped, read_capped_with_etag
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,19 @@ def list_requests(store: ObjectStore, fs_id: bytes) -> list[EnrollmentRequest]:
     found = []
     for info in store.list(layout.REQUESTS_PREFIX):
         try:
-            found.append(_parse_request(fs_id, info.name, store.get(info.name)))
+            raw = read_capped(store, info.name, layout.SMALL_CAP)
+            found.append(_parse_request(fs_id, info.name, raw))
         except ObjectMissingError:
             continue
-        except (ValueError, KeyError, TypeError, AttributeError, IntegrityError, UsageError):
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,  # deeply nested JSON
+            IntegrityError,  # also: larger than a request can be
+            UsageError,
+        ):
             log.warning("ignoring malformed enrollment request %s", info.name)
     return found
 
@@ -260,7 +270,7 @@ def _old_confirm(store: ObjectStore, name: str, subject: str) -> bytes:
     # The confirmation tag covers generation 1 only, so it stays valid across generations: copy
     # it, or a device that lost its local state could no longer check its record.
     try:
-        return decode_record(store.get(name), subject)[2]
+        return decode_record(read_capped(store, name, layout.KEY_RECORD_CAP), subject)[2]
     except (ObjectMissingError, IntegrityError):
         return b""
 
@@ -321,7 +331,7 @@ def revoke_device(
         store.delete(request_name(device_id))
         # Re-tag the header under the new generation, which the revoked device never held.
         # Verify first: re-tagging whatever the bucket holds would launder a modified header.
-        raw, header_etag = store.get_with_etag(layout.HEADER_NAME)
+        raw, header_etag = read_capped_with_etag(store, layout.HEADER_NAME, layout.HEADER_CAP)
         header = parse_header(raw, store.url)
         verify_header(unlocked.keys, header)
         store.put(layout.HEADER_NAME, seal_header(unlocked.keys, header), if_match=header_etag)

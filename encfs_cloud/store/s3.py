@@ -224,9 +224,11 @@ class S3Store:
             return self._call("get", name, lambda: self._get_once(key, None))[0]
         return self._call("get", name, lambda: self._get_once(key, (start, length)))[0]
 
-    def get_with_etag(self, name: str) -> tuple[bytes, str]:
+    def get_with_etag(self, name: str, limit: int | None = None) -> tuple[bytes, str]:
         key = self._key(name)
-        return self._call("get", name, lambda: self._get_once(key, None))
+        # A ranged GET still carries the whole object's ETag.
+        want = None if limit is None else (0, limit)
+        return self._call("get", name, lambda: self._get_once(key, want))
 
     def _get_once(self, key: str, want: tuple[int, int | None] | None) -> tuple[bytes, str]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
