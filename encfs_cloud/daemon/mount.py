@@ -100,8 +100,8 @@ async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> Non
             volume.options.read_only = True
             volume.committer.stopped = True
             log.error(
-                "lost the single-writer lease to %s: the filesystem is read-only now and "
-                "changes not yet committed are discarded",
+                "lost the single-writer lease to %s: the filesystem is read-only now; "
+                "changes not yet committed go to the local spool at unmount",
                 holder,
             )
 
@@ -129,10 +129,15 @@ _SEAL_MARGIN = 5.0
 
 async def _final_flush(volume: Volume) -> None:
     """Put every change in the bucket; if the store cannot take it, spool it sealed locally."""
-    if volume.committer.stopped:
-        log.error("unmount: this mount lost the right to write; uncommitted changes are dropped")
-        return
     timeout = volume.options.sync_timeout
+    if volume.committer.stopped:
+        # Another writer took the lease (perhaps on a replayed old one): nothing of ours may
+        # reach the bucket now, but acknowledged changes must not vanish either. The spool
+        # keeps them, and its upload at the next mount never overwrites another's commit.
+        with trio.move_on_after(timeout):
+            await volume.committer.seal_for_spool()
+        _spool(volume)
+        return
     try:
         # One budget for the whole flush: the store calls inside it end by then too, so
         # the retry loops of committer and store cannot multiply what unmount waits for.
@@ -147,8 +152,10 @@ async def _final_flush(volume: Volume) -> None:
         log.error("unmount: the store did not take the last changes within %gs", timeout)
     except EncfsCloudError as exc:
         log.error("unmount: could not write the last changes to the bucket: %s", exc)
-    if volume.committer.stopped:
-        return  # another writer owns the filesystem now: our changes must not land
+    _spool(volume)
+
+
+def _spool(volume: Volume) -> None:
     try:
         size = volume.spool()
         if size:

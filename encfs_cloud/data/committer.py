@@ -98,6 +98,16 @@ class Committer:
             await self.uploader.wait_packs(list(self.uploader.pending.values()), self.sync_timeout)
             self._done_index = index
 
+    async def seal_for_spool(self) -> None:
+        """Seal what changed since the last commit into the queue, uploading nothing.
+
+        For the unmount of a mount that may no longer write (its lease was taken, maybe on a
+        replayed old lease): acknowledged changes go to the spool instead of vanishing.
+        """
+        async with self._lock:
+            if self.has_changes():
+                self.queue.append(await self._seal_next())
+
     async def _seal_next(self) -> SealedCommit:
         up = self.uploader
         # From here to the export nothing awaits, so the exported rows describe one instant
