@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bucket_tamper import pattern
+from tests.bucket_tamper import pattern, write_synced
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures_mount import ENCFS, Device, daemon_pids, force_unmount, is_mounted, needs_fuse
 from tests.fixtures_s3 import MotoServer
@@ -132,3 +133,46 @@ def test_unmount_in_an_outage_keeps_to_sync_timeout(
     proxy.clear()
     with device.mounted(s3_bucket, mnt) as m:  # straight to the server
         assert (m / "kept.bin").read_bytes() == data
+
+
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.timeout(600)
+def test_sigterm_is_not_held_by_a_read_on_a_trickling_store(
+    device: Device, s3_bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A cold read stuck on a store that trickles one byte a second, then SIGTERM: the read
+    fails (EIO) and the daemon exits promptly (before: it ignored SIGTERM for minutes)."""
+    device.init(s3_bucket)
+    mnt, log = tmp_path / "mnt", tmp_path / "daemon.log"
+    data = pattern("cold", 2 << 20)
+    with device.mounted(s3_bucket, mnt) as m:
+        write_synced(m / "cold.bin", data)
+    opts = (f"endpoint_url={proxy.endpoint_url}", "sync_timeout=15", f"log={log}")
+    done = device.mount(s3_bucket, mnt, *opts)  # a fresh mount: nothing cached
+    assert done.returncode == 0, done.stderr
+    reader: subprocess.Popen[bytes] | None = None
+    try:
+        (pid,) = daemon_pids(mnt)
+        rule = proxy.inject(Fault.TRICKLE_BODY, count=1 << 30, method="GET", path="/data/")
+        reader = subprocess.Popen(["cat", str(mnt / "cold.bin")], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while rule.hits == 0:  # the read is stuck in a trickling GET
+            assert time.monotonic() < deadline, "the read never reached the store"
+            time.sleep(0.1)
+        began = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        assert reader.wait(timeout=120) != 0  # EIO, not the file's bytes
+        deadline = time.monotonic() + 120
+        while daemon_pids(mnt) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        took = time.monotonic() - began
+        assert not daemon_pids(mnt), f"the daemon ignored SIGTERM: {log.read_text()[-2000:]}"
+        assert took < 60, f"SIGTERM took {took:.0f}s"  # bounded, not a speed figure
+        assert rule.aborted >= 1
+    finally:
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        if is_mounted(mnt):
+            force_unmount(mnt)

@@ -21,7 +21,7 @@ from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import StoreOptions, open_store
-from encfs_cloud.store.budget import operation_budget
+from encfs_cloud.store.budget import abort_in_flight, operation_budget
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ async def _watch_signals(mountpoint: Path) -> None:
             if signum == signal.SIGHUP:
                 continue
             log.info("signal %d: unmounting", signum)
+            abort_in_flight()  # a read hung on a slow store must not hold the unmount
             runtime.lazy_unmount(mountpoint)
             return
 

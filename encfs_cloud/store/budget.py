@@ -14,6 +14,33 @@ _DEADLINE: ContextVar[float | None] = ContextVar("encfs_cloud_store_deadline", d
 _reporter: list[Callable[[str], None]] = []
 
 
+_aborted_before = [float("-inf")]
+STOPPING_READ_SECONDS = 10.0
+
+
+def abort_in_flight() -> None:
+    """End every store call already running, at once (SIGTERM: stop waiting for a slow store).
+
+    Calls started afterwards run normally, except reads outside any budget: a process still
+    reading the lazily detached mount gets at most STOPPING_READ_SECONDS per read, so it
+    cannot hold the unmount (writes keep their full time: they carry the final flush).
+    """
+    _aborted_before[0] = time.monotonic()
+
+
+def aborted_before() -> float:
+    """Store calls that began before this time.monotonic() value are to be cut."""
+    return _aborted_before[0]
+
+
+def read_deadline() -> float | None:
+    """The deadline of a read: its budget's, or a short one once in-flight calls were cut."""
+    end = _DEADLINE.get()
+    if end is None and _aborted_before[0] > float("-inf"):
+        return time.monotonic() + STOPPING_READ_SECONDS
+    return end
+
+
 def set_wait_reporter(reporter: Callable[[str], None] | None) -> None:
     """Have `reporter` told, every 5 s, which store a silent request is waiting for.
 

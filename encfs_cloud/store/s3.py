@@ -27,7 +27,7 @@ from encfs_cloud.errors import (
 )
 from encfs_cloud.store import watchdog
 from encfs_cloud.store.base import ObjectInfo, StoreOptions, check_name
-from encfs_cloud.store.budget import budget_deadline
+from encfs_cloud.store.budget import budget_deadline, read_deadline
 from encfs_cloud.store.memory import check_range
 from encfs_cloud.store.s3errors import (
     CREDENTIAL_EXC,
@@ -146,9 +146,8 @@ class S3Store:
     def _call(self, op: str, name: str, fn: Callable[[], T], nbytes: int = 0) -> T:
         o = self._opt
         allowance = nbytes / watchdog.MIN_RATE
-        with watchdog.Operation(
-            self.url, o.max_attempts, o.deadline + allowance, budget_deadline()
-        ) as ticket:
+        cap = read_deadline() if op == "get" else budget_deadline()
+        with watchdog.Operation(self.url, o.max_attempts, o.deadline + allowance, cap) as ticket:
             if ticket.left() <= 0:
                 # The caller's budget is spent: fail now rather than send what must be cut.
                 raise TransientStoreError(f"{op} {name} on {self.url}: no time left to try")

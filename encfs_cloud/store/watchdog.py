@@ -18,7 +18,7 @@ from botocore.awsrequest import (
     AWSHTTPSConnectionPool,
 )
 
-from encfs_cloud.store.budget import wait_reporter
+from encfs_cloud.store.budget import aborted_before, wait_reporter
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,10 @@ class Operation:
 
     def check(self, now: float, reporter: Callable[[str], None] | None) -> None:
         """Called by the watchdog thread on every tick."""
+        aborted = self.began < aborted_before()
         with self._lock:
+            if aborted:
+                self.deadline = self.attempt_deadline = min(self.deadline, now)
             conns = list(self._conns) if now >= self.attempt_deadline else []
             if conns:
                 self.overdue = True
