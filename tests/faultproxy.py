@@ -170,6 +170,7 @@ class FaultProxy:
         self._upstream = (parts.hostname, parts.port or 80)
         self.rtt = rtt
         self.requests = 0
+        self.seen: list[tuple[str, str, dict[str, str]]] = []  # method, target, headers
         self._port = port
         self._rules: list[Rule] = []
         self._lock = threading.Lock()
@@ -236,9 +237,10 @@ class FaultProxy:
         with self._lock:
             self._rules.clear()
 
-    def _take(self, method: str, target: str) -> Rule | None:
+    def _take(self, method: str, target: str, headers: dict[str, str]) -> Rule | None:
         with self._lock:
             self.requests += 1
+            self.seen.append((method, target, headers))
             for rule in self._rules:
                 if rule.matches(method, target):
                     rule.remaining -= 1
@@ -306,7 +308,7 @@ class FaultProxy:
             conn.client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.headers = [(k, v) for k, v in request.headers if k.lower() != "expect"]
         _read_body(conn.rfile, request, no_body=False, is_response=False)
-        rule = self._take(method, target)
+        rule = self._take(method, target, {k.lower(): v for k, v in request.headers})
         fault = rule.fault if rule else None
 
         if fault is Fault.HANG:

@@ -266,3 +266,24 @@ def _poll(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     while not check():
         assert time.monotonic() < end, f"timed out waiting until {what}"
         time.sleep(0.05)
+
+
+def test_checksums_only_when_required_whatever_the_environment(
+    proxy: FaultProxy, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Set in code: the environment asking for checksums on every request changes nothing.
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_supported")
+    store = make_store(proxy, bucket)
+    store.put("obj", DATA)
+    assert store.get("obj", 10, 1000) == DATA[10:1010]
+    puts = [h for m, _, h in proxy.seen if m == PUT]
+    assert puts
+    for headers in puts:
+        assert not any(k.startswith("x-amz-checksum") for k in headers), headers
+        assert "x-amz-trailer" not in headers and "aws-chunked" not in headers.get(
+            "content-encoding", ""
+        )
+    gets = [h for m, _, h in proxy.seen if m == GET]
+    assert gets and all("x-amz-checksum-mode" not in h for h in gets)
+    store.close()
