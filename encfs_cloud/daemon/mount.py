@@ -21,7 +21,7 @@ from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import StoreOptions, open_store
-from encfs_cloud.store.budget import abort_in_flight, operation_budget
+from encfs_cloud.store.budget import abort_in_flight, operation_budget, set_wait_reporter
 
 log = logging.getLogger(__name__)
 
@@ -235,5 +235,6 @@ def mount(request: MountRequest) -> int:
 
 
 def _daemon_main(volume: Volume, request: MountRequest, notify_fd: int) -> int:
+    set_wait_reporter(None)  # the terminal the command waited on is not the daemon's
     runtime.setup_logging(request.log_file, request.debug, foreground=False)
     return run_mounted(volume, request, notify_fd)

@@ -21,6 +21,9 @@ from botocore.awsrequest import (
 from encfs_cloud.store.budget import aborted_before, wait_reporter
 
 log = logging.getLogger(__name__)
+# Headers cut by the watchdog make urllib3 log a warning with a traceback; the failure itself
+# reaches our retry loop, which reports it in one line, so that warning is noise on a terminal.
+logging.getLogger("urllib3.connection").setLevel(logging.ERROR)
 
 # The slowest transfer rate an attempt is granted on top of its fixed allowance: a pack of
 # 8 MiB gets 128 s more. Slower than this, the store is treated as failing, not slow.
