@@ -122,7 +122,7 @@ class Operation:
         ):
             self._reported = now
             reporter(
-                f"waiting for {self.label} (no answer for {now - self._silent_since:.0f} s,"
+                f"waiting for {self.label} (no answer for {int(now - self._silent_since)} s,"
                 f" attempt {self.attempt} of {self.max_attempts})"
             )
 
