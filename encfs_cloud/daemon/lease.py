@@ -381,15 +381,12 @@ class LeaseKeeper:
             self._stopped.set()
 
     def _renew_once(self) -> bool:
-        # A renewal slower than a quarter of the validity is worth nothing; bounding it also
-        # keeps a hung store from holding up unmount, which waits for it.
-        with operation_budget(self.lease.validity / 4):
+        with operation_budget(self.lease.validity / 4):  # a slower renewal is worth nothing
             return self.lease.renew()
 
     async def stop_and_release(self, seconds: float = RELEASE_BUDGET) -> None:
-        """Stop renewing (waiting for a renewal in flight), then release the lease.
+        """Stop renewing, then release the lease, in `seconds` at most (else it expires).
 
-        Bounded by `seconds` in all: a lease that cannot be released expires on its own.
         Both writes are conditional, so a renewal still in flight cannot undo the release.
         """
         self._scope.cancel()
