@@ -20,6 +20,15 @@ META_PREFIX = "meta/"
 KEYS_PREFIX = "keys/"
 REQUESTS_PREFIX = "requests/"
 
+# The largest object of each kind that is read whole, from the sizes docs/format.md gives with
+# a wide margin: a larger one is refused before it is read, so a hostile bucket cannot make a
+# command or the mount hold gigabytes. (Commits have no cap: a snapshot grows with the tree.)
+HEADER_CAP = 64 << 10  # ~350 B
+KEY_RECORD_CAP = 1 << 20  # ~400 B per generation: room for 2,500 generations
+KEYRING_CAP = 4 << 20  # ~200 B per device: room for 20,000 devices
+SMALL_CAP = 64 << 10  # keys/lock, requests/<id> (~500 B)
+LEASE_CAP = 64 << 10  # exactly one size class
+
 # Every pack and commit object is padded to one of these sizes (or a multiple of the last),
 # so object sizes say little about how much a user stores.
 SIZE_CLASSES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20, 16 << 20)

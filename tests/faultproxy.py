@@ -28,6 +28,9 @@ class Fault(enum.Enum):
     TRUNCATE = "truncate"  # Content-Length promises N bytes, N/2 come, then a clean close
     HANG = "hang"  # the request is swallowed; silence until the client gives up
     DELAY = "delay"  # the answer comes `delay` seconds late
+    TRICKLE = "trickle"  # the whole answer, one byte every `delay` seconds
+    TRICKLE_BODY = "trickle_body"  # headers at once, then the body one byte per `delay` s
+    OPAQUE_ETAG = "opaque_etag"  # the ETag is not an MD5, as with SSE-KMS or SSE-C
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Rule:
     delay: float = 1.0
     retry_after: float = 0.1
     hits: int = 0
+    aborted: int = 0  # trickled answers the client gave up on before the end
 
     def matches(self, method: str, target: str) -> bool:
         return (
@@ -166,6 +170,7 @@ class FaultProxy:
         self._upstream = (parts.hostname, parts.port or 80)
         self.rtt = rtt
         self.requests = 0
+        self.seen: list[tuple[str, str, dict[str, str]]] = []  # method, target, headers
         self._port = port
         self._rules: list[Rule] = []
         self._lock = threading.Lock()
@@ -232,9 +237,10 @@ class FaultProxy:
         with self._lock:
             self._rules.clear()
 
-    def _take(self, method: str, target: str) -> Rule | None:
+    def _take(self, method: str, target: str, headers: dict[str, str]) -> Rule | None:
         with self._lock:
             self.requests += 1
+            self.seen.append((method, target, headers))
             for rule in self._rules:
                 if rule.matches(method, target):
                     rule.remaining -= 1
@@ -302,7 +308,7 @@ class FaultProxy:
             conn.client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.headers = [(k, v) for k, v in request.headers if k.lower() != "expect"]
         _read_body(conn.rfile, request, no_body=False, is_response=False)
-        rule = self._take(method, target)
+        rule = self._take(method, target, {k.lower(): v for k, v in request.headers})
         fault = rule.fault if rule else None
 
         if fault is Fault.HANG:
@@ -323,7 +329,19 @@ class FaultProxy:
 
         response, upstream_closed = self._forward(conn, request, method)
         self._stopping.wait(delay)
+        if fault is Fault.OPAQUE_ETAG:
+            response.headers = [
+                (k, '"opaque-sse-kms-etag"' if k.lower() == "etag" else v)
+                for k, v in response.headers
+            ]
         head, body = response.head_bytes(), response.body
+        if fault in (Fault.TRICKLE, Fault.TRICKLE_BODY):
+            assert rule is not None
+            if fault is Fault.TRICKLE_BODY:
+                conn.client.sendall(head)
+            self._trickle(conn.client, body if fault is Fault.TRICKLE_BODY else head + body, rule)
+            self._close(conn)
+            return False
         if fault is Fault.RESET_BEFORE:
             self._close(conn, rst=True)
             return False
@@ -379,6 +397,24 @@ class FaultProxy:
                 conn.up_rfile.close()
         conn.upstream.close()
         conn.upstream = conn.up_rfile = None
+
+    def _trickle(self, sock: socket.socket, data: bytes, rule: Rule) -> None:
+        """One byte per `rule.delay` seconds until done, the client leaves or the proxy stops.
+
+        Each byte resets a per-read timeout, so only a whole-request deadline ends this.
+        """
+        for i in range(len(data)):
+            try:
+                sock.sendall(data[i : i + 1])
+                readable, _, _ = select.select([sock], [], [], rule.delay)
+                gone = bool(readable) and not sock.recv(1, socket.MSG_PEEK)
+            except OSError:
+                gone = True
+            if self._stopping.is_set():
+                return
+            if gone:
+                rule.aborted += 1  # the client closed its end: it gave up on us
+                return
 
     def _hang(self, sock: socket.socket) -> None:
         """Say nothing until the client closes the connection or the proxy stops."""

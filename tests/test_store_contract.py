@@ -17,6 +17,7 @@ import pytest
 from encfs_cloud.errors import (
     BadSourceError,
     CredentialsError,
+    IntegrityError,
     NoFilesystemError,
     ObjectMissingError,
     PreconditionFailedError,
@@ -24,6 +25,7 @@ from encfs_cloud.errors import (
     UnreachableError,
 )
 from encfs_cloud.store import ObjectInfo, ObjectStore, StoreOptions, open_store
+from encfs_cloud.store.capped import read_capped, read_capped_with_etag
 from encfs_cloud.store.local import LocalStore
 from encfs_cloud.store.memory import MemoryStore
 from tests.fixtures_s3 import MotoServer
@@ -95,6 +97,20 @@ def test_head_and_etags(store: ObjectStore) -> None:
     assert second != first
     assert store.head("h") == ObjectInfo("h", 4, second)
     assert store.get("h") == b"two!"
+
+
+def test_capped_reads_stop_at_the_cap(store: ObjectStore) -> None:
+    etag = store.put("big", b"x" * 5000)
+    assert store.get_with_etag("big", 101) == (b"x" * 101, etag)  # the whole object's etag
+    assert store.get_with_etag("big", 6000) == (b"x" * 5000, etag)
+    assert read_capped(store, "big", 5000) == b"x" * 5000
+    assert read_capped_with_etag(store, "big", 5000) == (b"x" * 5000, etag)
+    with pytest.raises(IntegrityError, match="larger than the 4999 bytes"):
+        read_capped(store, "big", 4999)
+    with pytest.raises(IntegrityError):
+        read_capped_with_etag(store, "big", 100)
+    with pytest.raises(ObjectMissingError):
+        read_capped(store, "nope", 100)
 
 
 def test_list_is_name_ordered_and_prefix_filtered(store: ObjectStore) -> None:

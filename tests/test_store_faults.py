@@ -5,14 +5,21 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from encfs_cloud.errors import ObjectMissingError, TransientStoreError
+from encfs_cloud.errors import (
+    ObjectMissingError,
+    PreconditionFailedError,
+    StoreError,
+    TransientStoreError,
+    UnreachableError,
+)
 from encfs_cloud.store import StoreOptions
 from encfs_cloud.store import s3 as s3_module
+from encfs_cloud.store.budget import operation_budget
 from encfs_cloud.store.s3 import S3Store
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures_s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, empty_bucket
@@ -117,6 +124,22 @@ def test_conditional_create_whose_answer_was_lost(proxy: FaultProxy, store: S3St
     assert store.get_with_etag("lease") == (b"device-1 epoch 8", new)
 
 
+def test_lost_reply_is_recognised_without_an_md5_etag(proxy: FaultProxy, bucket: str) -> None:
+    # With SSE-KMS or SSE-C the ETag is no MD5 of the body: the check must compare bytes.
+    store = make_store(proxy, bucket, max_attempts=1)
+    proxy.inject(Fault.OPAQUE_ETAG, count=1000, method="HEAD")
+    proxy.inject(Fault.OPAQUE_ETAG, count=1000, method=GET)
+    lost = proxy.inject(Fault.RESET_BEFORE, count=1, method=PUT, path="/pre/commit")
+    with pytest.raises(StoreError):
+        store.put("commit", b"sealed commit 5", if_none_match=True)  # landed, reply lost
+    assert lost.hits == 1
+    # The caller's own retry (a new call, as the committer makes) meets its own object.
+    assert store.put("commit", b"sealed commit 5", if_none_match=True)
+    # Another writer's object is still a lost race, whatever its ETag looks like.
+    with pytest.raises(PreconditionFailedError):
+        store.put("commit", b"another device's commit 5", if_none_match=True)
+
+
 def test_truncated_bodies_never_come_back_short(proxy: FaultProxy, bucket: str) -> None:
     store = make_store(proxy, bucket, max_attempts=3)
     store.put("obj", DATA)
@@ -178,9 +201,10 @@ def test_hang_beyond_deadline_raises_in_bounded_time(proxy: FaultProxy, bucket: 
     store.put("obj", b"x")
     proxy.inject(Fault.HANG, count=1000)
     began = time.monotonic()
-    with pytest.raises(TransientStoreError, match="ReadTimeout"):
+    # Connections accepted, nothing ever answered: as unusable as a host that is down.
+    with pytest.raises(UnreachableError, match="did not answer"):
         store.get("obj")
-    with pytest.raises(TransientStoreError):
+    with pytest.raises(UnreachableError):
         store.put("obj", b"y")
     assert time.monotonic() - began < 30  # generous: "does not hang"
 
@@ -201,3 +225,65 @@ def test_round_trip_emulation(s3_server: MotoServer, bucket: str) -> None:
         assert store.get("o3") == DATA[:1000]
         assert slow.requests == 7
         store.close()
+
+
+@pytest.mark.parametrize("fault", [Fault.TRICKLE, Fault.TRICKLE_BODY])
+def test_trickle_is_cut_at_the_deadline(fault: Fault, proxy: FaultProxy, bucket: str) -> None:
+    # One byte every 0.3 s never trips a 2 s read timeout; only a whole-request deadline
+    # ends it, and it must close the connection rather than leave it trickling.
+    store = make_store(proxy, bucket, read_timeout=2.0, connect_timeout=1.0, deadline=4.0)
+    store.put("obj", DATA)
+    rule = proxy.inject(fault, count=1000, method=GET, delay=0.3)
+    began = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        store.get("obj")
+    took = time.monotonic() - began
+    # The deadline grows by the object's size at the slowest granted rate once the headers
+    # announce it: 4 s + 300 kB / 64 KiB/s; 60 s is a generous bound for "bounded".
+    assert took < 60, took
+    expected = UnreachableError if fault is Fault.TRICKLE else TransientStoreError
+    assert type(caught.value) is expected, caught.value
+    assert rule.hits >= 1
+    _poll(lambda: rule.aborted == rule.hits, "the proxy sees every trickled answer abandoned")
+    proxy.clear()
+    assert store.get("obj") == DATA  # the pool recovers: no dead connection is reused
+
+
+def test_trickle_respects_the_callers_budget(proxy: FaultProxy, bucket: str) -> None:
+    store = make_store(proxy, bucket, read_timeout=30.0, deadline=120.0)
+    store.put("obj", DATA)
+    proxy.inject(Fault.TRICKLE, count=1000, delay=0.5)
+    began = time.monotonic()
+    with operation_budget(3.0), pytest.raises(UnreachableError, match="did not answer"):
+        store.get("obj")
+    with operation_budget(3.0), pytest.raises(UnreachableError):
+        store.put("obj2", DATA)
+    assert time.monotonic() - began < 40  # two budgets of 3 s, bounded generously
+
+
+def _poll(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def test_checksums_only_when_required_whatever_the_environment(
+    proxy: FaultProxy, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Set in code: the environment asking for checksums on every request changes nothing.
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_supported")
+    store = make_store(proxy, bucket)
+    store.put("obj", DATA)
+    assert store.get("obj", 10, 1000) == DATA[10:1010]
+    puts = [h for m, _, h in proxy.seen if m == PUT]
+    assert puts
+    for headers in puts:
+        assert not any(k.startswith("x-amz-checksum") for k in headers), headers
+        assert "x-amz-trailer" not in headers and "aws-chunked" not in headers.get(
+            "content-encoding", ""
+        )
+    gets = [h for m, _, h in proxy.seen if m == GET]
+    assert gets and all("x-amz-checksum-mode" not in h for h in gets)
+    store.close()

@@ -15,7 +15,7 @@ from types import ModuleType
 
 from encfs_cloud import __version__
 from encfs_cloud.cli.args import EXIT_HELP, ask_new_passphrase, store_from_args
-from encfs_cloud.cli.progress import FlushView, StoreWaitNotice
+from encfs_cloud.cli.progress import FlushView
 from encfs_cloud.daemon.health import WatchedStore
 from encfs_cloud.daemon.logs import setup_command_logging
 from encfs_cloud.daemon.options import check_endpoint_url, parse_mount_options
@@ -25,6 +25,7 @@ from encfs_cloud.errors import EncfsCloudError, NotEmptyError, UsageError
 from encfs_cloud.keys.connection import with_remembered
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store import StoreOptions, open_store
+from encfs_cloud.store.budget import set_wait_reporter
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,8 @@ def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     # Before any command can unlock a key: a crash must not write keys, passphrases or
     # names into a core file, and other processes of this user must not ptrace us.
     keep_secrets_off_disk()
-    StoreWaitNotice(parser.prog).start()  # on a terminal: says so when the store is silent
+    if sys.stderr.isatty():  # say what a silent store is keeping us waiting for
+        set_wait_reporter(lambda line: print(f"{parser.prog}: {line}", file=sys.stderr, flush=True))
     try:
         result: int = args.func(args)
         return result

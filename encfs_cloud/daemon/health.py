@@ -125,10 +125,10 @@ class WatchedStore:
         self._ok()
         return data
 
-    def get_with_etag(self, name: str) -> tuple[bytes, str]:
+    def get_with_etag(self, name: str, limit: int | None = None) -> tuple[bytes, str]:
         try:
             with self._request(f"GET {name}"):
-                found = self.inner.get_with_etag(name)
+                found = self.inner.get_with_etag(name, limit)
         except StoreError as exc:
             self._failed(exc)
             raise

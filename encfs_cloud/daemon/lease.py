@@ -47,6 +47,7 @@ from encfs_cloud.errors import (
 )
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectInfo, ObjectStore
+from encfs_cloud.store.budget import operation_budget
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ DEFAULT_VALIDITY = 60.0
 VALIDITY_ENV = "ENCFS_CLOUD_LEASE_SECONDS"  # tuning and tests: a shorter lease
 CLOCK_SKEW = 5.0
 ACQUIRE_ATTEMPTS = 4
+RELEASE_BUDGET = 5.0  # seconds an unmount spends on releasing the lease, at most
 
 
 def default_validity() -> float:
@@ -174,9 +176,12 @@ class Lease:
     def read(self) -> tuple[LeaseInfo | None, str | None]:
         """The lease and its etag: (None, None) if absent, (None, etag) if it does not open."""
         try:
-            blob, etag = self.store.get_with_etag(layout.LEASE_NAME)
+            blob, etag = self.store.get_with_etag(layout.LEASE_NAME, layout.LEASE_CAP + 1)
         except ObjectMissingError:
             return None, None
+        if len(blob) > layout.LEASE_CAP:  # refused like any lease that does not open
+            log.debug("the lease object is larger than %d bytes", layout.LEASE_CAP)
+            return None, etag
         try:
             raw = self.sealer.open_object(layout.LEASE_NAME, LEASE_KIND, blob)
             return LeaseInfo.decode(raw), etag
@@ -363,7 +368,8 @@ class LeaseKeeper:
             with self._scope:
                 while True:
                     try:
-                        ok = await trio.to_thread.run_sync(self.lease.renew)
+                        # Abandoned when stopped: unmount need not wait for a slow store.
+                        ok = await trio.to_thread.run_sync(self._renew_once, abandon_on_cancel=True)
                     except StoreError as exc:
                         log.warning("could not renew the lease (%s); retrying", exc)
                         ok = None
@@ -378,11 +384,20 @@ class LeaseKeeper:
         finally:
             self._stopped.set()
 
-    async def stop_and_release(self) -> None:
-        """Stop renewing (waiting for a renewal in flight), then release the lease."""
+    def _renew_once(self) -> bool:
+        with operation_budget(self.lease.validity / 4):  # a slower renewal is worth nothing
+            return self.lease.renew()
+
+    async def stop_and_release(self, seconds: float = RELEASE_BUDGET) -> None:
+        """Stop renewing, then release the lease, in `seconds` at most (else it expires).
+
+        Both writes are conditional, so a renewal still in flight cannot undo the release.
+        """
         self._scope.cancel()
-        await self._stopped.wait()
-        await trio.to_thread.run_sync(self.lease.release)
+        with operation_budget(seconds):
+            with trio.move_on_after(seconds):
+                await self._stopped.wait()
+            await trio.to_thread.run_sync(self.lease.release)
 
 
 class FencedStore:
@@ -410,8 +425,8 @@ class FencedStore:
     def get(self, name: str, start: int = 0, length: int | None = None) -> bytes:
         return self.inner.get(name, start, length)
 
-    def get_with_etag(self, name: str) -> tuple[bytes, str]:
-        return self.inner.get_with_etag(name)
+    def get_with_etag(self, name: str, limit: int | None = None) -> tuple[bytes, str]:
+        return self.inner.get_with_etag(name, limit)
 
     def put(
         self,

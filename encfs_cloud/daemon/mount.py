@@ -22,7 +22,6 @@ from encfs_cloud.data import spool
 from encfs_cloud.errors import (
     ChangesSpooledError,
     EncfsCloudError,
-    LeaseHeldError,
     MountpointError,
     StoreError,
 )
@@ -33,6 +32,7 @@ from encfs_cloud.keys.storefit import OPT_OUT_MOUNT, check_writable
 from encfs_cloud.keys.vault import unlock
 from encfs_cloud.store import StoreOptions, open_store
 from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.store.budget import abort_in_flight, operation_budget, set_wait_reporter
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ async def serve(
             volume.options.read_only = True
             volume.committer.stopped = True
             log.error(
-                "lost the single-writer lease to %s: the filesystem is read-only now and "
-                "changes not yet committed are discarded",
+                "lost the single-writer lease to %s: the filesystem is read-only now; "
+                "changes not yet committed go to the local spool at unmount",
                 holder,
             )
 
@@ -202,6 +202,7 @@ async def serve(
 # so a long upload is never killed half-way while it makes progress reports.
 EXTEND_USEC = 60_000_000
 REPORT_EVERY = 10.0
+_SEAL_MARGIN = 5.0
 
 
 async def _report_flush(volume: Volume) -> None:
@@ -222,8 +223,6 @@ def _verdict_line(outcome: dict[str, object]) -> str:
         return "unmounted: every change is in the bucket"
     if result == "spooled":
         return f"unmounted: {outcome.get('bytes')} bytes kept in the local spool"
-    if result == "dropped":
-        return "unmounted: the lease was lost; uncommitted changes were discarded"
     return f"unmounted: {outcome.get('error', 'the last changes may be lost')}"
 
 
@@ -231,34 +230,48 @@ def _verdict_line(outcome: dict[str, object]) -> str:
 _VERDICT_CODES = {
     "ok": 0,
     "spooled": ChangesSpooledError.exit_code,
-    "dropped": LeaseHeldError.exit_code,
 }
 
 
 async def _final_flush(volume: Volume) -> dict[str, object]:
     """Put every change in the bucket; if the store cannot take it, spool it sealed locally.
 
-    Returns the verdict for `umount`: result ok, spooled (with bytes and spool), dropped
-    (the lease was lost) or failed (with the error).
+    Returns the verdict for `umount`: result ok, spooled (with bytes and spool) or failed
+    (with the error).
     """
+    timeout = volume.options.sync_timeout
     if volume.committer.stopped:
         if not (volume.committer.has_changes() or volume.committer.queue):
             return {"result": "ok"}  # it lost the right to write, but every change had landed
-        log.error("unmount: this mount lost the right to write; uncommitted changes are dropped")
-        return {"result": "dropped"}
+        # Another writer took the lease (perhaps on a replayed old one): nothing of ours may
+        # reach the bucket now, but acknowledged changes must not vanish either. The spool
+        # keeps them, and its upload at the next mount never overwrites another's commit.
+        with trio.move_on_after(timeout):
+            await volume.committer.seal_for_spool()
+        return _spool(volume, "this mount lost the lease to another writer")
     try:
-        await volume.flush()
-        if not volume.options.read_only:
-            log.info("unmount: every change is in the bucket")
-            # Packs the last commits freed go now, while the lease still lets us delete.
-            if not await volume.committer.cleanups_done(volume.options.sync_timeout):
-                log.warning("unmount: some freed objects are not deleted yet; fsck lists them")
-        return {"result": "ok"}
+        # One budget for the whole flush: the store calls inside it end by then too, so
+        # the retry loops of committer and store cannot multiply what unmount waits for.
+        # The waits end a little later, so that changes are sealed into the commit queue
+        # (and so into the spool) even when a store call used up the whole budget.
+        with operation_budget(timeout), trio.move_on_after(timeout + _SEAL_MARGIN) as scope:
+            await volume.flush()
+        if not scope.cancelled_caught:
+            if not volume.options.read_only:
+                log.info("unmount: every change is in the bucket")
+                # Packs the last commits freed go now, while the lease still lets us delete.
+                if not await volume.committer.cleanups_done(timeout):
+                    log.warning("unmount: some freed objects are not deleted yet; fsck lists them")
+            return {"result": "ok"}
+        error = f"the store did not take the last changes within {timeout:g} s"
+        log.error("unmount: %s", error)
     except EncfsCloudError as exc:
         log.error("unmount: could not write the last changes to the bucket: %s", exc)
         error = str(exc)
-    if volume.committer.stopped:
-        return {"result": "dropped"}  # another writer owns the filesystem: ours must not land
+    return _spool(volume, error)
+
+
+def _spool(volume: Volume, error: str) -> dict[str, object]:
     try:
         size = volume.spool()
     except OSError as exc:
@@ -281,6 +294,7 @@ async def _watch_signals(mountpoint: Path) -> None:
             if signum == signal.SIGHUP:
                 continue
             log.info("signal %d: unmounting", signum)
+            abort_in_flight()  # a read hung on a slow store must not hold the unmount
             runtime.lazy_unmount(mountpoint)
             return
 
@@ -349,6 +363,7 @@ def mount(request: MountRequest) -> int:
 
 
 def _daemon_main(volume: Volume, request: MountRequest, notify_fd: int) -> int:
+    set_wait_reporter(None)  # the terminal the command waited on is not the daemon's
     logs.setup_logging(
         request.log_file,
         request.debug,

@@ -12,7 +12,6 @@ from encfs_cloud.errors import (
     ChangesSpooledError,
     EncfsCloudError,
     Interrupted,
-    LeaseHeldError,
     MountpointError,
     StoreError,
 )
@@ -76,11 +75,6 @@ def _check_outcome(mountpoint: Path, pid: int) -> None:
         raise ChangesSpooledError(
             f"the store did not take the last changes: {_size(size)} kept sealed in "
             f"{outcome.get('spool')}; the next mount on this device uploads them"
-        )
-    if result == "dropped":
-        raise LeaseHeldError(
-            "this mount had lost the right to write (another writer took the lease, or this "
-            "device was revoked): changes not yet committed were discarded"
         )
     raise StoreError(
         f"the last changes may not be in the bucket: {outcome.get('error', 'unknown error')}"

@@ -100,6 +100,16 @@ class Committer:
             await self.uploader.wait_packs(list(self.uploader.pending.values()), self.sync_timeout)
             self._done_index = index
 
+    async def seal_for_spool(self) -> None:
+        """Seal what changed since the last commit into the queue, uploading nothing.
+
+        For the unmount of a mount that may no longer write (its lease was taken, maybe on a
+        replayed old lease): acknowledged changes go to the spool instead of vanishing.
+        """
+        async with self._lock:
+            if self.has_changes():
+                self.queue.append(await self._seal_next())
+
     async def _seal_next(self) -> SealedCommit:
         up = self.uploader
         # From here to the export nothing awaits, so the exported rows describe one instant
@@ -173,6 +183,9 @@ class Committer:
                 await trio.to_thread.run_sync(
                     lambda: up.store.put(name, commit.sealed, if_none_match=True),
                     limiter=up.limiter,
+                    # On cancel (unmount) the commit stays queued and is spooled; should
+                    # it land anyway, its upload from the spool meets its own bytes.
+                    abandon_on_cancel=True,
                 )
                 return
             except PreconditionFailedError:

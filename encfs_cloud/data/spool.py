@@ -74,7 +74,8 @@ def upload(device_folder: Path, store: ObjectStore) -> int:
                 if store.get(name) != data:
                     raise StoreError(
                         f"spooled commit {name} conflicts with one another writer made; "
-                        f"the spool stays in {folder}"
+                        f"the spool stays in {folder}: mount with -o ro to read the bucket, "
+                        "or move that folder away to drop the spooled changes"
                     ) from None
         else:
             store.put(name, data)

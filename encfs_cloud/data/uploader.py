@@ -131,8 +131,13 @@ class Uploader:
                     # Stores treat any bytes-like body alike; the pack is never modified again,
                     # so it is not copied into an immutable `bytes`.
                     body = cast(bytes, blob)
+                    # Abandoned on cancel (unmount): the pack stays pending and is spooled.
                     await trio.to_thread.run_sync(
-                        self.store.put, layout.pack_name(pack.id), body, limiter=self.limiter
+                        self.store.put,
+                        layout.pack_name(pack.id),
+                        body,
+                        limiter=self.limiter,
+                        abandon_on_cancel=True,
                     )
                 break
             except (StoreError, OSError) as exc:  # OSError: its spill file could not be read
@@ -238,7 +243,9 @@ class Uploader:
     async def delete_objects(self, names: list[str]) -> None:
         for name in names:
             try:
-                await trio.to_thread.run_sync(self.store.delete, name, limiter=self.limiter)
+                await trio.to_thread.run_sync(
+                    self.store.delete, name, limiter=self.limiter, abandon_on_cancel=True
+                )
             except StoreError as exc:
                 log.warning("could not delete %s (%s); fsck will collect it", name, exc)
             if self.disk is not None and name.startswith(layout.DATA_PREFIX):

@@ -33,6 +33,7 @@ from encfs_cloud.keys.records import (
 from encfs_cloud.keys.trust import refuse_if_uncommitted, remember
 from encfs_cloud.keys.vault import Unlocked, enroll_device, refresh
 from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.store.capped import read_capped
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,19 @@ def list_requests(store: ObjectStore, fs_id: bytes) -> list[EnrollmentRequest]:
     found = []
     for info in store.list(layout.REQUESTS_PREFIX):
         try:
-            found.append(_parse_request(fs_id, info.name, store.get(info.name)))
+            raw = read_capped(store, info.name, layout.SMALL_CAP)
+            found.append(_parse_request(fs_id, info.name, raw))
         except ObjectMissingError:
             continue
-        except (ValueError, KeyError, TypeError, AttributeError, IntegrityError, UsageError):
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,  # deeply nested JSON
+            IntegrityError,  # also: larger than a request can be
+            UsageError,
+        ):
             log.warning("ignoring malformed enrollment request %s", info.name)
     return found
 

@@ -30,6 +30,7 @@ from encfs_cloud.keys.records import (
 from encfs_cloud.keys.trust import remember
 from encfs_cloud.keys.vault import Unlocked, refresh
 from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.store.capped import read_capped, read_capped_with_etag
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _old_confirm(
     # stays valid across generations: copy both, or a device that has not unlocked yet could
     # no longer check its record.
     try:
-        raw = store.get(name)
+        raw = read_capped(store, name, layout.KEY_RECORD_CAP)
         return decode_record(raw, subject)[2], record_start(raw)
     except (ObjectMissingError, IntegrityError):
         return b"", None
@@ -142,7 +143,7 @@ def start_generation(
             store.delete(layout.REQUESTS_PREFIX + remove)
         # Re-tag the header under the new generation, which the removed key never held.
         # Verify first: re-tagging whatever the bucket holds would launder a modified header.
-        raw, header_etag = store.get_with_etag(layout.HEADER_NAME)
+        raw, header_etag = read_capped_with_etag(store, layout.HEADER_NAME, layout.HEADER_CAP)
         header = parse_header(raw, store.url)
         verify_header(unlocked.keys, header)
         store.put(layout.HEADER_NAME, seal_header(unlocked.keys, header), if_match=header_etag)

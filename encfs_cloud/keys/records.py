@@ -28,6 +28,7 @@ from encfs_cloud.errors import (
 from encfs_cloud.keys import master as K
 from encfs_cloud.keys.device import DeviceIdentity
 from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.store.capped import read_capped, read_capped_with_etag
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def fs_id_of(header: dict[str, Any]) -> bytes:
 def read_header(store: ObjectStore) -> dict[str, Any]:
     """The parsed, checked header; NOT yet authenticated (that needs the keys: see unlock)."""
     try:
-        raw = store.get(layout.HEADER_NAME)
+        raw = read_capped(store, layout.HEADER_NAME, layout.HEADER_CAP)
     except ObjectMissingError:
         raise NoFilesystemError(
             f"no encfs-cloud filesystem at {store.url}; create one with encfs-cloud init"
@@ -115,7 +116,7 @@ def parse_header(raw: bytes, where: str = "this store") -> dict[str, Any]:
     foreign = FormatError(f"{where} is not an encfs-cloud filesystem")
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting is no header
         raise foreign from None
     if not isinstance(header, dict) or header.get("magic") != MAGIC:
         raise foreign
@@ -243,7 +244,7 @@ def decode_record(raw: bytes, subject: str) -> tuple[int, bytes, bytes]:
         if doc["format"] != 1 or doc["id"] != subject:
             raise ValueError("wrong format or subject")
         return int(doc["generation"]), unb64(doc["wrapped"]), unb64(doc["confirm"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise IntegrityError(f"key record for {subject} was modified") from None
 
 
@@ -277,7 +278,7 @@ def entry_for(identity: DeviceIdentity, generation: int) -> K.DeviceEntry:
 
 def load_keyring(store: ObjectStore, keys: K.MasterKeys, fs_id: bytes) -> tuple[K.Keyring, str]:
     try:
-        blob, etag = store.get_with_etag(KEYRING_NAME)
+        blob, etag = read_capped_with_etag(store, KEYRING_NAME, layout.KEYRING_CAP)
     except ObjectMissingError:
         raise IntegrityError("the keyring is missing from the bucket") from None
     _, gen = K.keyring_head(blob)
@@ -310,12 +311,13 @@ def keyring_lock(store: ObjectStore, holder: str) -> Iterator[None]:
         store.put(LOCK_NAME, body, if_none_match=True)
     except PreconditionFailedError:
         try:
-            raw, etag = store.get_with_etag(LOCK_NAME)
+            # Cut at the cap, an oversize lock fails to parse and counts as stale.
+            raw, etag = store.get_with_etag(LOCK_NAME, layout.SMALL_CAP + 1)
             other = json.loads(raw)
             age = time.time() - float(other["taken_at"])
         except ObjectMissingError:
             etag, age, other = "", 0.0, {}
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             age, other = LOCK_STALE_SECONDS + 1.0, {}
         if not etag or age <= LOCK_STALE_SECONDS:
             raise LeaseHeldError(

@@ -58,6 +58,7 @@ from encfs_cloud.keys.trust import (
     seed_state,
 )
 from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.store.capped import read_capped
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def _unlock_device(
 ) -> Unlocked:
     fs_id = fs_id_of(header)
     try:
-        raw = store.get(record_name(identity.device_id))
+        raw = read_capped(store, record_name(identity.device_id), layout.KEY_RECORD_CAP)
     except ObjectMissingError:
         if store.head(layout.REQUESTS_PREFIX + identity.device_id) is not None:
             code = codes.enrollment_code(identity.private_key, fs_id, identity.device_id)
@@ -261,7 +262,7 @@ def refresh(store: ObjectStore, devices: DeviceStore, unlocked: Unlocked) -> boo
     """
     fs_id, identity = unlocked.fs_id, unlocked.device
     try:
-        raw = store.get(record_name(identity.device_id))
+        raw = read_capped(store, record_name(identity.device_id), layout.KEY_RECORD_CAP)
     except ObjectMissingError:
         raise DeviceRevokedError(f"this device was revoked from filesystem {fs_id.hex()}") from None
     gen, wrapped, _ = decode_record(raw, identity.device_id)
@@ -300,7 +301,7 @@ def open_recovery(store: ObjectStore, fs_id: bytes, rec: SecretKey) -> K.MasterK
     refused: list[RecoveryKeyError] = []
     for name in (RECOVERY_NAME, RECOVERY_NEXT_NAME):
         try:
-            raw = store.get(name)
+            raw = read_capped(store, name, layout.KEY_RECORD_CAP)
         except ObjectMissingError:
             continue
         gen, wrapped, confirm = decode_record(raw, K.RECOVERY_ID)

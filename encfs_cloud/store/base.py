@@ -30,7 +30,9 @@ class ObjectStore(Protocol):
         """The object's bytes, or `length` bytes from `start` (a ranged GET)."""
         ...
 
-    def get_with_etag(self, name: str) -> tuple[bytes, str]: ...
+    def get_with_etag(self, name: str, limit: int | None = None) -> tuple[bytes, str]:
+        """The object's bytes and etag; with `limit`, at most its first `limit` bytes."""
+        ...
 
     def put(
         self,

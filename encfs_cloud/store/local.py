@@ -76,14 +76,14 @@ class LocalStore:
                 f.seek(start)
             return f.read() if length is None else f.read(length)
 
-    def get_with_etag(self, name: str) -> tuple[bytes, str]:
+    def get_with_etag(self, name: str, limit: int | None = None) -> tuple[bytes, str]:
         # fstat of the open file: the etag and the bytes describe the same version.
         try:
             f = open(self._path(name), "rb")  # noqa: SIM115 - closed by the with below
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise self._missing(name) from None
         with f:
-            return f.read(), _file_etag(os.fstat(f.fileno()))
+            return f.read(-1 if limit is None else limit), _file_etag(os.fstat(f.fileno()))
 
     def put(
         self,

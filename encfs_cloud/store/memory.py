@@ -55,8 +55,9 @@ class MemoryStore:
             return data
         return data[start : None if length is None else start + length]
 
-    def get_with_etag(self, name: str) -> tuple[bytes, str]:
-        return self._entry(name)
+    def get_with_etag(self, name: str, limit: int | None = None) -> tuple[bytes, str]:
+        data, etag = self._entry(name)
+        return (data if limit is None else data[:limit]), etag
 
     def put(
         self,

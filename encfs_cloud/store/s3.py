@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import http.client
 import logging
 import random
 import re
@@ -16,7 +14,6 @@ from urllib.parse import urlsplit
 import botocore.exceptions as bce
 import botocore.loaders
 import botocore.session
-import urllib3.exceptions
 from botocore.config import Config
 
 from encfs_cloud.errors import (
@@ -25,12 +22,26 @@ from encfs_cloud.errors import (
     NoFilesystemError,
     ObjectMissingError,
     PreconditionFailedError,
-    StoreError,
     TransientStoreError,
     UnreachableError,
 )
+from encfs_cloud.store import watchdog
 from encfs_cloud.store.base import ObjectInfo, StoreOptions, check_name
+from encfs_cloud.store.budget import budget_deadline, read_deadline
 from encfs_cloud.store.memory import check_range
+from encfs_cloud.store.s3errors import (
+    CREDENTIAL_EXC,
+    MISSING_CODES,
+    NO_CREDENTIALS,
+    RETRYABLE_EXC,
+    ShortBody,
+    client_error,
+    error_code,
+    is_precondition,
+    one_line,
+    retry_after,
+    status,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -45,83 +56,6 @@ _BACKOFF_CAP = 10.0
 _RETRY_AFTER_CAP = 30.0  # a server asking for minutes is treated as down, not obeyed
 _RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
-_PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
-_MISSING_CODES = {"NoSuchKey", "NotFound", "404"}
-_RETRY_CODES = {
-    "SlowDown",
-    "InternalError",
-    "ServiceUnavailable",
-    "RequestTimeout",
-    "Throttling",
-    "ThrottlingException",
-    "RequestThrottled",
-    "RequestLimitExceeded",
-    "TooManyRequestsException",
-    "BandwidthLimitExceeded",
-}
-_CREDENTIAL_HINTS = {
-    "InvalidAccessKeyId": "the endpoint does not know this access key: check AWS_ACCESS_KEY_ID"
-    " or the AWS profile (AWS_PROFILE)",
-    "SignatureDoesNotMatch": "the secret key does not match the access key: check"
-    " AWS_SECRET_ACCESS_KEY or the AWS profile (AWS_PROFILE)",
-    "ExpiredToken": "the session token has expired: refresh AWS_SESSION_TOKEN or log in again",
-    "InvalidToken": "the session token is invalid: check AWS_SESSION_TOKEN or the AWS profile",
-}
-_NO_CREDENTIALS = (
-    "no usable AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY,"
-    " or pick a profile with AWS_PROFILE"
-)
-
-
-# Credentials that exist but cannot be used: half set, or an SSO / process provider failing.
-_CREDENTIAL_EXC = (
-    bce.PartialCredentialsError,
-    bce.CredentialRetrievalError,
-    bce.TokenRetrievalError,
-    bce.SSOError,
-)
-
-
-class _ShortBody(Exception):
-    """The body we read does not match what the response headers promised."""
-
-
-# Failures after which the same request may well succeed: lost or reset connections,
-# timeouts, bodies cut short or garbled in transit (botocore cannot retry those itself,
-# because they happen after it has handed us the response).
-_RETRYABLE_EXC: tuple[type[Exception], ...] = (
-    _ShortBody,
-    bce.HTTPClientError,  # ReadTimeout, ConnectionClosed, ResponseStreaming
-    bce.ConnectionError,  # EndpointConnection, ConnectTimeout
-    bce.IncompleteReadError,
-    bce.FlexibleChecksumError,
-    urllib3.exceptions.HTTPError,
-    http.client.HTTPException,
-    OSError,
-)
-
-
-def _error_code(exc: bce.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: bce.ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    if not isinstance(exc, bce.ClientError):
-        return None
-    headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-    try:
-        return max(0.0, float(headers.get("retry-after", "")))
-    except ValueError:
-        return None  # absent, or an HTTP date we do not bother parsing
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
-
 
 def _is_aws(endpoint: str) -> bool:
     host = urlsplit(endpoint).hostname or ""
@@ -134,7 +68,9 @@ class S3Store:
     botocore's own retries are switched off (standard mode, one attempt): nested retry
     layers multiply (6 x 6 attempts), and botocore neither honours Retry-After nor keeps a
     total deadline. `_call` is the single budget: `max_attempts` tries, exponential backoff
-    with full jitter, and no new attempt once `deadline` seconds have passed.
+    with full jitter, each attempt and the whole call bounded by a deadline that the
+    watchdog enforces by aborting the socket, and never past the caller's
+    `operation_budget`.
     """
 
     def __init__(
@@ -172,6 +108,10 @@ class S3Store:
                 read_timeout=o.read_timeout,
                 max_pool_connections=o.max_pool,
                 retries={"mode": "standard", "total_max_attempts": 1},
+                # Our AEAD authenticates every byte; botocore's CRC trailers and whole-object
+                # checks of ranged GETs only break stores that mangle or lack them.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
                 s3=s3_config,
                 user_agent_extra="encfs-cloud",
             )
@@ -181,6 +121,7 @@ class S3Store:
                 region_name=o.region or session.get_config_variable("region") or "us-east-1",
                 config=config,
             )
+            watchdog.install(client)
             return cast("S3Client", client)
 
         try:
@@ -207,66 +148,69 @@ class S3Store:
 
     # --- the retry loop and error mapping ------------------------------------------------
 
-    def _call(self, op: str, name: str, fn: Callable[[], T]) -> T:
+    def _call(self, op: str, name: str, fn: Callable[[], T], nbytes: int = 0) -> T:
         o = self._opt
-        began = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return fn()
-            except bce.NoCredentialsError:
-                raise CredentialsError(_NO_CREDENTIALS) from None
-            except _CREDENTIAL_EXC as exc:
-                raise CredentialsError(
-                    f"cannot load AWS credentials ({_one_line(exc)}): check"
-                    " AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile (AWS_PROFILE)"
-                ) from None
-            except bce.ClientError as exc:
-                final = self._client_error(exc, op, name)
-                if final is not None:
-                    raise final from exc
-                last: BaseException = exc
-            except _RETRYABLE_EXC as exc:
-                last = exc
-            delay = random.uniform(0, min(_BACKOFF_CAP, o.backoff_base * 2 ** (attempt - 1)))
-            hint = _retry_after(last)
-            if hint is not None:
-                delay = max(delay, min(hint, _RETRY_AFTER_CAP))
-            if attempt >= o.max_attempts or time.monotonic() - began + delay >= o.deadline:
-                raise self._exhausted(op, name, last, attempt) from last
-            log.debug("%s %s: %s; retry %d in %.2fs", op, name, _one_line(last), attempt, delay)
-            _sleep(delay)
+        allowance = nbytes / watchdog.MIN_RATE
+        cap = read_deadline() if op == "get" else budget_deadline()
+        with watchdog.Operation(self.url, o.max_attempts, o.deadline + allowance, cap) as ticket:
+            if ticket.left() <= 0:
+                # The caller's budget is spent: fail now rather than send what must be cut.
+                raise TransientStoreError(f"{op} {name} on {self.url}: no time left to try")
+            attempt = 0
+            while True:
+                attempt += 1
+                ticket.begin(attempt, o.connect_timeout + o.read_timeout + allowance)
+                try:
+                    result = fn()
+                    if not ticket.overdue:
+                        return result
+                    # Headers cut by the watchdog can parse as a short, valid-looking answer.
+                    last: BaseException = ShortBody("the answer was cut at the deadline")
+                except bce.NoCredentialsError:
+                    raise CredentialsError(NO_CREDENTIALS) from None
+                except CREDENTIAL_EXC as exc:
+                    raise CredentialsError(
+                        f"cannot load AWS credentials ({one_line(exc)}): check AWS_ACCESS_KEY_ID"
+                        " / AWS_SECRET_ACCESS_KEY or the AWS profile (AWS_PROFILE)"
+                    ) from None
+                except bce.ClientError as exc:
+                    ticket.heard()
+                    final = client_error(exc, f"{op} {name}", self.bucket, self.endpoint, self.url)
+                    if final is not None:
+                        raise final from exc
+                    last = exc
+                except RETRYABLE_EXC as exc:
+                    last = exc
+                finally:
+                    ticket.finish()
+                delay = random.uniform(0, min(_BACKOFF_CAP, o.backoff_base * 2 ** (attempt - 1)))
+                hint = retry_after(last)
+                if hint is not None:
+                    delay = max(delay, min(hint, _RETRY_AFTER_CAP))
+                if attempt >= o.max_attempts or delay >= ticket.left():
+                    raise self._exhausted(op, name, last, ticket) from last
+                log.debug("%s %s: %s; retry %d in %.2fs", op, name, one_line(last), attempt, delay)
+                _sleep(delay)
 
-    def _client_error(self, exc: bce.ClientError, op: str, name: str) -> EncfsCloudError | None:
-        """The error to raise for `exc`, or None when the request is worth repeating."""
-        code, status = _error_code(exc), _status(exc)
-        if code == "NoSuchBucket":
-            return NoFilesystemError(f"bucket {self.bucket} does not exist at {self.endpoint}")
-        if code in _PRECONDITION_CODES or status == 412:
-            return PreconditionFailedError(f"{op} {name}: another writer changed it first")
-        if code in _MISSING_CODES or status == 404:
-            return ObjectMissingError(f"object {name} is missing from {self.url}")
-        if code in _CREDENTIAL_HINTS:
-            return CredentialsError(f"{self.endpoint}: {_CREDENTIAL_HINTS[code]}")
-        if code == "AccessDenied" or status == 403:
-            return CredentialsError(
-                f"access to bucket {self.bucket} denied by {self.endpoint}: check"
-                " AWS_ACCESS_KEY_ID / the AWS profile and the bucket's permissions"
-            )
-        if code in _RETRY_CODES or status >= 500 or status in (408, 429):
-            return None
-        message = exc.response.get("Error", {}).get("Message", "")
-        return StoreError(f"{op} {name} on {self.url} failed: {code} {message}".strip())
-
-    def _exhausted(self, op: str, name: str, last: BaseException, attempts: int) -> EncfsCloudError:
-        if isinstance(last, bce.ConnectionError):
+    def _exhausted(
+        self, op: str, name: str, last: BaseException, ticket: watchdog.Operation
+    ) -> EncfsCloudError:
+        took = time.monotonic() - ticket.began
+        cause = "no complete answer in time" if ticket.overdue else one_line(last)
+        if isinstance(last, bce.ConnectionError) and not ticket.answered:
             return UnreachableError(
-                f"cannot reach the S3 endpoint {self.endpoint} ({_one_line(last)}): check the"
+                f"cannot reach the S3 endpoint {self.endpoint} ({cause}): check the"
                 " endpoint URL (AWS_ENDPOINT_URL) and the network"
             )
+        if not ticket.answered:
+            # Connections were accepted but nothing came back: as unusable as a dead host.
+            return UnreachableError(
+                f"the S3 endpoint {self.endpoint} did not answer {op} {name} ({ticket.attempt}"
+                f" attempts in {took:.0f} s, {cause}): check the endpoint URL and the network"
+            )
         return TransientStoreError(
-            f"{op} {name} on {self.url} still failing after {attempts} attempts: " + _one_line(last)
+            f"{op} {name} on {self.url} still failing after {ticket.attempt} attempts in"
+            f" {took:.0f} s: {cause}"
         )
 
     # --- the ObjectStore protocol --------------------------------------------------------
@@ -284,9 +228,11 @@ class S3Store:
             return self._call("get", name, lambda: self._get_once(key, None))[0]
         return self._call("get", name, lambda: self._get_once(key, (start, length)))[0]
 
-    def get_with_etag(self, name: str) -> tuple[bytes, str]:
+    def get_with_etag(self, name: str, limit: int | None = None) -> tuple[bytes, str]:
         key = self._key(name)
-        return self._call("get", name, lambda: self._get_once(key, None))
+        # A ranged GET still carries the whole object's ETag.
+        want = None if limit is None else (0, limit)
+        return self._call("get", name, lambda: self._get_once(key, want))
 
     def _get_once(self, key: str, want: tuple[int, int | None] | None) -> tuple[bytes, str]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
@@ -297,17 +243,23 @@ class S3Store:
         try:
             resp = self._client.get_object(**kwargs)
         except bce.ClientError as exc:
-            if want is not None and _error_code(exc) == "InvalidRange":
+            if want is not None and error_code(exc) == "InvalidRange":
                 return b"", ""  # the range starts at or past the end: nothing there
             raise
+        ticket = watchdog.current()
+        declared = resp.get("ContentLength")
+        if ticket is not None:
+            if ticket.overdue:
+                raise ShortBody("the answer was cut at the deadline")
+            ticket.heard()
+            ticket.allow(declared or 0)
         body = resp["Body"]
         try:
             data = body.read()
         finally:
             body.close()
-        declared = resp.get("ContentLength")
         if declared is not None and len(data) != declared:
-            raise _ShortBody(f"read {len(data)} of {declared} bytes")
+            raise ShortBody(f"read {len(data)} of {declared} bytes")
         if want is not None:
             data = self._check_range(data, resp.get("ContentRange"), *want)
         self._bucket_seen = True
@@ -318,21 +270,21 @@ class S3Store:
     def _check_range(
         data: bytes, content_range: str | None, start: int, length: int | None
     ) -> bytes:
-        """Exactly the bytes asked for, or `_ShortBody` if the response cannot be them."""
+        """Exactly the bytes asked for, or `ShortBody` if the response cannot be them."""
         if content_range is None:
             # A 200 with the whole object: the server ignored Range, which HTTP allows.
             return data[start : None if length is None else start + length]
         m = _RANGE_RE.fullmatch(content_range.strip())
         if m is None:
-            raise _ShortBody(f"unparseable Content-Range {content_range!r}")
+            raise ShortBody(f"unparseable Content-Range {content_range!r}")
         first, last, total = int(m[1]), int(m[2]), m[3]
         reaches_end = total != "*" and last == int(total) - 1
         if first != start or len(data) != last - first + 1:
-            raise _ShortBody(f"Content-Range {content_range} for {len(data)} bytes from {start}")
+            raise ShortBody(f"Content-Range {content_range} for {len(data)} bytes from {start}")
         if length is not None and len(data) != length and not reaches_end:
-            raise _ShortBody(f"{len(data)} of {length} bytes and not at the end")
+            raise ShortBody(f"{len(data)} of {length} bytes and not at the end")
         if length is None and not reaches_end and total != "*":
-            raise _ShortBody(f"Content-Range {content_range} stops before the end")
+            raise ShortBody(f"Content-Range {content_range} stops before the end")
         return data
 
     def put(
@@ -351,7 +303,6 @@ class S3Store:
             kwargs["IfNoneMatch"] = "*"
         if if_match is not None:
             kwargs["IfMatch"] = if_match
-        conditional = if_none_match or if_match is not None
         tries = 0
 
         def attempt() -> str:
@@ -360,34 +311,36 @@ class S3Store:
             try:
                 return str(self._client.put_object(**kwargs)["ETag"])
             except bce.ClientError as exc:
-                code = _error_code(exc)
-                # After a failed attempt the write may have landed anyway (a reset after the
-                # server applied it); then the retry loses to our own earlier write.
-                if (
-                    conditional
-                    and tries > 1
-                    and (code in _PRECONDITION_CODES or _status(exc) == 412)
-                ):
+                # A lost reply: an earlier attempt whose answer never came may have landed;
+                # then we lose to our own write. A create-if-absent checks this even on its
+                # first try, since the caller may be repeating a call whose reply was lost
+                # (sealed objects carry random nonces: the same bytes can only be ours). An
+                # if-match write does not: equal bytes from a rival (ABA) would hide a lost
+                # update.
+                if (if_none_match or (if_match is not None and tries > 1)) and is_precondition(exc):
                     ours = self._etag_if_ours(key, data)
                     if ours is not None:
                         return ours
-                if if_match is not None and code in _MISSING_CODES:
+                if if_match is not None and error_code(exc) in MISSING_CODES:
                     raise PreconditionFailedError(f"put {name}: it no longer exists") from None
                 raise
 
-        etag = self._call("put", name, attempt)
+        etag = self._call("put", name, attempt, len(data))
         self._bucket_seen = True
         log.debug("put %s (%d bytes)", name, len(data))
         return etag
 
     def _etag_if_ours(self, key: str, data: bytes) -> str | None:
-        """The object's etag if it holds exactly `data` (a single-part PUT's etag is its MD5)."""
+        """The object's etag if it holds exactly `data`.
+
+        Compared by content, not by taking the etag for an MD5: with SSE-KMS, SSE-C or a
+        multipart copy it is not one. At most len(data) + 1 bytes are read.
+        """
         try:
-            etag = str(self._client.head_object(Bucket=self.bucket, Key=key)["ETag"])
-        except (bce.BotoCoreError, bce.ClientError):
+            got, etag = self._get_once(key, (0, len(data) + 1))
+        except (bce.BotoCoreError, bce.ClientError, ShortBody):
             return None
-        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        return etag if etag.strip('"') == md5 else None
+        return etag if got == bytes(data) else None
 
     def delete(self, name: str) -> None:
         key = self._key(name)
@@ -401,7 +354,7 @@ class S3Store:
             try:
                 resp = self._client.head_object(Bucket=self.bucket, Key=key)
             except bce.ClientError as exc:
-                if _status(exc) == 404:
+                if status(exc) == 404:
                     return None
                 raise
             return ObjectInfo(name, int(resp["ContentLength"]), str(resp["ETag"]))
@@ -418,7 +371,7 @@ class S3Store:
             try:
                 self._client.head_bucket(Bucket=self.bucket)
             except bce.ClientError as exc:
-                if _status(exc) == 404:
+                if status(exc) == 404:
                     raise NoFilesystemError(
                         f"bucket {self.bucket} does not exist at {self.endpoint}"
                     ) from None
