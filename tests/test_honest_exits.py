@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import time
@@ -163,32 +162,3 @@ def test_interrupted_reencrypt_says_a_rerun_resumes(
     assert done.returncode == 0, done.stderr
     fsck = device.run("fsck", s3_bucket)
     assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
-
-
-def test_a_silent_store_is_named_on_a_terminal(
-    device: Device, s3_bucket: str, proxy: FaultProxy
-) -> None:
-    """A store that accepts connections and never answers: the command says what it waits for."""
-    device.init(s3_bucket)
-    proxy.inject(Fault.HANG, count=1_000_000)
-    master, slave = os.openpty()
-    cmd = [ENCFS, "device", "list", "--endpoint-url", proxy.endpoint_url, s3_bucket]
-    proc = subprocess.Popen(
-        cmd, env=device.env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave
-    )
-    os.close(slave)
-    shown = b""
-    try:
-        deadline = time.monotonic() + 120  # a "does not stay silent" bound, not a timing
-        while b"to answer (" not in shown:
-            assert time.monotonic() < deadline and proc.poll() is None, shown
-            if select.select([master], [], [], 0.5)[0]:
-                shown += os.read(master, 4096)
-    finally:
-        proc.kill()
-        proc.wait()
-        os.close(master)
-        proxy.clear()
-    line = shown.decode(errors="replace")
-    assert "encfs-cloud: waiting " in line and f"for the store at {s3_bucket}" in line, line
-    assert "Ctrl-C to give up" in line

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import TextIO
 
-from encfs_cloud.daemon import control, health
+from encfs_cloud.daemon import control
 from encfs_cloud.errors import MountpointError
 
 RATE_WINDOW = 5.0  # seconds of samples behind the rate
@@ -140,36 +139,3 @@ class FlushView:
 
     def close(self) -> None:
         self.progress.close()
-
-
-class StoreWaitNotice:
-    """On a terminal, a line once a request to the store has gone unanswered for 5 s (and
-    every 30 s after): what the command is waiting for, instead of silence."""
-
-    FIRST = 4.5  # checked twice a second: shown within 5 s
-    AGAIN = 30.0
-
-    def __init__(self, prog: str, stream: TextIO | None = None) -> None:
-        self.prog = prog
-        self.stream = stream if stream is not None else sys.stderr
-
-    def start(self) -> None:
-        if self.stream.isatty():
-            threading.Thread(target=self._watch, name="store-wait", daemon=True).start()
-
-    def _watch(self) -> None:
-        shown: tuple[str, float] | None = None  # (request, seconds when last shown)
-        while True:
-            time.sleep(0.5)
-            wait = health.longest_wait()
-            if wait is None or wait[2] < self.FIRST:
-                continue
-            url, what, seconds = wait
-            if shown is not None and shown[0] == what and seconds - shown[1] < self.AGAIN:
-                continue
-            shown = (what, seconds)
-            self.stream.write(
-                f"{self.prog}: waiting {seconds:.0f} s for the store at {url} to answer "
-                f"({what}); Ctrl-C to give up\n"
-            )
-            self.stream.flush()

@@ -7,7 +7,6 @@ import datetime
 import itertools
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,17 +18,6 @@ ANSWERED = (ObjectMissingError, PreconditionFailedError)
 # A request unanswered this long makes the store count as unreachable before the store
 # layer's retries give up (they may take minutes); a slow but working upload rarely waits so.
 STALL_SECONDS = 30.0
-_WATCHED: weakref.WeakSet[WatchedStore] = weakref.WeakSet()
-
-
-def longest_wait() -> tuple[str, str, float] | None:
-    """(store URL, "GET name", seconds) of the oldest request still unanswered, if any."""
-    found: tuple[str, str, float] | None = None
-    for store in list(_WATCHED):
-        wait = store.oldest()
-        if wait is not None and (found is None or wait[1] > found[2]):
-            found = (store.url, wait[0], wait[1])
-    return found
 
 
 def iso(epoch: float | None) -> str | None:
@@ -56,7 +44,6 @@ class WatchedStore:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._pending: dict[int, tuple[str, float]] = {}  # requests under way, for `oldest`
-        _WATCHED.add(self)
 
     @contextlib.contextmanager
     def _request(self, what: str) -> Iterator[None]:
