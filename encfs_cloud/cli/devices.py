@@ -59,7 +59,8 @@ def _check_writable(
     args: argparse.Namespace, store: ObjectStore, devices: DeviceStore, fs_id: bytes
 ) -> None:
     unsafe = getattr(args, "unsafe_no_conditional_writes", False)
-    what = args.command if args.command != "device" else f"device {args.device_command}"
+    command = getattr(args, "command", None) or "wipe"  # umount --wipe leaves the keyring too
+    what = command if command != "device" else f"device {args.device_command}"
     check_writable(store, devices, fs_id, unsafe=unsafe, doing=f"run {what}")
 
 
