@@ -230,7 +230,7 @@ class Metadata:
         row = self.db.execute(
             "SELECT count(*) FROM dentries d JOIN inodes i ON i.id=d.inode "
             "WHERE d.parent=? AND (i.mode & ?)=?",
-            (parent, stat.S_IFMT, stat.S_IFDIR),
+            (parent, 0o170000, stat.S_IFDIR),  # stat.S_IFMT is a function, not the mask
         ).fetchone()
         return int(row[0])
 
