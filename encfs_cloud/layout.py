@@ -16,6 +16,7 @@ DATA_PREFIX = "data/"
 META_PREFIX = "meta/"
 KEYS_PREFIX = "keys/"
 REQUESTS_PREFIX = "requests/"
+MOUNTS_PREFIX = "mounts/"  # one sealed object per live mount: the newest commit it applied
 
 # Every pack and commit object is padded to one of these sizes (or a multiple of the last),
 # so object sizes say little about how much a user stores.

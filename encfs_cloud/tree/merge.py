@@ -23,6 +23,9 @@ class Plan:
     """What a merge will do that needs file contents: local versions to copy aside."""
 
     copies: dict[int, list[tuple[int, ChunkRef]]]  # inode → its local chunks (index, where)
+    # Files this side keeps although the other deleted them: chunks in packs the other side
+    # freed must be sealed again (into our packs) before that side deletes the old ones.
+    reseal: dict[int, list[tuple[int, ChunkRef]]]
 
 
 class Merger(TreeFixer):
@@ -74,6 +77,15 @@ class Merger(TreeFixer):
             db.deserialize(db.serialize(name="base"), name="remote")
             journal.apply_delta(self.md, body, schema="remote")
 
+    @property
+    def staged(self) -> bool:
+        return self._remote
+
+    def drop_remote(self) -> None:
+        """Abandon a staged commit (base and main stay as they were)."""
+        self.md.db.execute("DETACH DATABASE remote")
+        self._remote = False
+
     def finish_remote(self) -> None:
         """base := remote, and the remote copy goes."""
         db = self.md.db
@@ -99,7 +111,26 @@ class Merger(TreeFixer):
     def plan(self) -> Plan:
         """Files whose contents both sides changed: their local chunks must be copied aside."""
         local, remote = self._sides()
-        return Plan(self._content_conflicts(local, remote))
+        return Plan(self._content_conflicts(local, remote), self._revived(local, remote))
+
+    def _revived(
+        self, local: dict[str, set[Key]], remote: dict[str, set[Key]]
+    ) -> dict[int, list[tuple[int, ChunkRef]]]:
+        found: dict[int, list[tuple[int, ChunkRef]]] = {}
+        for ino in self._inodes_touched(local) & self._inodes_touched(remote):
+            if self._row("remote", "inodes", (ino,)) is not None:
+                continue
+            rows = self.md.db.execute(
+                "SELECT c.idx, c.pack, c.off, c.len, c.plain_len, c.version, c.gen "
+                "FROM main.chunks c JOIN base.packs b ON b.id = c.pack "
+                "WHERE c.inode=? AND c.pack NOT IN (SELECT id FROM remote.packs WHERE live>0) "
+                "ORDER BY c.idx",
+                (ino,),
+            )
+            chunks = [(idx, ChunkRef(*ref)) for idx, *ref in rows]
+            if chunks:
+                found[ino] = chunks
+        return found
 
     def _content_conflicts(
         self, local: dict[str, set[Key]], remote: dict[str, set[Key]]
@@ -130,7 +161,10 @@ class Merger(TreeFixer):
         local contents (the caller seals them under that inode at once: no await between).
         """
         local, remote = self._sides()
-        if self._content_conflicts(local, remote) != plan.copies:
+        if (self._content_conflicts(local, remote), self._revived(local, remote)) != (
+            plan.copies,
+            plan.reseal,
+        ):
             return None  # local writes landed meanwhile: plan again
         out = Outcome()
         copies = {ino: self.md.new_id("inodes", "id") for ino in plan.copies}
