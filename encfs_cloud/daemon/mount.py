@@ -13,8 +13,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from encfs_cloud.daemon import control, runtime
-from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseKeeper
+from encfs_cloud.daemon import control, exclusive, runtime
+from encfs_cloud.daemon.lease import Lease, LeaseKeeper
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.errors import EncfsCloudError, MountpointError
 from encfs_cloud.keys.device import DeviceStore
@@ -54,24 +54,19 @@ def check_mountpoint(path: Path) -> None:
 
 
 def prepare(request: MountRequest) -> Volume:
-    """Open the store, unlock the keys, take the lease (read-write) and replay (blocking)."""
+    """Open the store, unlock the keys, check no exclusive operation runs, replay (blocking)."""
     store = open_store(request.source, request.store_options)
     devices = DeviceStore()
     unlocked = unlock(store, devices, request.passphrase)
     lease: Lease | None = None
     try:
+        sealer = Sealer(unlocked.fs_id, unlocked.keys)
         if not request.volume_options.read_only:
-            # Taken before the replay, so what we load is the previous writer's final state;
-            # every write then goes through the fence, which refuses it once the lease is lost.
-            sealer = Sealer(unlocked.fs_id, unlocked.keys)
-            device = unlocked.device
-            lease = Lease(store, sealer, device.device_id, device.name)
-            lease.acquire(takeover=request.takeover)
-            store = FencedStore(store, lease)
+            # Several mounts write at once (they merge); only an exclusive operation
+            # (fsck --repair, re-encryption) holding the lease keeps a writer out.
+            exclusive.refuse_if_held(store, sealer)
         return Volume(store, unlocked, devices, request.volume_options, lease=lease)
     except BaseException:
-        if lease is not None:
-            lease.release()
         unlocked.wipe()
         raise
 
@@ -118,6 +113,7 @@ async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> Non
         finally:
             with trio.CancelScope(shield=True):
                 await _final_flush(volume)
+                await trio.to_thread.run_sync(volume.withdraw)
                 if keeper is not None:  # renewed during the flush; released only after it
                     await keeper.stop_and_release()
             nursery.cancel_scope.cancel()

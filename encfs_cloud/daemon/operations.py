@@ -16,7 +16,7 @@ import trio
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.errors import EncfsCloudError, FsError, errno_of
-from encfs_cloud.tree.metadata import Inode, Metadata
+from encfs_cloud.tree.metadata import ROOT_INODE, Inode, Metadata
 from encfs_cloud.tree.namespace import Namespace, now_ns
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,19 @@ def handler(
     return wrapper
 
 
+def _invalidate(inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        except OSError as exc:  # not cached by the kernel, or it went meanwhile
+            log.debug("invalidate_entry(%d): %s", parent, exc)
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError as exc:
+            log.debug("invalidate_inode(%d): %s", ino, exc)
+
+
 class Operations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = True
 
@@ -78,9 +91,35 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.open_files: dict[int, int] = {}  # inode → open handles
         self.handles: dict[int, int] = {}  # fh → inode
         self._next_fh = 1
+        # What other devices changed, waiting to be dropped from the kernel's caches.
+        self._stale_inodes: set[int] = set()
+        self._stale_entries: set[tuple[int, bytes]] = set()
+        self._stale = trio.Event()
         self.locks: dict[int, trio.Lock] = {}
 
     # --- helpers ---------------------------------------------------------------------
+
+    def changed_elsewhere(self, inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
+        """Another device's commit was applied: queue what the kernel may hold stale.
+
+        Only what the kernel knows (it holds a lookup) can be stale; directories whose
+        entries changed are invalidated too, so a cached listing goes.
+        """
+        known = self.lookups.keys() | {ROOT_INODE}
+        self._stale_entries |= {(p, n) for p, n in entries if p in known}
+        self._stale_inodes |= {i for i in inodes if i in known}
+        self._stale_inodes |= {p for p, _ in entries if p in known}
+        self._stale.set()
+
+    async def run_invalidations(self) -> None:
+        """Tell the kernel, from a worker thread: invalidating pages may make the kernel
+        write dirty pages back to us first, which needs this (the trio) thread free."""
+        while True:
+            await self._stale.wait()
+            self._stale = trio.Event()
+            inodes, self._stale_inodes = self._stale_inodes, set()
+            entries, self._stale_entries = self._stale_entries, set()
+            await trio.to_thread.run_sync(_invalidate, inodes, entries)
 
     def _writable(self) -> None:
         if self.read_only:

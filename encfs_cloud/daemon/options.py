@@ -122,6 +122,7 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
                 "region",
                 "profile",
                 "commit_interval",
+                "poll_interval",
                 "sync_timeout",
                 "read_timeout",
                 "connect_timeout",
@@ -140,7 +141,7 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
         volume.cache_size = parse_size(pairs["cache_size"])
         if volume.cache_size < 16 << 20:
             raise UsageError("cache_size must be at least 16M")
-    for name in ("commit_interval", "sync_timeout"):
+    for name in ("commit_interval", "sync_timeout", "poll_interval"):
         seconds = _seconds(pairs, name)
         if seconds is not None:
             setattr(volume, name, seconds)

@@ -8,27 +8,33 @@ from dataclasses import dataclass
 
 import trio
 
+from encfs_cloud.daemon import exclusive
 from encfs_cloud.daemon.lease import Lease, LeaseKeeper
 from encfs_cloud.daemon.operations import Operations
 from encfs_cloud.data import spool
 from encfs_cloud.data.cache import ChunkCache
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.filedata import FileData
+from encfs_cloud.data.presence import Presence, Reaper
+from encfs_cloud.data.rebase import Rebaser
 from encfs_cloud.data.uploader import Uploader
-from encfs_cloud.errors import DeviceRevokedError, RollbackError, StoreError
+from encfs_cloud.errors import DeviceRevokedError, EncfsCloudError, RollbackError, StoreError
 from encfs_cloud.keys.device import DeviceState, DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import Unlocked, refresh
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.journal import Head, commit_seqs, replay, rollback_problem
+from encfs_cloud.tree.merge import Merger
 from encfs_cloud.tree.metadata import Metadata
 from encfs_cloud.tree.namespace import Namespace
+from encfs_cloud.tree.rowsets import Outcome
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 256 << 20
 IO_THREADS = 8
 KEY_REFRESH_INTERVAL = 30.0
+THOROUGH_EVERY = 12  # polls: one in this many also LISTs the commits (a head deleted meanwhile)
 
 
 @dataclass
@@ -38,6 +44,7 @@ class VolumeOptions:
     commit_interval: float = 5.0
     allow_rollback: bool = False
     sync_timeout: float = 120.0
+    poll_interval: float = 5.0  # how often other devices' commits are looked for
 
 
 class Volume:
@@ -61,6 +68,8 @@ class Volume:
         self.limiter = trio.CapacityLimiter(IO_THREADS)
         md, head = self._replay()
         self.md = md
+        # The merge base is the replayed state: the root made below is a change of ours.
+        self.merger = Merger(md, unlocked.device.name)
         Namespace(md).ensure_root(os.getuid(), os.getgid())
         # Dirty and in-flight data also exist sealed in pack buffers while uploading: keep
         # them small enough that RSS stays within cache_size + ~150 MiB.
@@ -70,6 +79,11 @@ class Volume:
         clean = max(self.options.cache_size - 2 * dirty_limit, 16 << 20)
         self.cache = ChunkCache(clean, dirty_limit)
         self.uploader = Uploader(md, self.cache, self.sealer, store, limiter=self.limiter)
+        self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
+        self.rebaser = Rebaser(
+            self.merger, self.uploader, self.data, store, self.sealer, on_outcome=self._changed
+        )
+        self.presence = Presence(store, self.sealer)
         self.committer = Committer(
             md,
             self.uploader,
@@ -77,8 +91,10 @@ class Volume:
             on_commit=self._remember_head,
             before_commit=self._refresh_keys,
             sync_timeout=self.options.sync_timeout,
+            rebaser=self.rebaser,
+            reaper=Reaper(self.presence),
+            may_put=None if self.options.read_only else self._may_put,
         )
-        self.data = FileData(md, self.cache, self.sealer, store, self.uploader, self.limiter)
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
         self._keys_checked = 0.0
         self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
@@ -150,11 +166,43 @@ class Volume:
         for ino in self.md.orphans():
             self.md.delete_inode(ino)
 
+    def _may_put(self) -> None:
+        exclusive.check_before_commit(self.store, self.sealer)
+
+    def _changed(self, outcome: Outcome) -> None:
+        self.ops.changed_elsewhere(outcome.inodes, outcome.entries)
+
+    async def _publish(self) -> None:
+        seq = self.committer.head.seq
+        if self.presence.due(seq):
+            await trio.to_thread.run_sync(self.presence.publish, seq, limiter=self.limiter)
+
+    async def follow(self) -> None:
+        """Apply other devices' commits every poll_interval: one GET of the next commit per
+        poll (a LIST too every THOROUGH_EVERY polls), and keep our `mounts/` object fresh."""
+        polls = 0
+        while True:
+            await trio.sleep(self.options.poll_interval)
+            polls += 1
+            try:
+                await self.committer.follow(thorough=polls % THOROUGH_EVERY == 0)
+                await self._publish()
+            except StoreError as exc:
+                log.warning("could not look for other devices' commits: %s", exc)
+            except EncfsCloudError as exc:  # a commit that does not authenticate or chain
+                log.error("another device's commit was refused: %s", exc)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._publish()
+        except StoreError as exc:
+            log.warning("could not advertise this mount in the bucket: %s", exc)
         async with trio.open_nursery() as nursery:
             self.data.nursery = nursery
             await nursery.start(self.uploader.run)
             nursery.start_soon(self.committer.run, self.options.commit_interval)
+            nursery.start_soon(self.follow)
+            nursery.start_soon(self.ops.run_invalidations)
             task_status.started()
 
     async def flush(self) -> None:
@@ -168,6 +216,13 @@ class Volume:
         if objects:
             spool.save(self.devices.folder(self.unlocked.fs_id), objects)
         return sum(len(data) for _, data in objects)
+
+    def withdraw(self) -> None:
+        """Remove this mount's `mounts/` object (at unmount): it needs nothing any more."""
+        try:
+            self.presence.withdraw()
+        except StoreError as exc:
+            log.warning("could not remove this mount's advertisement: %s", exc)
 
     def wipe(self) -> None:
         """Drop all plaintext and key material held in memory."""

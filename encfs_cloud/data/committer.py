@@ -68,10 +68,13 @@ class Committer:
         sync_timeout: float = 120.0,
         rebaser: Rebaser | None = None,
         reaper: Reaper | None = None,
+        may_put: Callable[[], None] | None = None,
     ) -> None:
         self.md = md
         self.rebaser = rebaser  # set when other writers may commit too: lost races rebase
         self.reaper = reaper  # set when other mounts may still read what our commits free
+        # Raises a StoreError while an exclusive operation holds the filesystem (blocking).
+        self.may_put = may_put
         self.uploader = uploader
         self.head = head  # the newest commit known to be in the bucket
         self.on_commit = on_commit
@@ -249,6 +252,8 @@ class Committer:
         up = self.uploader
         while True:
             try:
+                if self.may_put is not None:
+                    await trio.to_thread.run_sync(self.may_put, limiter=up.limiter)
                 await trio.to_thread.run_sync(
                     lambda: up.store.put(name, commit.sealed, if_none_match=True),
                     limiter=up.limiter,

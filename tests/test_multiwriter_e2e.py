@@ -1,0 +1,113 @@
+"""Two devices mount one filesystem read-write at once and see each other's changes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_mount import Device, needs_fuse, unmount
+from tests.test_devices_e2e import enroll
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+POLL = "poll_interval=1"
+NO_TIMER = "commit_interval=3600"  # commits only on fsync: the test decides when
+
+
+def _eventually(check: Callable[[], bool], what: str, deadline: float = 90) -> None:
+    """Poll until `check` holds; the load on a shared machine decides how long it takes."""
+    end = time.monotonic() + deadline
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.2)
+
+
+def _write(path: Path, data: bytes, *, sync: bool = True) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _two_mounts(
+    laptop: Device, desktop: Device, source: str, tmp_path: Path, *options: str
+) -> Iterator[tuple[Path, Path]]:
+    laptop.run("init", source, "--no-passphrase", "--device-name", "laptop", check=True)
+    enroll(laptop, desktop, source, "desktop")
+    a, b = tmp_path / "a", tmp_path / "b"
+    with laptop.mounted(source, a, POLL, *options), desktop.mounted(source, b, POLL, *options):
+        yield a, b
+
+
+@pytest.fixture
+def laptop(tmp_path: Path) -> Device:
+    return Device(tmp_path / "laptop")
+
+
+@pytest.fixture
+def desktop(tmp_path: Path) -> Device:
+    return Device(tmp_path / "desktop")
+
+
+def test_a_file_closed_on_one_device_appears_on_the_other(
+    laptop: Device, desktop: Device, any_source: str, tmp_path: Path
+) -> None:
+    with _two_mounts(laptop, desktop, any_source, tmp_path) as (a, b):
+        (a / "docs").mkdir()
+        _write(a / "docs" / "hello.txt", b"written on the laptop")
+        _eventually(lambda: _read(b / "docs" / "hello.txt") == b"written on the laptop", "B sees A")
+        _write(b / "docs" / "reply.txt", b"written on the desktop")
+        _eventually(
+            lambda: _read(a / "docs" / "reply.txt") == b"written on the desktop", "A sees B"
+        )
+        (b / "docs" / "hello.txt").unlink()
+        _eventually(lambda: not (a / "docs" / "hello.txt").exists(), "A sees the delete")
+        assert sorted(p.name for p in (a / "docs").iterdir()) == ["reply.txt"]
+    assert laptop.run("fsck", any_source).returncode == 0
+
+
+def test_concurrent_edits_keep_the_original_and_a_conflict_copy(
+    laptop: Device, desktop: Device, local_source: str, tmp_path: Path
+) -> None:
+    with _two_mounts(laptop, desktop, local_source, tmp_path, NO_TIMER) as (a, b):
+        _write(a / "report.txt", b"first version")
+        _eventually(lambda: _read(b / "report.txt") == b"first version", "B sees the file")
+        # Both edit before either has seen the other's edit; the laptop commits first.
+        _write(a / "report.txt", b"edited on the laptop", sync=False)
+        _write(b / "report.txt", b"edited on the desktop", sync=False)
+        with open(a / "report.txt", "rb+") as f:
+            os.fsync(f.fileno())
+        with open(b / "report.txt", "rb+") as f:
+            os.fsync(f.fileno())
+
+        def both_versions(root: Path) -> bool:
+            names = sorted(p.name for p in root.iterdir())
+            copies = [n for n in names if n.startswith("report (conflict from desktop ")]
+            return (
+                len(names) == 2
+                and len(copies) == 1
+                and copies[0].endswith(").txt")
+                and _read(root / "report.txt") == b"edited on the laptop"
+                and _read(root / copies[0]) == b"edited on the desktop"
+            )
+
+        _eventually(lambda: both_versions(b), "the desktop holds both versions")
+        _eventually(lambda: both_versions(a), "the laptop holds both versions")
+        unmount(desktop, b)
+        unmount(laptop, a)
+    assert laptop.run("fsck", local_source).returncode == 0
