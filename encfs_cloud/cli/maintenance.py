@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from encfs_cloud.cli.args import EXIT_HELP, store_from_args
+from encfs_cloud.daemon import exclusive
 from encfs_cloud.daemon.lease import FencedStore, Lease
 from encfs_cloud.daemon.options import read_secret_file
 from encfs_cloud.keys.device import DeviceState, DeviceStore
@@ -124,7 +125,9 @@ def _open(args: argparse.Namespace) -> tuple[ObjectStore, DeviceStore, Unlocked]
 
 
 def _writer_active(lease: Lease) -> bool:
-    """A mount may be writing: the lease is live (or unreadable, to be safe)."""
+    """A mount may be writing: one advertises itself, or the lease is live (or unreadable)."""
+    if exclusive.live_mounts(lease.store, lease.sealer):
+        return True
     info, etag = lease.read()
     if etag is None:
         return False
@@ -141,6 +144,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         if args.repair:
             lease.acquire(takeover=args.takeover, how="--takeover")
         try:
+            if args.repair:
+                exclusive.refuse_if_mounted(store, sealer, takeover=args.takeover)
             renewing = lease.renewed_in_background() if lease.held else contextlib.nullcontext()
             with renewing:
                 return _fsck(args, store, sealer, lease, devices, unlocked.fs_id)

@@ -39,12 +39,18 @@ def check_before_commit(store: ObjectStore, sealer: Sealer) -> None:
         )
 
 
-def refuse_if_mounted(store: ObjectStore, sealer: Sealer) -> None:
-    """Called by an exclusive operation after it took the lease: live mounts that started
-    before it must be unmounted first (they advertise themselves in `mounts/`)."""
-    live = Presence(store, sealer).live()
-    if live:
+def live_mounts(store: ObjectStore, sealer: Sealer) -> int:
+    """How many mounts (read-write or read-only, anywhere) advertise themselves as live."""
+    return len(Presence(store, sealer).live())
+
+
+def refuse_if_mounted(store: ObjectStore, sealer: Sealer, *, takeover: bool = False) -> None:
+    """Called by an exclusive operation after it took the lease (so a mount starting now
+    sees the lease): mounts that started before must be unmounted first. `takeover`
+    ignores them, for mounts that crashed and so could not withdraw their advertisement."""
+    live = live_mounts(store, sealer)
+    if live and not takeover:
         raise LeaseHeldError(
-            f"{len(live)} mount(s) of this filesystem are live (on this or other devices); "
-            "unmount them first (a mount that crashed counts for 10 minutes)"
+            f"{live} mount(s) of this filesystem are live (on this or other devices); "
+            "unmount them first, or if they crashed, retry with --takeover"
         )
