@@ -302,3 +302,37 @@ def test_three_devices_converge_long_run() -> None:
         seed = _seed()
         print(f"model seed {seed} (ENCFS_MODEL_SEED={seed} replays it)")
         trio.run(_run, seed, 20000)
+
+
+async def _stale_read() -> None:
+    shared = MemoryStore()
+    sealer = Sealer(os.urandom(16).hex(), new_master_keys())
+    writer, reader = Device("writer", shared, sealer), Device("reader", shared, sealer)
+    async with trio.open_nursery() as nursery:
+        await writer.start(nursery, first=True)
+        node = writer.ns.create(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0)
+        size = await writer.data.write(node.id, 0, 0, b"old contents")
+        node.size = size
+        writer.md.put_inode(node)
+        await writer.committer.sync()
+        await reader.start(nursery, first=False)
+        reader.presence.withdraw()  # a mount that went silent: deletions no longer wait for it
+        reader.data.refresh = reader.committer.follow
+        node = writer.ns.inode(node.id)
+        await writer.data.truncate(node.id, node.size, 0)
+        node.size = await writer.data.write(node.id, 0, 0, b"new contents!")
+        writer.md.put_inode(node)
+        await writer.committer.sync()
+        writer.presence.publish(writer.committer.head.seq)
+        await writer.committer.sync()  # every live mount is past the commit: the old pack goes
+        assert len(list(shared.list(layout.DATA_PREFIX))) == 1
+        # The reader still has the old chunk map; its read finds the pack gone, catches up
+        # and reads the new contents instead of failing.
+        stale = reader.ns.inode(node.id)
+        assert await reader.data.read(node.id, node.size, 0, node.size) == b"new contents!"
+        assert stale.size == len(b"old contents")
+        nursery.cancel_scope.cancel()
+
+
+def test_a_read_that_finds_its_pack_gone_catches_up_and_retries() -> None:
+    trio.run(_stale_read)

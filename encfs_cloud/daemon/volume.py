@@ -96,6 +96,7 @@ class Volume:
             may_put=None if self.options.read_only else self._may_put,
         )
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
+        self.data.refresh = self._refresh_for_read
         self._keys_checked = 0.0
         self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
@@ -165,6 +166,12 @@ class Volume:
             return
         for ino in self.md.orphans():
             self.md.delete_inode(ino)
+
+    async def _refresh_for_read(self) -> None:
+        """A read found its object gone: catch up (unless a commit or merge runs now: then
+        the reader gets EIO rather than waiting on, or re-entering, the committer)."""
+        if not self.committer.busy:
+            await self.committer.follow(thorough=True)
 
     def _may_put(self) -> None:
         exclusive.check_before_commit(self.store, self.sealer)

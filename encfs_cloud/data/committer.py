@@ -194,6 +194,11 @@ class Committer:
                 [n[len(layout.DATA_PREFIX) :] for n in names if n.startswith(layout.DATA_PREFIX)]
             )
 
+    @property
+    def busy(self) -> bool:
+        """A commit or a catch-up is under way."""
+        return self._lock.locked()
+
     async def follow(self, *, thorough: bool = False) -> int:
         """Apply the commits other writers made since our head; returns how many."""
         async with self._lock:

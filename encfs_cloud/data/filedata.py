@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from encfs_cloud import layout
 from encfs_cloud.data.cache import ChunkCache, ChunkKey
 from encfs_cloud.data.uploader import Uploader
-from encfs_cloud.errors import IntegrityError, StoreError
+from encfs_cloud.errors import IntegrityError, ObjectMissingError, StoreError
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.metadata import ChunkRef, Metadata
@@ -45,6 +46,9 @@ class FileData:
         self._last_read: dict[int, int] = {}  # inode → last chunk index read (sequential?)
         self._prefetched: dict[int, int] = {}  # inode → prefetch scheduled below this index
         self.nursery: trio.Nursery | None = None
+        # Applies other devices' commits now (set by the mount): a chunk whose pack is gone
+        # was usually rewritten elsewhere, and the newer commit says where it is now.
+        self.refresh: Callable[[], Awaitable[object]] | None = None
         self.bytes_fetched = 0
         self.integrity_errors = 0
         self.store_errors = 0  # reads the store failed after its retries (for `status`)
@@ -56,7 +60,9 @@ class FileData:
 
     # --- reading -------------------------------------------------------------------------
 
-    async def chunk(self, ino: int, idx: int) -> bytes | bytearray | memoryview | None:
+    async def chunk(
+        self, ino: int, idx: int, *, refreshed: bool = False
+    ) -> bytes | bytearray | memoryview | None:
         """Plaintext of one chunk, or None for a hole (never written)."""
         key = (ino, idx)
         ref = self.md.get_chunk(ino, idx)
@@ -70,7 +76,16 @@ class FileData:
         run = [(ino, idx, ref)]
         if ref.len < READ_AROUND_BYTES:
             run += self._neighbours(ref)
-        result = (await self._fetch_run(run))[0]
+        try:
+            result = (await self._fetch_run(run))[0]
+        except ObjectMissingError:
+            if refreshed or self.refresh is None:
+                raise
+            await self.refresh()
+            now = self.md.get_chunk(ino, idx)
+            if now is None or now.version == ref.version:
+                raise  # deleted or truncated elsewhere, or really lost: never zeros
+            return await self.chunk(ino, idx, refreshed=True)
         if isinstance(result, BaseException):
             raise result
         return result
