@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -107,6 +108,8 @@ def test_concurrent_edits_keep_the_original_and_a_conflict_copy(
             )
 
         _eventually(lambda: both_versions(b), "the desktop holds both versions")
+        status = desktop.run("status", str(b), "--json", check=True)
+        assert json.loads(status.stdout)["other_devices"]["conflicts"] == 1
         _eventually(lambda: both_versions(a), "the laptop holds both versions")
         unmount(desktop, b)
         unmount(laptop, a)

@@ -63,6 +63,12 @@ def render(s: dict[str, Any]) -> str:
         f"  last commit: {last}",
         f"  key generation: {s['key_generation']}",
     ]
+    others = s.get("other_devices")
+    if isinstance(others, dict):
+        lines.append(
+            f"  other devices: {others['commits_applied']} commits applied,"
+            f" {others['conflicts']} conflict copies made"
+        )
     lease = s.get("lease")
     if isinstance(lease, dict):
         lines.append("  lease:       " + ", ".join(f"{k} {v}" for k, v in lease.items()))
