@@ -72,6 +72,12 @@ def test_a_file_closed_on_one_device_appears_on_the_other(
         (a / "docs").mkdir()
         _write(a / "docs" / "hello.txt", b"written on the laptop")
         _eventually(lambda: _read(b / "docs" / "hello.txt") == b"written on the laptop", "B sees A")
+        # B has the file in its kernel caches; A rewrites it with another size.
+        _write(a / "docs" / "hello.txt", b"rewritten on the laptop, and longer")
+        _eventually(
+            lambda: _read(b / "docs" / "hello.txt") == b"rewritten on the laptop, and longer",
+            "B sees the rewrite",
+        )
         _write(b / "docs" / "reply.txt", b"written on the desktop")
         _eventually(
             lambda: _read(a / "docs" / "reply.txt") == b"written on the desktop", "A sees B"

@@ -106,6 +106,17 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         entries changed are invalidated too, so a cached listing goes.
         """
         known = self.lookups.keys() | {ROOT_INODE}
+        entries = set(entries)
+        for ino in inodes & self.lookups.keys():
+            # With the writeback cache the kernel never takes a regular file's size from us
+            # while it holds the inode: dropping every name of it lets the kernel evict the
+            # inode (unless open), so the next lookup sees the new size.
+            entries |= {
+                (int(p), bytes(n))
+                for p, n in self.md.db.execute(
+                    "SELECT parent, name FROM main.dentries WHERE inode=?", (ino,)
+                )
+            }
         self._stale_entries |= {(p, n) for p, n in entries if p in known}
         self._stale_inodes |= {i for i in inodes if i in known}
         self._stale_inodes |= {p for p, _ in entries if p in known}
