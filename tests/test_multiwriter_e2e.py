@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,3 +121,59 @@ def test_concurrent_edits_keep_the_original_and_a_conflict_copy(
         unmount(desktop, b)
         unmount(laptop, a)
     assert laptop.run("fsck", local_source).returncode == 0
+
+
+def test_a_read_only_mount_follows_a_writer(
+    laptop: Device, desktop: Device, local_source: str, tmp_path: Path
+) -> None:
+    laptop.run("init", local_source, "--no-passphrase", "--device-name", "laptop", check=True)
+    enroll(laptop, desktop, local_source, "desktop")
+    with (
+        laptop.mounted(local_source, tmp_path / "a", POLL) as a,
+        desktop.mounted(local_source, tmp_path / "b", POLL, "ro") as b,
+    ):
+        _write(a / "keep.txt", b"one")
+        _write(a / "gone.txt", b"two")
+        _eventually(lambda: _read(b / "gone.txt") == b"two", "the reader sees new files")
+        assert _read(b / "keep.txt") == b"one"
+        (a / "gone.txt").unlink()
+        _write(a / "keep.txt", b"rewritten " * 100_000)  # a new pack; the old one is freed
+        os.sync()
+        _eventually(lambda: not (b / "gone.txt").exists(), "the reader sees the delete")
+        _eventually(lambda: _read(b / "keep.txt") == b"rewritten " * 100_000, "and the rewrite")
+
+
+def test_untar_on_one_device_while_the_other_lists_and_reads(
+    laptop: Device, desktop: Device, any_source: str, tmp_path: Path
+) -> None:
+    source_tree = tmp_path / "tree"
+    for d in range(20):
+        (source_tree / f"d{d}").mkdir(parents=True)
+        for f in range(50):
+            (source_tree / f"d{d}" / f"f{f}").write_bytes(f"{d}/{f}\n".encode() * (f + 1))
+    archive = tmp_path / "tree.tar"
+    subprocess.run(["tar", "-C", str(source_tree), "-cf", str(archive), "."], check=True)
+    with _two_mounts(laptop, desktop, any_source, tmp_path) as (a, b):
+        untar = subprocess.Popen(["tar", "-C", str(a), "-xf", str(archive)])
+        errors: list[str] = []
+        while untar.poll() is None:
+            # The reader walks whatever it sees; every file it can name must read whole.
+            for path in b.rglob("*"):
+                try:
+                    if path.is_file():
+                        data = path.read_bytes()
+                        d, f = path.parent.name[1:], path.name[1:]
+                        if data and data != f"{d}/{f}\n".encode() * (int(f) + 1):
+                            errors.append(f"{path}: wrong contents")
+                except FileNotFoundError:
+                    continue  # renamed or not yet complete on the writer: tar's own moves
+                except OSError as exc:
+                    errors.append(f"{path}: {exc}")
+        assert untar.returncode == 0
+        assert errors == []
+        os.sync()
+        _eventually(
+            lambda: sum(1 for p in b.rglob("*") if p.is_file()) == 1000, "the reader converges"
+        )
+        assert (b / "d7" / "f9").read_bytes() == b"7/9\n" * 10
+    assert laptop.run("fsck", any_source).returncode == 0
