@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_mount import Device, needs_fuse, unmount
+from tests.fixtures_mount import Device, daemon_pids, force_unmount, needs_fuse, unmount
 from tests.test_devices_e2e import enroll
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -177,3 +178,24 @@ def test_untar_on_one_device_while_the_other_lists_and_reads(
         )
         assert (b / "d7" / "f9").read_bytes() == b"7/9\n" * 10
     assert laptop.run("fsck", any_source).returncode == 0
+
+
+def test_kill_9_of_one_writer_while_the_other_goes_on(
+    laptop: Device, desktop: Device, local_source: str, tmp_path: Path
+) -> None:
+    laptop.run("init", local_source, "--no-passphrase", "--device-name", "laptop", check=True)
+    enroll(laptop, desktop, local_source, "desktop")
+    a, b = tmp_path / "a", tmp_path / "b"
+    with laptop.mounted(local_source, a, POLL), desktop.mounted(local_source, b, POLL):
+        _write(a / "from-laptop", b"acknowledged before the crash")
+        _write(a / "unsynced", b"maybe", sync=False)
+        for pid in daemon_pids(a):
+            os.kill(pid, signal.SIGKILL)
+        force_unmount(a)
+        for n in range(20):
+            _write(b / f"after-{n}", f"desktop {n}".encode())
+        _eventually(lambda: _read(b / "from-laptop") == b"acknowledged before the crash", "B")
+        with laptop.mounted(local_source, tmp_path / "again", POLL) as again:
+            _eventually(lambda: _read(again / "after-19") == b"desktop 19", "the laptop again")
+            assert _read(again / "from-laptop") == b"acknowledged before the crash"
+    assert laptop.run("fsck", local_source).returncode == 0
