@@ -113,7 +113,6 @@ async def serve(volume: Volume, request: MountRequest, ready: trio.Event) -> Non
         finally:
             with trio.CancelScope(shield=True):
                 await _final_flush(volume)
-                await trio.to_thread.run_sync(volume.withdraw)
                 if keeper is not None:  # renewed during the flush; released only after it
                     await keeper.stop_and_release()
             nursery.cancel_scope.cancel()

@@ -204,13 +204,18 @@ class Volume:
             await self._publish()
         except StoreError as exc:
             log.warning("could not advertise this mount in the bucket: %s", exc)
-        async with trio.open_nursery() as nursery:
-            self.data.nursery = nursery
-            await nursery.start(self.uploader.run)
-            nursery.start_soon(self.committer.run, self.options.commit_interval)
-            nursery.start_soon(self.follow)
-            nursery.start_soon(self.ops.run_invalidations)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.data.nursery = nursery
+                await nursery.start(self.uploader.run)
+                nursery.start_soon(self.committer.run, self.options.commit_interval)
+                nursery.start_soon(self.follow)
+                nursery.start_soon(self.ops.run_invalidations)
+                task_status.started()
+        finally:
+            # Stopped (after the final flush): nothing of ours needs the bucket's old objects.
+            # Blocking on purpose: we may be cancelled, and this is one small DELETE.
+            self.withdraw()
 
     async def flush(self) -> None:
         """Everything into the bucket (fsync of the whole filesystem)."""
@@ -226,6 +231,8 @@ class Volume:
 
     def withdraw(self) -> None:
         """Remove this mount's `mounts/` object (at unmount): it needs nothing any more."""
+        if self.presence.published < 0:
+            return
         try:
             self.presence.withdraw()
         except StoreError as exc:
