@@ -23,7 +23,14 @@ from encfs_cloud.keys.device import DeviceState, DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.vault import Unlocked, refresh
 from encfs_cloud.store.base import ObjectStore
-from encfs_cloud.tree.journal import Head, commit_seqs, replay, rollback_problem
+from encfs_cloud.tree.journal import (
+    CommitInfo,
+    Head,
+    commit_seqs,
+    decode_commit,
+    replay,
+    rollback_problem,
+)
 from encfs_cloud.tree.merge import Merger
 from encfs_cloud.tree.metadata import Metadata
 from encfs_cloud.tree.namespace import Namespace
@@ -70,6 +77,8 @@ class Volume:
         self.md = md
         # The merge base is the replayed state: the root made below is a change of ours.
         self.merger = Merger(md, unlocked.device.name)
+        for info, body in self._spooled:
+            self.merger.adopt_own(info.kind, body)
         Namespace(md).ensure_root(os.getuid(), os.getgid())
         # Dirty and in-flight data also exist sealed in pack buffers while uploading: keep
         # them small enough that RSS stays within cache_size + ~150 MiB.
@@ -105,9 +114,16 @@ class Volume:
         """Load the newest state and refuse one older than this device has seen."""
         fs_id = self.unlocked.fs_id
         state = self.devices.load_state(fs_id)
+        self._spooled: list[tuple[CommitInfo, bytes]] = []
         if not self.options.read_only:  # a read-only mount writes nothing to the bucket
-            spool.upload(self.devices.folder(fs_id), self.store)
+            self._spooled = [
+                decode_commit(name, self.sealer.open_object(name, "commit", data))
+                for name, data in spool.upload(self.devices.folder(fs_id), self.store)
+            ]
         seqs = commit_seqs(self.store)
+        newest = seqs[-1] if seqs else 0
+        if self._spooled:  # load the state they build on; they are merged like late commits
+            seqs = [s for s in seqs if s < self._spooled[0][0].seq]
         if not seqs:
             if state.commit_seq and not self.options.allow_rollback:
                 raise RollbackError(
@@ -117,13 +133,22 @@ class Volume:
                 )
             return Metadata(), Head(0, b"", 0, 0, 0)
         md, head, hashes = replay(self.store, self.sealer, seqs=seqs)
-        problem = rollback_problem(head, hashes, md, state.commit_seq or 0, state.commit_hash)
+        if self._spooled and head.hash != self._spooled[0][0].prev_hash:
+            raise StoreError(
+                f"the spooled commits build on commit {head.seq}, which the bucket no "
+                f"longer holds as it was; the spool stays in {self.devices.folder(fs_id)}"
+            )
+        # With a spool the state loaded is older than the bucket's newest on purpose; the
+        # commits after it are applied (chain-checked) by the first catch-up.
+        checked = head if not self._spooled else Head(newest, head.hash, 0, 0, 0)
+        problem = rollback_problem(checked, hashes, md, state.commit_seq or 0, state.commit_hash)
         if problem and not self.options.allow_rollback:
             raise RollbackError(
                 f"{problem}: the bucket was rolled back or forked; mount with "
                 "-o allow_rollback to accept its state"
             )
-        self._remember_head(head)
+        if not self._spooled:  # the spool's parent is older than what this device has seen
+            self._remember_head(head)
         return md, head
 
     def _remember_head(self, head: Head) -> None:
@@ -132,6 +157,11 @@ class Volume:
             state.commit_hash = head.hash
 
         self.devices.update_state(self.unlocked.fs_id, seen)
+        committer = getattr(self, "committer", None)
+        if self._spooled and committer is not None and committer.commits:
+            # Our first commit after merging the spooled ones is durable: they are in it.
+            spool.forget(self.devices.folder(self.unlocked.fs_id))
+            self._spooled = []
 
     async def _refresh_keys(self) -> None:
         """Adopt a key generation another device created (a revocation) before committing.

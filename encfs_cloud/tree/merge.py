@@ -59,6 +59,16 @@ class Merger(TreeFixer):
         for touched in self.md.dirty.values():
             touched.clear()
 
+    def adopt_own(self, kind: str, body: bytes) -> None:
+        """A commit of ours that never reached the bucket (the spool of an unmount while
+        offline) becomes uncommitted changes again: main moves, base stays."""
+        if kind == journal.KIND_SNAPSHOT:
+            self.md.db.deserialize(body)
+        else:
+            journal.apply_delta(self.md, body)
+        for table in TABLE_KEYS:
+            self.md.dirty[table] = self._changed(table, "main")
+
     def _load(self, schema: str, kind: str, body: bytes) -> None:
         if kind == journal.KIND_SNAPSHOT:
             self.md.db.deserialize(body, name=schema)
