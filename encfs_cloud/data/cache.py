@@ -95,6 +95,13 @@ class ChunkCache:
             self.inflight_bytes -= len(data)
         self.put_clean(key, version, data)
 
+    def drop_inflight(self, key: ChunkKey, data: bytes | bytearray) -> None:
+        """`data` no longer is `key`'s contents (a merge gave the chunk another version);
+        its pack still uploads it from its own reference."""
+        if self.inflight.get(key) is data:
+            del self.inflight[key]
+            self.inflight_bytes -= len(data)
+
     def forget(self, ino: int, first_idx: int = 0) -> None:
         """Drop every state of chunks >= first_idx of `ino` (truncate, delete)."""
         for key in [k for k in self.dirty if k[0] == ino and k[1] >= first_idx]:

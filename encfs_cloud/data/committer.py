@@ -219,8 +219,9 @@ class Committer:
                 continue
             # Queued commits are re-made after the merge: what they carried is still where
             # the live tree differs from the merge base.
+            local = bool(self.queue) or self.has_changes()
             self.queue.clear()
-            await self.rebaser.apply(found)
+            await self.rebaser.apply(found, local_changes=local)
             self.head = found.head
             self.on_commit(found.head)
             applied += 1

@@ -71,9 +71,17 @@ class Rebaser:
             jump_commit, self.store, self.sealer, head, limiter=up.limiter
         )
 
-    async def apply(self, commit: NextCommit) -> Outcome:
+    async def apply(self, commit: NextCommit, *, local_changes: bool = True) -> Outcome:
         """Merge one commit of another device into the live tree (base moves to it)."""
         merger, up = self.merger, self.uploader
+        if not local_changes:
+            # Nothing of ours to keep: apply it as replay would, in time linear in the delta.
+            outcome = merger.fast_forward(commit.info.kind, commit.body)
+            self._unpin_replaced()
+            self.applied += 1
+            if self.on_outcome is not None:
+                self.on_outcome(outcome)
+            return outcome
         merger.stage_remote(commit.info.kind, commit.body)
         try:
             for _ in range(PLAN_ATTEMPTS):
@@ -98,6 +106,7 @@ class Rebaser:
                         self.data.cache.put_inflight((ino, idx), data)
                         up.add_chunk((ino, idx), data)
                 merger.finish_remote()
+                self._unpin_replaced()
                 break
             else:
                 raise RuntimeError("local writes kept changing a file in conflict")
@@ -116,6 +125,17 @@ class Rebaser:
         if self.on_outcome is not None:
             self.on_outcome(outcome)
         return outcome
+
+    def _unpin_replaced(self) -> None:
+        """In-flight chunks are served by (inode, index): those whose row the merge pointed
+        at another version must not be served any more (they would be our older version)."""
+        up = self.uploader
+        packs = [*up.pending.values(), *([up.open_pack] if up.open_pack else [])]
+        for pack in packs:
+            for key, version, data in pack.entries:
+                ref = self.merger.md.get_chunk(*key)
+                if ref is None or ref.version != version:
+                    self.data.cache.drop_inflight(key, data)
 
     async def _local_contents(
         self, wanted: dict[int, list[tuple[int, ChunkRef]]]

@@ -49,15 +49,48 @@ class Merger(TreeFixer):
         """Our commit is in the bucket: base moves to it."""
         self._load("base", kind, body)
 
-    def fast_forward(self, kind: str, body: bytes) -> None:
-        """Another device's commit when nothing here is uncommitted: both move to it."""
-        self._load("base", kind, body)
+    def fast_forward(self, kind: str, body: bytes) -> Outcome:
+        """Another device's commit when nothing here is uncommitted: both move to it.
+
+        Returns what it changed (for a snapshot: every inode and entry, as far as known)."""
+        out = Outcome()
         if kind == journal.KIND_SNAPSHOT:
+            self._load("base", kind, body)
             self.md.db.deserialize(body)
+            out.inodes = {r[0] for r in self.md.db.execute("SELECT id FROM main.inodes")}
+            out.entries = {
+                (int(p), bytes(n))
+                for p, n in self.md.db.execute("SELECT parent, name FROM main.dentries")
+            }
         else:
+            db = self.md.db
+            db.execute("ATTACH DATABASE ':memory:' AS incoming")
+            try:
+                db.deserialize(body, name="incoming")
+                for table in (
+                    "inodes",
+                    "del_inodes",
+                    "chunks",
+                    "del_chunks",
+                    "xattrs",
+                    "del_xattrs",
+                ):
+                    column = "id" if "inodes" in table else "inode"
+                    out.inodes |= {
+                        r[0] for r in db.execute(f"SELECT {column} FROM incoming.{table}")
+                    }
+                for table in ("dentries", "del_dentries"):
+                    out.entries |= {
+                        (int(p), bytes(n))
+                        for p, n in db.execute(f"SELECT parent, name FROM incoming.{table}")
+                    }
+            finally:
+                db.execute("DETACH DATABASE incoming")
+            journal.apply_delta(self.md, body, schema="base")
             journal.apply_delta(self.md, body)
         for touched in self.md.dirty.values():
             touched.clear()
+        return out
 
     def adopt_own(self, kind: str, body: bytes) -> None:
         """A commit of ours that never reached the bucket (the spool of an unmount while
