@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import trio
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_SIZE = 256 << 20
 IO_THREADS = 8
 KEY_REFRESH_INTERVAL = 30.0
+EXCLUSIVE_CHECK = 30.0
 THOROUGH_EVERY = 12  # polls: one in this many also LISTs the commits (a head deleted meanwhile)
 
 
@@ -107,6 +109,7 @@ class Volume:
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
         self.data.refresh = self._refresh_for_read
         self._keys_checked = 0.0
+        self._exclusive_checked = -EXCLUSIVE_CHECK
         self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
 
@@ -204,7 +207,13 @@ class Volume:
             await self.committer.follow(thorough=True)
 
     def _may_put(self) -> None:
-        exclusive.check_before_commit(self.store, self.sealer)
+        # An exclusive operation refuses to start while mounts advertise themselves, so
+        # only a mount silent for minutes (suspended) can meet one: checking at most every
+        # EXCLUSIVE_CHECK seconds catches that case at its first commit after waking.
+        now = time.monotonic()
+        if now - self._exclusive_checked >= EXCLUSIVE_CHECK:
+            exclusive.check_before_commit(self.store, self.sealer)
+            self._exclusive_checked = now
 
     def _changed(self, outcome: Outcome) -> None:
         self.ops.changed_elsewhere(outcome.inodes, outcome.entries)

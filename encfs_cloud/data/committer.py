@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY_DELTAS = 256
 SNAPSHOT_MIN_DELTA_BYTES = 8 << 20
+LIST_EVERY = 60.0  # seconds: a commit LISTs meta/ at most this often (see _catch_up)
 REBASE_ATTEMPTS = 16  # lost commit races in a row before a sync gives up (and retries later)
 
 
@@ -88,6 +89,7 @@ class Committer:
         self.last_commit_ns = 0
         self.errors = 0
         self.stopped = False  # set when writing must stop (lease lost, device revoked)
+        self._listed = -LIST_EVERY  # when meta/ was last listed (trio clock)
 
     def has_changes(self) -> bool:
         up = self.uploader
@@ -109,7 +111,7 @@ class Committer:
                 # Catch up first: fewer lost races, and never a commit after a deleted head.
                 # Unreachable: seal anyway, so the queue (and the spool) keep the changes.
                 with contextlib.suppress(StoreError):
-                    await self._catch_up(thorough=True)
+                    await self._catch_up(thorough=trio.current_time() > self._listed + LIST_EVERY)
             if self.has_changes():
                 self.queue.append(await self._seal_next())
             await self._drain_rebasing()
@@ -211,6 +213,9 @@ class Committer:
         while True:
             found = await self.rebaser.fetch(self.head)
             if found is None and thorough:
+                # Only a mount silent for longer than others wait (10 min) can find its next
+                # commit deleted, so this LIST is needed rarely, not before every commit.
+                self._listed = trio.current_time()
                 found = await self.rebaser.jump(self.head)
             if found is None:
                 return applied
