@@ -197,6 +197,12 @@ class Volume:
         """Inodes left with no name by a crash while they were open are deleted now."""
         if self.options.read_only:
             return
+        try:
+            if self.presence.live():  # another mount may still have such a file open
+                return
+        except StoreError as exc:
+            log.warning("could not list live mounts (%s); orphans are kept for now", exc)
+            return
         for ino in self.md.orphans():
             self.md.delete_inode(ino)
 
