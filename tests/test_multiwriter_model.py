@@ -243,7 +243,7 @@ class Model:
         self.acked |= set((await dev.contents()).values())
 
 
-async def _run(seed: int, steps: int) -> None:
+async def _run(seed: int, steps: int, concurrent: bool = False) -> None:
     model = Model(seed)
     shared = MemoryStore()
     sealer = Sealer(os.urandom(16).hex(), new_master_keys())
@@ -253,8 +253,19 @@ async def _run(seed: int, steps: int) -> None:
         await devices[0].committer.sync()
         for dev in devices[1:]:
             await dev.start(nursery, first=False)
-        for _ in range(steps):
-            await model.step(model.rng.choice(devices))
+        if concurrent:
+            # Each device in its own task: their store calls (worker threads) overlap, so
+            # commits really race for the same number.
+            async def device_loop(dev: Device) -> None:
+                for _ in range(steps // len(devices)):
+                    await model.step(dev)
+
+            async with trio.open_nursery() as inner:
+                for dev in devices:
+                    inner.start_soon(device_loop, dev)
+        else:
+            for _ in range(steps):
+                await model.step(model.rng.choice(devices))
         for dev in devices:
             dev.offline, dev.store.fail_commits = 0, 0
         for _ in range(10):  # converge: everyone commits and follows until nothing moves
@@ -296,12 +307,19 @@ def test_three_devices_converge_without_losing_acknowledged_changes() -> None:
     trio.run(_run, seed, 1500)
 
 
+def test_three_devices_concurrently_converge() -> None:
+    seed = _seed()
+    print(f"model seed {seed} (ENCFS_MODEL_SEED={seed}; the interleaving is not replayed)")
+    trio.run(_run, seed, 900, True)
+
+
 @pytest.mark.slow
 def test_three_devices_converge_long_run() -> None:
     for _ in range(5):
         seed = _seed()
         print(f"model seed {seed} (ENCFS_MODEL_SEED={seed} replays it)")
         trio.run(_run, seed, 20000)
+        trio.run(_run, seed, 20000, True)
 
 
 async def _stale_read() -> None:
