@@ -314,6 +314,7 @@ def test_three_devices_concurrently_converge() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ENCFS_STRESS"), reason="make stress only")
 def test_three_devices_converge_long_run() -> None:
     for _ in range(5):
         seed = _seed()
