@@ -13,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from encfs_cloud.daemon.stale import StaleCaches
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.errors import EncfsCloudError, FsError, errno_of
@@ -91,45 +92,20 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.open_files: dict[int, int] = {}  # inode → open handles
         self.handles: dict[int, int] = {}  # fh → inode
         self._next_fh = 1
-        # What other devices changed, waiting to be dropped from the kernel's caches.
-        self._stale_inodes: set[int] = set()
-        self._stale_entries: set[tuple[int, bytes]] = set()
-        self._stale = trio.Event()
+        self.stale = StaleCaches(md)  # what other devices changed, for the kernel's caches
         self.locks: dict[int, trio.Lock] = {}
 
     # --- helpers ---------------------------------------------------------------------
 
     def changed_elsewhere(self, inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
-        """Another device's commit was applied: queue what the kernel may hold stale.
-
-        Only what the kernel knows (it holds a lookup) can be stale; directories whose
-        entries changed are invalidated too, so a cached listing goes.
-        """
-        known = self.lookups.keys() | {ROOT_INODE}
-        entries = set(entries)
-        for ino in inodes & self.lookups.keys():
-            # With the writeback cache the kernel never takes a regular file's size from us
-            # while it holds the inode: dropping every name of it lets the kernel evict the
-            # inode (unless open), so the next lookup sees the new size.
-            entries |= {
-                (int(p), bytes(n))
-                for p, n in self.md.db.execute(
-                    "SELECT parent, name FROM main.dentries WHERE inode=?", (ino,)
-                )
-            }
-        self._stale_entries |= {(p, n) for p, n in entries if p in known}
-        self._stale_inodes |= {i for i in inodes if i in known}
-        self._stale_inodes |= {p for p, _ in entries if p in known}
-        self._stale.set()
+        """Another device's commit was applied: queue what the kernel may hold stale."""
+        self.stale.note(inodes, entries, self.lookups.keys() | {ROOT_INODE})
 
     async def run_invalidations(self) -> None:
         """Tell the kernel, from a worker thread: invalidating pages may make the kernel
         write dirty pages back to us first, which needs this (the trio) thread free."""
         while True:
-            await self._stale.wait()
-            self._stale = trio.Event()
-            inodes, self._stale_inodes = self._stale_inodes, set()
-            entries, self._stale_entries = self._stale_entries, set()
+            inodes, entries = await self.stale.next_batch()
             await trio.to_thread.run_sync(_invalidate, inodes, entries)
 
     def _writable(self) -> None:
