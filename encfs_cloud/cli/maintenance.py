@@ -30,7 +30,7 @@ entries without inodes, wrong link counts) and what is garbage (objects nothing 
 commits older than the snapshot, inodes without a name). Without --repair it changes nothing
 and may run while the filesystem is mounted (then what may be in flight is not counted).
 
---repair takes the single-writer lease (a running read-write mount makes it refuse, exit 12),
+--repair takes the exclusive lease (any live mount of the filesystem makes it refuse, exit 12),
 says what it will do and asks first on a terminal (--yes: do not ask). It REMOVES files whose
 data is damaged (they are listed: run salvage first to copy out what is still readable),
 deletes garbage, fixes link counts, and writes the result as a new metadata snapshot.
@@ -63,7 +63,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--takeover",
         action="store_true",
-        help="with --repair: take over the lease of a mount that crashed (once it expired)",
+        help="with --repair: take an expired lease, ignore advertisements of crashed mounts",
     )
     p.add_argument("--passphrase-file", metavar="FILE", help="read this device's passphrase")
     p.set_defaults(func=cmd_fsck)
