@@ -137,6 +137,8 @@ class Committer:
             or tail.delta_bytes_since_snapshot > SNAPSHOT_MIN_DELTA_BYTES
         )
         seq = tail.seq + 1
+        if self.rebaser is not None:  # the export clears md.dirty; the merger keeps the keys
+            self.rebaser.merger.note_local()
         body = export_snapshot(self.md) if snapshot else export_delta(self.md)
         info = CommitInfo(
             seq=seq,
@@ -244,6 +246,8 @@ class Committer:
         self.head = commit.head
         if self.rebaser is not None:
             self.rebaser.merger.own_commit_durable(commit.kind, commit.body)
+            if not self.queue:
+                self.rebaser.merger.all_local_durable()
         self.commits += 1
         self.last_commit_ns = commit.time_ns
         self.on_commit(commit.head)

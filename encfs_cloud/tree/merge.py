@@ -42,6 +42,41 @@ class Merger(TreeFixer):
         db.execute("ATTACH DATABASE ':memory:' AS base")
         db.deserialize(db.serialize(), name="base")
         self._remote = False
+        # Keys changed here since base that md.dirty no longer shows (exported into commits
+        # not yet durable): with md.dirty, a superset of where main differs from base, so a
+        # merge compares those rows only instead of whole tables.
+        self.local_keys: dict[str, set[Key]] = {t: set() for t in TABLE_KEYS}
+        self._remote_keys: dict[str, set[Key]] | None = None
+
+    def note_local(self) -> None:
+        """Called before each export (which clears md.dirty)."""
+        for table, keys in self.md.dirty.items():
+            self.local_keys[table] |= keys
+
+    def all_local_durable(self) -> None:
+        """Every export is in the bucket: base holds it, md.dirty holds what came after."""
+        for keys in self.local_keys.values():
+            keys.clear()
+
+    def _delta_keys(self, body: bytes) -> dict[str, set[Key]]:
+        """The keys a delta writes or deletes, per table."""
+        db = self.md.db
+        found: dict[str, set[Key]] = {}
+        db.execute("ATTACH DATABASE ':memory:' AS incoming")
+        try:
+            db.deserialize(body, name="incoming")
+            for table, keys in TABLE_KEYS.items():
+                cols = ",".join(keys)
+                rows = db.execute(
+                    f"SELECT {cols} FROM incoming.{table} "
+                    f"UNION SELECT {cols} FROM incoming.del_{table}"
+                )
+                found[table] = {
+                    tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows
+                }
+        finally:
+            db.execute("DETACH DATABASE incoming")
+        return found
 
     # --- keeping base at the durable head -------------------------------------------------
 
@@ -63,29 +98,9 @@ class Merger(TreeFixer):
                 for p, n in self.md.db.execute("SELECT parent, name FROM main.dentries")
             }
         else:
-            db = self.md.db
-            db.execute("ATTACH DATABASE ':memory:' AS incoming")
-            try:
-                db.deserialize(body, name="incoming")
-                for table in (
-                    "inodes",
-                    "del_inodes",
-                    "chunks",
-                    "del_chunks",
-                    "xattrs",
-                    "del_xattrs",
-                ):
-                    column = "id" if "inodes" in table else "inode"
-                    out.inodes |= {
-                        r[0] for r in db.execute(f"SELECT {column} FROM incoming.{table}")
-                    }
-                for table in ("dentries", "del_dentries"):
-                    out.entries |= {
-                        (int(p), bytes(n))
-                        for p, n in db.execute(f"SELECT parent, name FROM incoming.{table}")
-                    }
-            finally:
-                db.execute("DETACH DATABASE incoming")
+            keys = self._delta_keys(body)
+            out.inodes = {_int(k[0]) for t in ("inodes", "chunks", "xattrs") for k in keys[t]}
+            out.entries = {(_int(k[0]), _bytes(k[1])) for k in keys["dentries"]}
             journal.apply_delta(self.md, body, schema="base")
             journal.apply_delta(self.md, body)
         for touched in self.md.dirty.values():
@@ -116,9 +131,11 @@ class Merger(TreeFixer):
             self._remote = True
         if kind == journal.KIND_SNAPSHOT:
             db.deserialize(body, name="remote")
+            self._remote_keys = None  # compare whole tables
         else:
             db.deserialize(db.serialize(name="base"), name="remote")
             journal.apply_delta(self.md, body, schema="remote")
+            self._remote_keys = self._delta_keys(body)
 
     @property
     def staged(self) -> bool:
@@ -147,8 +164,15 @@ class Merger(TreeFixer):
     # --- planning and merging -------------------------------------------------------------
 
     def _sides(self) -> tuple[dict[str, set[Key]], dict[str, set[Key]]]:
-        local = {t: self._changed(t, "main") for t in TABLE_KEYS}
-        remote = {t: self._changed(t, "remote") for t in TABLE_KEYS}
+        local = {
+            t: self._differing(t, "main", "base", self.local_keys[t] | self.md.dirty[t])
+            for t in TABLE_KEYS
+        }
+        theirs = self._remote_keys
+        remote = {
+            t: self._differing(t, "remote", "base", None if theirs is None else theirs[t])
+            for t in TABLE_KEYS
+        }
         return local, remote
 
     def plan(self) -> Plan:
@@ -229,8 +253,26 @@ class Merger(TreeFixer):
                     self._put(table, key, self._row("remote", table, key))
         self._fix_tree(local, remote, out)
         self._recount(local, remote, out)
-        for table in TABLE_KEYS:  # what the next commit must carry: everything not in remote
-            self.md.dirty[table] = self._changed(table, "main", "remote")
+        # What the next commit must carry: every row where main now differs from remote,
+        # looked for among everything the merge or either side touched.
+        inodes = self._ours | self._theirs | out.inodes | set(copies.values())
+        candidates = {t: local[t] | remote[t] for t in TABLE_KEYS}
+        candidates["inodes"] |= {(i,) for i in inodes}
+        candidates["dentries"] |= set(out.entries)
+        candidates["packs"] |= {(p,) for p in self._recounted}
+        for table, column in (("chunks", "inode"), ("xattrs", "inode")):
+            cols = ",".join(TABLE_KEYS[table])
+            for side in ("main", "remote"):
+                for ino in inodes:
+                    candidates[table] |= {
+                        tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+                        for r in self.md.db.execute(
+                            f"SELECT {cols} FROM {side}.{table} WHERE {column}=?", (ino,)
+                        )
+                    }
+        for table in TABLE_KEYS:
+            self.md.dirty[table] = self._differing(table, "main", "remote", candidates[table])
+        self.all_local_durable()  # md.dirty holds all of it now
         return out, copies
 
     def _take_all(self, side: str, ino: int) -> None:

@@ -59,6 +59,14 @@ class RowSets:
         )
         return {tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows}
 
+    def _differing(
+        self, table: str, side: str, against: str, candidates: set[Key] | None
+    ) -> set[Key]:
+        """Like `_changed`, but only among `candidates` (None: the whole table)."""
+        if candidates is None:
+            return self._changed(table, side, against)
+        return {k for k in candidates if self._row(side, table, k) != self._row(against, table, k)}
+
     def _row(self, side: str, table: str, key: Key) -> tuple[object, ...] | None:
         where = " AND ".join(f"{k}=?" for k in TABLE_KEYS[table])
         row = self.md.db.execute(f"SELECT * FROM {side}.{table} WHERE {where}", key).fetchone()

@@ -16,6 +16,7 @@ class TreeFixer(RowSets):
     """The repairs a row-level merge needs; `_local_names` is set by the merge beforehand."""
 
     _local_names: dict[int, tuple[int, bytes] | None]
+    _recounted: set[str] = set()  # packs whose accounting the last merge recomputed
 
     def _fix_tree(
         self, local: dict[str, set[Key]], remote: dict[str, set[Key]], out: Outcome
@@ -172,6 +173,7 @@ class TreeFixer(RowSets):
                     row = self._row(side, "chunks", key)
                     if row is not None:
                         packs.add(row[2])
+        self._recounted = {str(p) for p in packs}
         for pack in packs:
             if self._row("main", "packs", (pack,)) is None:
                 theirs = self._row("remote", "packs", (pack,))
