@@ -238,11 +238,15 @@ class Volume:
             polls += 1
             try:
                 await self.committer.follow(thorough=polls % THOROUGH_EVERY == 0)
-                await self._publish()
             except StoreError as exc:
                 log.warning("could not look for other devices' commits: %s", exc)
             except EncfsCloudError as exc:  # a commit that does not authenticate or chain
                 log.error("another device's commit was refused: %s", exc)
+            try:
+                await self._publish()
+            except StoreError as exc:  # e.g. read-only credentials: say it once a while
+                if polls % (THOROUGH_EVERY * 10) == 1:
+                    log.warning("could not advertise this mount in the bucket: %s", exc)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
