@@ -10,6 +10,7 @@ import trio
 
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.data.uploader import Uploader
+from encfs_cloud.errors import StoreError
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.follow import NextCommit, jump_commit, next_commit
@@ -109,7 +110,8 @@ class Rebaser:
                 self._unpin_replaced()
                 break
             else:
-                raise RuntimeError("local writes kept changing a file in conflict")
+                # Retried at the next poll or commit; never a crash of the mount.
+                raise StoreError("local writes kept changing a file in conflict; retrying later")
         except BaseException:
             if merger.staged:
                 merger.drop_remote()
