@@ -242,6 +242,8 @@ class Volume:
                 log.warning("could not look for other devices' commits: %s", exc)
             except EncfsCloudError as exc:  # a commit that does not authenticate or chain
                 log.error("another device's commit was refused: %s", exc)
+            except Exception:  # a bug: logged with its traceback, the mount stays up
+                log.exception("applying other devices' commits failed")
             try:
                 await self._publish()
             except StoreError as exc:  # e.g. read-only credentials: say it once a while
