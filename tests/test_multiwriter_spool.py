@@ -1,5 +1,5 @@
-"""An unmount that could not reach the bucket spools; another mount went on meanwhile; the
-next mount merges the spooled commits like a late writer instead of refusing."""
+"""Mounts meeting the bucket late: a spool merged over another writer's commits, and commits
+that wait while an exclusive operation holds the filesystem."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import pytest
 import trio
 
 from encfs_cloud import layout
+from encfs_cloud.daemon.lease import Lease
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.errors import StoreError, UnreachableError
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.memory import MemoryStore
 from encfs_cloud.tree.metadata import ROOT_INODE
 from encfs_cloud.tree.namespace import Namespace
@@ -108,3 +110,40 @@ def test_spooled_commits_are_merged_over_another_writers(tmp_path: Path) -> None
     again = _session(Volume(shared, vault.unlock(shared, devices, None), devices, options), {})
     assert again == found
     assert os.environ["ENCFS_CLOUD_TEST_FAST_KDF"] == "1"
+
+
+def test_an_exclusive_operation_pauses_a_mounts_commits(tmp_path: Path) -> None:
+    """A mount that missed an exclusive operation's start (it was silent) meets its lease at
+    the next commit: the commit stays queued, and goes once the lease is given back."""
+    store = MemoryStore()
+    devices = DeviceStore(tmp_path / "xdg" / "encfs-cloud")
+    unlocked, _ = vault.init_filesystem(store, devices, None, "laptop")
+    repair = Lease(store, Sealer(unlocked.fs_id, unlocked.keys), "other-id", "fsck-elsewhere")
+    vol = Volume(
+        store, vault.unlock(store, devices, None), devices, VolumeOptions(sync_timeout=0.5)
+    )
+    outcome: list[str] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vol.run)
+            await _write(vol, {b"during.txt": b"while fsck --repair runs"})
+            repair.acquire()
+            try:
+                await vol.flush()
+            except StoreError as exc:
+                outcome.append(str(exc))
+            assert vol.committer.queue, "the commit stays queued"
+            repair.release()
+            vol._exclusive_checked = -1e9  # the next check is due at once (normally 30 s)
+            await vol.flush()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        vol.wipe()
+        unlocked.wipe()
+    assert outcome and "exclusive operation" in outcome[0]
+    found = _session(Volume(store, vault.unlock(store, devices, None), devices), {})
+    assert found == {b"during.txt": b"while fsck --repair runs"}
