@@ -19,6 +19,7 @@ DATA_PREFIX = "data/"
 META_PREFIX = "meta/"
 KEYS_PREFIX = "keys/"
 REQUESTS_PREFIX = "requests/"
+MOUNTS_PREFIX = "mounts/"  # one sealed object per live mount: the newest commit it applied
 
 # The largest object of each kind that is read whole, from the sizes docs/format.md gives with
 # a wide margin: a larger one is refused before it is read, so a hostile bucket cannot make a

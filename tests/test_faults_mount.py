@@ -25,7 +25,7 @@ STRESS_MARKS = [pytest.mark.slow, pytest.mark.timeout(1800)]
 ROUNDS = 8 if STRESS else 1  # workloads, each meeting every fault of the plans below once
 KIB, MIB = 1 << 10, 1 << 20
 FILES = {"a.bin": MIB + MIB // 2, "b.bin": 700 * KIB, "c.bin": 2 * MIB + 123, "d": 5000}
-DATA, META, LEASE, KEYS = r"/data/", r"/meta/", r"/lease", r"/keys/"
+DATA, META, MOUNTS, KEYS = r"/data/", r"/meta/", r"/mounts/", r"/keys/"
 # One store call makes at most 6 attempts, and a read or a mount's replay is one call: a plan
 # never lines up more than 5 faults for requests that may be one call's retries. Uploads and
 # commits retry further up, so their plans hold every fault (HANG has a test of its own: it
@@ -41,7 +41,7 @@ EVERY_PUT_FAULT = [
 PUT_PLAN = {
     DATA: EVERY_PUT_FAULT,
     META: EVERY_PUT_FAULT,
-    LEASE: [Fault.HTTP_500, Fault.RESET_BEFORE, Fault.RESET_AFTER],
+    MOUNTS: [Fault.HTTP_500, Fault.RESET_BEFORE, Fault.RESET_AFTER],
 }
 GET_PLAN = {
     DATA: [Fault.HTTP_500, Fault.SLOW_DOWN, Fault.RESET_DURING, Fault.TRUNCATE, Fault.DELAY],
@@ -125,8 +125,7 @@ def test_workload_completes_through_faults(
     tally: Counter[str],
 ) -> None:
     """Writes, fsyncs, a remount's unlock and replay, and reads all meet every fault."""
-    # A short lease, so renewals (conditional PUTs) also happen, and meet faults, in the test.
-    device.extra_env["ENCFS_CLOUD_LEASE_SECONDS"] = "8"
+    # Each mount advertises itself (a PUT under mounts/), which meets faults too.
     device.init(s3_bucket)
     log = tmp_path / "daemon.log"
     mnt = tmp_path / "mnt"
@@ -135,7 +134,6 @@ def test_workload_completes_through_faults(
         rules = inject(proxy, "PUT", PUT_PLAN)
         with explained(log), device.mounted(s3_bucket, mnt, *options(proxy, log)) as m:
             write_files(m, f"r{n}")
-            time.sleep(2.5)  # a lease renewal at least (every validity/4 = 2 s)
         rules += inject(proxy, "GET", GET_PLAN)
         with explained(log), device.mounted(s3_bucket, mnt, *options(proxy, log)) as m:
             for done in range(n + 1):

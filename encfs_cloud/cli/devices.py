@@ -348,7 +348,7 @@ _FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "code-file": (("--code-file",), {"metavar": "FILE", "help": "read the code (- for stdin)"}),
     "yes": (("--yes", "-y"), {"action": "store_true", "help": "do not ask for confirmation"}),
     "reencrypt": (("--reencrypt",), {"action": "store_true", "help": "also rewrite old data"}),
-    "takeover": (("--takeover",), {"action": "store_true", "help": "take a crashed mount's lease"}),
+    "takeover": (("--takeover",), {"action": "store_true", "help": "after a crash: lease, mounts"}),
     "recovery-key-file": (("--recovery-key-file",), {"metavar": "FILE", "help": "read it"}),
     "rotate": (("--rotate",), {"action": "store_true", "help": "print a new recovery key"}),
     "force": (("--force",), {"action": "store_true", "help": "even if it is the last key left"}),

@@ -12,6 +12,7 @@ from typing import Any
 
 from encfs_cloud.cli.args import EXIT_HELP, open_source
 from encfs_cloud.cli.progress import Progress
+from encfs_cloud.daemon import exclusive
 from encfs_cloud.daemon.lease import FencedStore, Lease
 from encfs_cloud.daemon.options import read_secret_file
 from encfs_cloud.errors import Interrupted
@@ -32,7 +33,7 @@ entries without inodes, wrong link counts) and what is garbage (objects nothing 
 commits older than the snapshot, inodes without a name). Without --repair it changes nothing
 and may run while the filesystem is mounted (then what may be in flight is not counted).
 
---repair takes the single-writer lease (a running read-write mount makes it refuse, exit 12),
+--repair takes the exclusive lease (any live mount of the filesystem makes it refuse, exit 12),
 says what it will do and asks first on a terminal (--yes: do not ask). It REMOVES files whose
 data is damaged (they are listed: run salvage first to copy out what is still readable),
 deletes garbage, fixes link counts, and writes the result as a new metadata snapshot.
@@ -66,7 +67,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--takeover",
         action="store_true",
-        help="with --repair: take over the lease of a mount that crashed (once it expired)",
+        help="with --repair: take an expired lease, ignore advertisements of crashed mounts",
     )
     p.add_argument("--passphrase-file", metavar="FILE", help="read this device's passphrase")
     p.set_defaults(func=cmd_fsck)
@@ -103,7 +104,9 @@ def _open(args: argparse.Namespace) -> tuple[ObjectStore, DeviceStore, Unlocked]
 
 
 def _writer_active(lease: Lease) -> bool:
-    """A mount may be writing: the lease is live (or unreadable, to be safe)."""
+    """A mount may be writing: one advertises itself, or the lease is live (or unreadable)."""
+    if exclusive.live_mounts(lease.store, lease.sealer):
+        return True
     info, etag = lease.read()
     if etag is None:
         return False
@@ -122,6 +125,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             check_writable(store, devices, unlocked.fs_id, unsafe=unsafe, doing="fsck --repair")
             lease.acquire(takeover=args.takeover, how="--takeover")
         try:
+            if args.repair:
+                exclusive.refuse_if_mounted(store, sealer, takeover=args.takeover)
             renewing = lease.renewed_in_background() if lease.held else contextlib.nullcontext()
             with renewing:
                 return _fsck(args, store, sealer, lease, devices, unlocked.fs_id)

@@ -120,6 +120,12 @@ def render(s: dict[str, Any]) -> str:
             f" ({human_bytes(disk['spilled_bytes'])} spilled, waiting for upload),"
             f" {disk['hits']} hits, {disk['misses']} misses, {disk['dropped']} dropped"
         )
+    others = s.get("other_devices")
+    if isinstance(others, dict):
+        lines.append(
+            f"  other devices: {others['commits_applied']} commits applied,"
+            f" {others['conflicts']} conflict copies made"
+        )
     lease = s.get("lease")
     if isinstance(lease, dict):
         lines.append(f"  lease:       {_lease_line(lease)}")

@@ -109,6 +109,10 @@ def status(volume: Volume, mountpoint: Path, rates: Rates) -> dict[str, Any]:
             "queued": len(committer.queue),
         },
         "key_generation": volume.unlocked.keys.current,
+        "other_devices": {  # several writers: what this mount took from the others
+            "commits_applied": volume.rebaser.applied,
+            "conflicts": volume.rebaser.conflicts,
+        },
         "errors": {
             "upload": uploader.errors + committer.errors,
             "read": data.store_errors,

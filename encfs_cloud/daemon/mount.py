@@ -14,9 +14,9 @@ import pyfuse3
 import trio
 
 from encfs_cloud import layout
-from encfs_cloud.daemon import control, logs, runtime
+from encfs_cloud.daemon import control, exclusive, logs, runtime
 from encfs_cloud.daemon.health import WatchedStore
-from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseKeeper
+from encfs_cloud.daemon.lease import Lease, LeaseKeeper
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.data import spool
 from encfs_cloud.errors import (
@@ -72,7 +72,7 @@ def check_mountpoint(path: Path) -> None:
 
 
 def prepare(request: MountRequest) -> Volume:
-    """Open the store, unlock the keys, take the lease (read-write) and replay (blocking)."""
+    """Open the store, unlock the keys, check no exclusive operation runs, replay (blocking)."""
     # Watched from the start: `status` then tells whether the store answers.
     store: ObjectStore = WatchedStore(open_store(request.source, request.store_options))
     devices = DeviceStore()
@@ -80,6 +80,7 @@ def prepare(request: MountRequest) -> Volume:
     lease: Lease | None = None
     try:
         remember_connection(devices, unlocked.fs_id, request.source, request.store_options)
+        sealer = Sealer(unlocked.fs_id, unlocked.keys)
         if not request.volume_options.read_only:
             # Probed at this device's first read-write mount, then remembered.
             check_writable(
@@ -90,17 +91,11 @@ def prepare(request: MountRequest) -> Volume:
                 doing="mount read-write",
                 opt_out=OPT_OUT_MOUNT,
             )
-            # Taken before the replay, so what we load is the previous writer's final state;
-            # every write then goes through the fence, which refuses it once the lease is lost.
-            sealer = Sealer(unlocked.fs_id, unlocked.keys)
-            device = unlocked.device
-            lease = Lease(store, sealer, device.device_id, device.name)
-            lease.acquire(takeover=request.takeover)
-            store = FencedStore(store, lease)
+            # Several mounts write at once (they merge); only an exclusive operation
+            # (fsck --repair, re-encryption) holding the lease keeps a writer out.
+            exclusive.refuse_if_held(store, sealer)
         return Volume(store, unlocked, devices, request.volume_options, lease=lease)
     except BaseException:
-        if lease is not None:
-            lease.release()
         unlocked.wipe()
         raise
 

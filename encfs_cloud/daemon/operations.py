@@ -14,11 +14,12 @@ import pyfuse3
 import trio
 
 from encfs_cloud.daemon.caller import in_group
+from encfs_cloud.daemon.stale import StaleCaches
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.errors import EncfsCloudError, FsError, errno_of
 from encfs_cloud.tree import acl
-from encfs_cloud.tree.metadata import Inode, Metadata
+from encfs_cloud.tree.metadata import ROOT_INODE, Inode, Metadata
 from encfs_cloud.tree.namespace import Namespace, now_ns
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,19 @@ def handler(
     return wrapper
 
 
+def _invalidate(inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        except OSError as exc:  # not cached by the kernel, or it went meanwhile
+            log.debug("invalidate_entry(%d): %s", parent, exc)
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError as exc:
+            log.debug("invalidate_inode(%d): %s", ino, exc)
+
+
 class Operations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = True
     enable_acl = True  # FUSE_POSIX_ACL: the kernel checks ACLs; we store them (namespace.py)
@@ -81,6 +95,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.open_files: dict[int, int] = {}  # inode → open handles
         self.handles: dict[int, int] = {}  # fh → inode
         self._next_fh = 1
+        self.stale = StaleCaches(md)  # what other devices changed, for the kernel's caches
         self.locks: dict[int, trio.Lock] = {}
         self.after_init: Callable[[], None] | None = None  # mount settings INIT would undo
 
@@ -91,6 +106,17 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
     # --- helpers ---------------------------------------------------------------------
+
+    def changed_elsewhere(self, inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
+        """Another device's commit was applied: queue what the kernel may hold stale."""
+        self.stale.note(inodes, entries, self.lookups.keys() | {ROOT_INODE})
+
+    async def run_invalidations(self) -> None:
+        """Tell the kernel, from a worker thread: invalidating pages may make the kernel
+        write dirty pages back to us first, which needs this (the trio) thread free."""
+        while True:
+            inodes, entries = await self.stale.next_batch()
+            await trio.to_thread.run_sync(_invalidate, inodes, entries)
 
     def _writable(self) -> None:
         if self.read_only:

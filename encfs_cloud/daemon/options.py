@@ -51,6 +51,7 @@ VALUE_OPTIONS = (
     "region",
     "profile",
     "commit_interval",
+    "poll_interval",
     "sync_timeout",
     "read_timeout",
     "connect_timeout",
@@ -134,6 +135,7 @@ _EXAMPLE = {
     "region": "eu-west-1",
     "profile": "backup",
     "commit_interval": "5",
+    "poll_interval": "5",
     "sync_timeout": "120",
     "read_timeout": "30",
     "connect_timeout": "5",
@@ -203,7 +205,7 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
     if "cache_dir" in pairs:
         # The daemon changes to "/": a relative folder means relative to the caller.
         volume.cache_dir = Path(os.path.abspath(pairs["cache_dir"]))
-    for name in ("commit_interval", "sync_timeout"):
+    for name in ("commit_interval", "sync_timeout", "poll_interval"):
         seconds = _seconds(pairs, name)
         if seconds is not None:
             setattr(volume, name, seconds)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from encfs_cloud import layout
+from encfs_cloud.daemon import exclusive
 from encfs_cloud.daemon.lease import Lease, LeaseKeeper
 from encfs_cloud.daemon.operations import Operations
 from encfs_cloud.data import spool
@@ -18,10 +20,13 @@ from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.compactor import Compactor
 from encfs_cloud.data.diskcache import DiskCache, default_folder, default_size, remember
 from encfs_cloud.data.filedata import FileData
+from encfs_cloud.data.presence import Presence, Reaper
+from encfs_cloud.data.rebase import Rebaser
 from encfs_cloud.data.uploader import Uploader
 from encfs_cloud.errors import (
     AbortedError,
     DeviceRevokedError,
+    EncfsCloudError,
     IntegrityError,
     LeaseHeldError,
     RollbackError,
@@ -32,15 +37,26 @@ from encfs_cloud.keys.generations import settle_start
 from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.keys.vault import Unlocked, refresh
 from encfs_cloud.store.base import ObjectStore
-from encfs_cloud.tree.journal import Head, commit_seqs, replay, rollback_problem
+from encfs_cloud.tree.journal import (
+    CommitInfo,
+    Head,
+    commit_seqs,
+    decode_commit,
+    replay,
+    rollback_problem,
+)
+from encfs_cloud.tree.merge import Merger
 from encfs_cloud.tree.metadata import Metadata
 from encfs_cloud.tree.namespace import Namespace
+from encfs_cloud.tree.rowsets import Outcome
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 256 << 20
 IO_THREADS = 8
 KEY_REFRESH_INTERVAL = 30.0
+EXCLUSIVE_CHECK = 30.0
+THOROUGH_EVERY = 12  # polls: one in this many also LISTs the commits (a head deleted meanwhile)
 
 
 @dataclass
@@ -52,6 +68,7 @@ class VolumeOptions:
     sync_timeout: float = 120.0
     cache_dir: Path | None = None  # the sealed disk cache; None: under $XDG_CACHE_HOME
     disk_cache_size: int | None = None  # None: the default (see diskcache); 0: no disk cache
+    poll_interval: float = 5.0  # how often other devices' commits are looked for
 
 
 class Volume:
@@ -75,6 +92,10 @@ class Volume:
         self.limiter = trio.CapacityLimiter(IO_THREADS)
         md, head = self._replay()
         self.md = md
+        # The merge base is the replayed state: the root made below is a change of ours.
+        self.merger = Merger(md, unlocked.device.name)
+        for info, body in self._spooled:
+            self.merger.adopt_own(info.kind, body)
         Namespace(md).ensure_root(os.getuid(), os.getgid())
         # Dirty and in-flight data also exist sealed in pack buffers while uploading: keep
         # them small enough that RSS stays within cache_size + ~150 MiB.
@@ -87,6 +108,13 @@ class Volume:
         self.uploader = Uploader(
             md, self.cache, self.sealer, store, limiter=self.limiter, disk=self.disk
         )
+        self.data = FileData(
+            md, self.cache, self.sealer, store, self.uploader, self.limiter, self.disk
+        )
+        self.rebaser = Rebaser(
+            self.merger, self.uploader, self.data, store, self.sealer, on_outcome=self._changed
+        )
+        self.presence = Presence(store, self.sealer)
         self.committer = Committer(
             md,
             self.uploader,
@@ -94,11 +122,12 @@ class Volume:
             on_commit=self._remember_head,
             before_commit=self._refresh_keys,
             sync_timeout=self.options.sync_timeout,
-        )
-        self.data = FileData(
-            md, self.cache, self.sealer, store, self.uploader, self.limiter, self.disk
+            rebaser=self.rebaser,
+            reaper=Reaper(self.presence),
+            may_put=None if self.options.read_only else self._may_put,
         )
         self.ops = Operations(md, self.data, self.committer, read_only=self.options.read_only)
+        self.data.refresh = self._refresh_for_read
         self.compactor = Compactor(
             md,
             store,
@@ -111,6 +140,7 @@ class Volume:
         self._keys_checked = 0.0
         self._unsettled: tuple[int, int] | None = None  # (old generation, newest seq under it)
         self._keys_lock = trio.Lock()  # the commit path and the idle watch both check
+        self._exclusive_checked = -EXCLUSIVE_CHECK
         self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
 
@@ -133,11 +163,21 @@ class Volume:
         """Load the newest state and refuse one older than this device has seen."""
         fs_id = self.unlocked.fs_id
         state = self.devices.load_state(fs_id)
+        self._spooled: list[tuple[CommitInfo, bytes]] = []
         if not self.options.read_only:  # a read-only mount writes nothing to the bucket
-            mine = spool.commits(self.devices.folder(fs_id))
-            spool.upload(self.devices.folder(fs_id), self.store)
-            self._settle_spooled(mine)
+            folder = self.devices.folder(fs_id)
+            mine = spool.commits(folder)
+            later = spool.upload(folder, self.store)  # those another writer's commits preceded
+            merged = {name for name, _ in later}
+            self._settle_spooled([(n, d) for n, d in mine if n not in merged])
+            self._spooled = [
+                decode_commit(name, self.sealer.open_object(name, "commit", data))
+                for name, data in later
+            ]
         seqs = commit_seqs(self.store)
+        newest = seqs[-1] if seqs else 0
+        if self._spooled:  # load the state they build on; they are merged like late commits
+            seqs = [s for s in seqs if s < self._spooled[0][0].seq]
         if not seqs:
             if state.commit_seq and not self.options.allow_rollback:
                 raise RollbackError(
@@ -147,13 +187,22 @@ class Volume:
                 )
             return Metadata(), Head(0, b"", 0, 0, 0)
         md, head, hashes = replay(self.store, self.sealer, seqs=seqs)
-        problem = rollback_problem(head, hashes, md, state.commit_seq or 0, state.commit_hash)
+        if self._spooled and head.hash != self._spooled[0][0].prev_hash:
+            raise StoreError(
+                f"the spooled commits build on commit {head.seq}, which the bucket no "
+                f"longer holds as it was; the spool stays in {self.devices.folder(fs_id)}"
+            )
+        # With a spool the state loaded is older than the bucket's newest on purpose; the
+        # commits after it are applied (chain-checked) by the first catch-up.
+        checked = head if not self._spooled else Head(newest, head.hash, 0, 0, 0)
+        problem = rollback_problem(checked, hashes, md, state.commit_seq or 0, state.commit_hash)
         if problem and not self.options.allow_rollback:
             raise RollbackError(
                 f"{problem}: the bucket was rolled back or forked; mount with "
                 "-o allow_rollback to accept its state"
             )
-        self._remember_head(head)
+        if not self._spooled:  # the spool's parent is older than what this device has seen
+            self._remember_head(head)
         return md, head
 
     def _settle_spooled(self, mine: list[tuple[str, bytes]]) -> None:
@@ -176,6 +225,11 @@ class Volume:
             state.commit_hash = head.hash
 
         self.devices.update_state(self.unlocked.fs_id, seen)
+        committer = getattr(self, "committer", None)
+        if self._spooled and committer is not None and committer.commits:
+            # Our first commit after merging the spooled ones is durable: they are in it.
+            spool.forget(self.devices.folder(self.unlocked.fs_id))
+            self._spooled = []
 
     async def _refresh_keys(self) -> None:
         """Adopt a key generation another device created (a revocation) before committing.
@@ -245,18 +299,79 @@ class Volume:
         """Inodes left with no name by a crash while they were open are deleted now."""
         if self.options.read_only:
             return
+        try:
+            if self.presence.live():  # another mount may still have such a file open
+                return
+        except StoreError as exc:
+            log.warning("could not list live mounts (%s); orphans are kept for now", exc)
+            return
         for ino in self.md.orphans():
             self.md.delete_inode(ino)
 
+    async def _refresh_for_read(self) -> None:
+        """A read found its object gone: catch up (unless a commit or merge runs now: then
+        the reader gets EIO rather than waiting on, or re-entering, the committer)."""
+        if not self.committer.busy:
+            await self.committer.follow(thorough=True)
+
+    def _may_put(self) -> None:
+        # An exclusive operation refuses to start while mounts advertise themselves, so
+        # only a mount silent for minutes (suspended) can meet one: checking at most every
+        # EXCLUSIVE_CHECK seconds catches that case at its first commit after waking.
+        now = time.monotonic()
+        if now - self._exclusive_checked >= EXCLUSIVE_CHECK:
+            exclusive.check_before_commit(self.store, self.sealer)
+            self._exclusive_checked = now
+
+    def _changed(self, outcome: Outcome) -> None:
+        self.ops.changed_elsewhere(outcome.inodes, outcome.entries)
+
+    async def _publish(self) -> None:
+        seq = self.committer.head.seq
+        if self.presence.due(seq):
+            await trio.to_thread.run_sync(self.presence.publish, seq, limiter=self.limiter)
+
+    async def follow(self) -> None:
+        """Apply other devices' commits every poll_interval: one GET of the next commit per
+        poll (a LIST too every THOROUGH_EVERY polls), and keep our `mounts/` object fresh."""
+        polls = 0
+        while True:
+            await trio.sleep(self.options.poll_interval)
+            polls += 1
+            try:
+                await self.committer.follow(thorough=polls % THOROUGH_EVERY == 0)
+            except StoreError as exc:
+                log.warning("could not look for other devices' commits: %s", exc)
+            except EncfsCloudError as exc:  # a commit that does not authenticate or chain
+                log.error("another device's commit was refused: %s", exc)
+            except Exception:  # a bug: logged with its traceback, the mount stays up
+                log.exception("applying other devices' commits failed")
+            try:
+                await self._publish()
+            except StoreError as exc:  # e.g. read-only credentials: say it once a while
+                if polls % (THOROUGH_EVERY * 10) == 1:
+                    log.warning("could not advertise this mount in the bucket: %s", exc)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self.data.nursery = nursery
-            await nursery.start(self.uploader.run)
-            nursery.start_soon(self.committer.run, self.options.commit_interval)
-            if not self.options.read_only:
-                nursery.start_soon(self._watch_keys)
-                nursery.start_soon(self.compactor.run)
-            task_status.started()
+        try:
+            await self._publish()
+        except StoreError as exc:
+            log.warning("could not advertise this mount in the bucket: %s", exc)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.data.nursery = nursery
+                await nursery.start(self.uploader.run)
+                nursery.start_soon(self.committer.run, self.options.commit_interval)
+                nursery.start_soon(self.follow)
+                nursery.start_soon(self.ops.run_invalidations)
+                if not self.options.read_only:
+                    nursery.start_soon(self._watch_keys)
+                    nursery.start_soon(self.compactor.run)
+                task_status.started()
+        finally:
+            # Stopped (after the final flush): nothing of ours needs the bucket's old objects.
+            # Blocking on purpose: we may be cancelled, and this is one small DELETE.
+            self.withdraw()
 
     async def flush(self) -> None:
         """Everything into the bucket (fsync of the whole filesystem)."""
@@ -269,6 +384,15 @@ class Volume:
         if objects:
             spool.save(self.devices.folder(self.unlocked.fs_id), objects)
         return sum(len(data) for _, data in objects)
+
+    def withdraw(self) -> None:
+        """Remove this mount's `mounts/` object (at unmount): it needs nothing any more."""
+        if self.presence.published < 0:
+            return
+        try:
+            self.presence.withdraw()
+        except StoreError as exc:
+            log.warning("could not remove this mount's advertisement: %s", exc)
 
     def wipe(self) -> None:
         """Drop all plaintext and key material held in memory."""

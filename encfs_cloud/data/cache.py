@@ -95,8 +95,10 @@ class ChunkCache:
             self.inflight_bytes -= len(data)
         self.put_clean(key, version, data)
 
-    def spilled(self, key: ChunkKey, data: bytes | bytearray) -> None:
-        """The chunk's pack was sealed to the disk cache: unpin it; reads go to the disk."""
+    def unpin(self, key: ChunkKey, data: bytes | bytearray) -> None:
+        """Stop holding `data` in flight for `key`: its pack was sealed to the disk cache (reads
+        go there), or a merge gave the chunk another version (its pack still uploads `data`
+        from its own reference)."""
         if self.inflight.get(key) is data:
             del self.inflight[key]
             self.inflight_bytes -= len(data)

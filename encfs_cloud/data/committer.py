@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 import trio
 
 from encfs_cloud import layout
+from encfs_cloud.data.presence import Reaper
+from encfs_cloud.data.rebase import Rebaser
 from encfs_cloud.data.uploader import Pack, Uploader
 from encfs_cloud.errors import PreconditionFailedError, StoreError
 from encfs_cloud.tree.journal import (
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY_DELTAS = 256
 SNAPSHOT_MIN_DELTA_BYTES = 8 << 20
+LIST_EVERY = 60.0  # seconds: a commit LISTs meta/ at most this often (see _catch_up)
+REBASE_ATTEMPTS = 16  # lost commit races in a row before a sync gives up (and retries later)
 
 
 @dataclass
@@ -40,6 +45,8 @@ class SealedCommit:
     dead: list[str]  # packs it no longer references: deletable once it is durable
     head: Head  # the head once it is durable
     time_ns: int
+    kind: str
+    body: bytes  # the plaintext delta or snapshot: the merge base moves by it once durable
 
 
 class Committer:
@@ -60,8 +67,15 @@ class Committer:
         on_commit: Callable[[Head], None],
         before_commit: Callable[[], Awaitable[None]] | None = None,
         sync_timeout: float = 120.0,
+        rebaser: Rebaser | None = None,
+        reaper: Reaper | None = None,
+        may_put: Callable[[], None] | None = None,
     ) -> None:
         self.md = md
+        self.rebaser = rebaser  # set when other writers may commit too: lost races rebase
+        self.reaper = reaper  # set when other mounts may still read what our commits free
+        # Raises a StoreError while an exclusive operation holds the filesystem (blocking).
+        self.may_put = may_put
         self.uploader = uploader
         self.head = head  # the newest commit known to be in the bucket
         self.on_commit = on_commit
@@ -77,6 +91,7 @@ class Committer:
         self.stopped = False  # set when writing must stop (lease lost, device revoked)
         self._cleanups = 0  # background deletions of freed packs and old commits running
         self._cleanups_idle = trio.Event()
+        self._listed = -LIST_EVERY  # when meta/ was last listed (trio clock)
 
     def has_changes(self) -> bool:
         up = self.uploader
@@ -94,10 +109,16 @@ class Committer:
                 await self.before_commit()
             if self.stopped:
                 raise StoreError("this mount may no longer write to the bucket")
+            if self.rebaser is not None and self.has_changes():
+                # Catch up first: fewer lost races, and never a commit after a deleted head.
+                # Unreachable: seal anyway, so the queue (and the spool) keep the changes.
+                with contextlib.suppress(StoreError):
+                    await self._catch_up(thorough=trio.current_time() > self._listed + LIST_EVERY)
             if self.has_changes():
                 self.queue.append(await self._seal_next())
-            await self._drain()
+            await self._drain_rebasing()
             await self.uploader.wait_packs(list(self.uploader.pending.values()), self.sync_timeout)
+            await self._reap()
             self._done_index = index
 
     async def seal_for_spool(self) -> None:
@@ -128,6 +149,8 @@ class Committer:
             or tail.delta_bytes_since_snapshot > SNAPSHOT_MIN_DELTA_BYTES
         )
         seq = tail.seq + 1
+        if self.rebaser is not None:  # the export clears md.dirty; the merger keeps the keys
+            self.rebaser.merger.note_local()
         body = export_snapshot(self.md) if snapshot else export_delta(self.md)
         info = CommitInfo(
             seq=seq,
@@ -153,7 +176,74 @@ class Committer:
                 tail.deltas_since_snapshot + 1,
                 tail.delta_bytes_since_snapshot + len(sealed),
             )
-        return SealedCommit(seq, sealed, waiting, dead, head, info.time_ns)
+        return SealedCommit(seq, sealed, waiting, dead, head, info.time_ns, info.kind, body)
+
+    async def _drain_rebasing(self) -> None:
+        """Drain; each time another writer took our sequence number, catch up and re-seal."""
+        for _ in range(REBASE_ATTEMPTS):
+            try:
+                await self._drain()
+                return
+            except PreconditionFailedError:
+                if self.rebaser is None:
+                    raise
+            await self._catch_up(thorough=True)
+            if self.has_changes():
+                self.queue.append(await self._seal_next())
+        raise StoreError("other writers kept committing first; changes stay queued")
+
+    async def _reap(self) -> None:
+        """Delete freed packs every live mount is past; the next commit forgets them."""
+        if self.reaper is None or not self.reaper.waiting:
+            return
+        dead = {layout.pack_name(p) for p in self.uploader.dead_packs()}
+
+        def still_dead(name: str) -> bool:  # commits are always; packs unless revived
+            return name in dead or not name.startswith(layout.DATA_PREFIX)
+
+        names = await trio.to_thread.run_sync(
+            self.reaper.ready, still_dead, limiter=self.uploader.limiter
+        )
+        if names:
+            await self.uploader.delete_objects(names)
+            self.md.forget_packs(
+                [n[len(layout.DATA_PREFIX) :] for n in names if n.startswith(layout.DATA_PREFIX)]
+            )
+
+    @property
+    def busy(self) -> bool:
+        """A commit or a catch-up is under way."""
+        return self._lock.locked()
+
+    async def follow(self, *, thorough: bool = False) -> int:
+        """Apply the commits other writers made since our head; returns how many."""
+        async with self._lock:
+            return await self._catch_up(thorough=thorough)
+
+    async def _catch_up(self, *, thorough: bool = False) -> int:
+        """One GET per step; `thorough` adds a LIST, which notices a head already deleted."""
+        assert self.rebaser is not None
+        applied = 0
+        while True:
+            found = await self.rebaser.fetch(self.head)
+            if found is None and thorough:
+                # Only a mount silent for longer than others wait (10 min) can find its next
+                # commit deleted, so this LIST is needed rarely, not before every commit.
+                self._listed = trio.current_time()
+                found = await self.rebaser.jump(self.head)
+            if found is None:
+                return applied
+            if self.queue and found.sealed == self.queue[0].sealed:
+                self._landed(self.queue.pop(0))  # ours: the reply to its PUT was lost
+                continue
+            # Queued commits are re-made after the merge: what they carried is still where
+            # the live tree differs from the merge base.
+            local = bool(self.queue) or self.has_changes()
+            self.queue.clear()
+            await self.rebaser.apply(found, local_changes=local)
+            self.head = found.head
+            self.on_commit(found.head)
+            applied += 1
 
     async def _drain(self) -> None:
         """Write queued commits in order; stops (raising) at the first that cannot go."""
@@ -161,17 +251,26 @@ class Committer:
             commit = self.queue[0]
             await self.uploader.wait_packs(commit.waiting, self.sync_timeout)
             await self._put(commit)
-            self.queue.pop(0)
-            self.head = commit.head
-            self.commits += 1
-            self.last_commit_ns = commit.time_ns
-            self.on_commit(commit.head)
-            if commit.dead:
-                self.md.forget_packs(commit.dead)
-                names = [layout.pack_name(p) for p in commit.dead]
-                self._start(self.uploader.delete_objects, names)
-            if commit.head.snapshot_seq == commit.seq:
-                self._start(self._drop_commits_before, commit.seq)
+            self._landed(self.queue.pop(0))
+
+    def _landed(self, commit: SealedCommit) -> None:
+        """`commit` is in the bucket: the head, the merge base and pack clean-up follow."""
+        self.head = commit.head
+        if self.rebaser is not None:
+            self.rebaser.merger.own_commit_durable(commit.kind, commit.body)
+            if not self.queue:
+                self.rebaser.merger.all_local_durable()
+        self.commits += 1
+        self.last_commit_ns = commit.time_ns
+        self.on_commit(commit.head)
+        if commit.dead and self.reaper is not None:
+            self.reaper.schedule(commit.seq, [layout.pack_name(p) for p in commit.dead])
+        elif commit.dead:
+            self.md.forget_packs(commit.dead)
+            names = [layout.pack_name(p) for p in commit.dead]
+            self._start(self.uploader.delete_objects, names)
+        if commit.head.snapshot_seq == commit.seq:
+            self._start(self._drop_commits_before, commit.seq)
 
     async def _put(self, commit: SealedCommit) -> None:
         name = layout.commit_name(commit.seq)
@@ -180,6 +279,8 @@ class Committer:
         up = self.uploader
         while True:
             try:
+                if self.may_put is not None:
+                    await trio.to_thread.run_sync(self.may_put, limiter=up.limiter)
                 await trio.to_thread.run_sync(
                     lambda: up.store.put(name, commit.sealed, if_none_match=True),
                     limiter=up.limiter,
@@ -189,9 +290,11 @@ class Committer:
                 )
                 return
             except PreconditionFailedError:
-                # Someone else wrote this seq: never overwrite it, and stop writing.
-                self.stopped = True
-                log.error("commit %s exists: another writer; this mount stops writing", name)
+                # Someone else wrote this seq: never overwrite it. With a rebaser we catch up
+                # and commit again; without one (a lost lease) this mount stops writing.
+                if self.rebaser is None:
+                    self.stopped = True
+                    log.error("commit %s exists: another writer; this mount stops writing", name)
                 raise
             except StoreError as exc:
                 self.errors += 1
@@ -235,7 +338,11 @@ class Committer:
         except StoreError as exc:  # clean-up only: fsck or the next snapshot collects them
             log.warning("could not list old commits to delete (%s)", exc)
             return
-        await up.delete_objects([n for n in names if (layout.commit_seq(n) or seq) < seq])
+        old = [n for n in names if (layout.commit_seq(n) or seq) < seq]
+        if self.reaper is not None:  # other mounts may not have read them yet
+            self.reaper.schedule(seq, old)
+            return
+        await up.delete_objects(old)
 
     def spool_contents(self) -> list[tuple[str, bytes | bytearray]]:
         """Everything not yet in the bucket, sealed, in upload order: packs, then commits."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -56,6 +57,9 @@ class FileData:
         self._prefetched: dict[int, int] = {}  # inode → prefetch scheduled below this index
         self._window: dict[int, int] = {}  # inode → read-ahead window in chunks
         self.nursery: trio.Nursery | None = None
+        # Applies other devices' commits now (set by the mount): a chunk whose pack is gone
+        # was usually rewritten elsewhere, and the newer commit says where it is now.
+        self.refresh: Callable[[], Awaitable[object]] | None = None
         self.bytes_fetched = 0
         self.integrity_errors = 0
         self.store_errors = 0  # reads the store failed after its retries (for `status`)
@@ -67,7 +71,9 @@ class FileData:
 
     # --- reading -------------------------------------------------------------------------
 
-    async def chunk(self, ino: int, idx: int) -> bytes | bytearray | memoryview | None:
+    async def chunk(
+        self, ino: int, idx: int, *, refreshed: bool = False
+    ) -> bytes | bytearray | memoryview | None:
         """Plaintext of one chunk, or None for a hole (never written)."""
         key = (ino, idx)
         ref = self.md.get_chunk(ino, idx)
@@ -85,10 +91,16 @@ class FileData:
         try:
             result = (await self._fetch_run(run, window=window))[0]
         except ObjectMissingError:
-            if self.md.get_chunk(ino, idx) == ref:
+            if self.md.get_chunk(ino, idx) != ref:
+                # Compaction or a rewrite here moved the chunk and its old pack went meanwhile.
+                return await self.chunk(ino, idx, refreshed=refreshed)
+            if refreshed or self.refresh is None:
                 raise
-            # Compaction or a rewrite moved the chunk and its old pack went meanwhile.
-            return await self.chunk(ino, idx)
+            await self.refresh()  # another device may have moved or rewritten it
+            now = self.md.get_chunk(ino, idx)
+            if now is None or now == ref:
+                raise  # deleted or truncated elsewhere, or really lost: never zeros
+            return await self.chunk(ino, idx, refreshed=True)
         if isinstance(result, BaseException):
             raise result
         return result

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from encfs_cloud.errors import PreconditionFailedError, StoreError
+from encfs_cloud.errors import PreconditionFailedError
 from encfs_cloud.keys.privfiles import make_private_dir
 from encfs_cloud.store.base import ObjectStore
 
@@ -53,18 +53,19 @@ def commits(device_folder: Path) -> list[tuple[str, bytes]]:
     return found
 
 
-def upload(device_folder: Path, store: ObjectStore) -> int:
-    """Send what an earlier unmount spooled, in order, then forget it; returns the count.
+def upload(device_folder: Path, store: ObjectStore) -> list[tuple[str, bytes]]:
+    """Send what an earlier unmount spooled, in order, then forget it.
 
     A commit that already exists with the same bytes counts as sent (an upload that landed
-    before its reply was lost); one that exists with other bytes means another writer went
-    on meanwhile: the spool is kept and the error says so.
+    before its reply was lost). One that exists with other bytes means another writer went
+    on meanwhile: that commit and the ones after it are returned, in order, still spooled,
+    for the mount to merge (see `forget`); everything before them was sent.
     """
     folder = device_folder / SPOOL_DIR
     if not folder.is_dir():
-        return 0
+        return []
     entries = sorted(p for p in folder.iterdir() if not p.name.endswith(".tmp"))
-    for path in entries:
+    for n, path in enumerate(entries):
         name = path.name.split("-", 1)[1].replace("@", "/")
         data = path.read_bytes()
         if name.startswith("meta/"):
@@ -72,17 +73,27 @@ def upload(device_folder: Path, store: ObjectStore) -> int:
                 store.put(name, data, if_none_match=True)
             except PreconditionFailedError:
                 if store.get(name) != data:
-                    raise StoreError(
-                        f"spooled commit {name} conflicts with one another writer made; "
-                        f"the spool stays in {folder}: mount with -o ro to read the bucket, "
-                        "or move that folder away to drop the spooled changes"
-                    ) from None
+                    later = [p for p in entries[n:] if p.name.split("-", 1)[1].startswith("meta@")]
+                    log.warning(
+                        "%d spooled commits follow another writer's: they are merged", len(later)
+                    )
+                    return [
+                        (p.name.split("-", 1)[1].replace("@", "/"), p.read_bytes()) for p in later
+                    ]
         else:
             store.put(name, data)
         path.unlink()
+    forget(device_folder)
+    if entries:
+        log.info("uploaded %d spooled objects", len(entries))
+    return []
+
+
+def forget(device_folder: Path) -> None:
+    """Remove the spool (once what it held is in the bucket, or merged and committed)."""
+    folder = device_folder / SPOOL_DIR
+    if not folder.is_dir():
+        return
     for leftover in folder.iterdir():
         leftover.unlink()
     folder.rmdir()
-    if entries:
-        log.info("uploaded %d spooled objects", len(entries))
-    return len(entries)

@@ -189,7 +189,7 @@ class Uploader:
         self.bytes_spilled += size
         pack.spilled = True
         for key, _version, data in pack.entries:
-            self.cache.spilled(key, data)
+            self.cache.unpin(key, data)
         pack.entries.clear()
         self._wake_writers()
 

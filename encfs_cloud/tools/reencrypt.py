@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from encfs_cloud import layout
 from encfs_cloud.daemon import runtime
+from encfs_cloud.daemon.exclusive import refuse_if_mounted
 from encfs_cloud.daemon.lease import FencedStore, Lease
 from encfs_cloud.errors import LeaseHeldError, PreconditionFailedError, RollbackError
 from encfs_cloud.keys.device import DeviceState, DeviceStore
@@ -126,6 +127,8 @@ def exclusive(
     lease = Lease(store, Sealer(unlocked.fs_id, unlocked.keys), device.device_id, device.name)
     lease.acquire(takeover=takeover, how="--takeover")
     try:
+        # Mounts that started before we took the lease (elsewhere too) must be gone.
+        refuse_if_mounted(store, Sealer(unlocked.fs_id, unlocked.keys), takeover=takeover)
         with lease.renewed_in_background():
             yield FencedStore(store, lease)
     finally:

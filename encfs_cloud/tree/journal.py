@@ -77,7 +77,8 @@ def export_delta(md: Metadata) -> bytes:
     return blob
 
 
-def apply_delta(md: Metadata, blob: bytes) -> None:
+def apply_delta(md: Metadata, blob: bytes, schema: str = "main") -> None:
+    """Apply a delta to `md` (or to another database attached to it, e.g. a merge base)."""
     db = md.db
     db.execute("ATTACH DATABASE ':memory:' AS delta")
     try:
@@ -85,9 +86,10 @@ def apply_delta(md: Metadata, blob: bytes) -> None:
         for table, keys in TABLE_KEYS.items():
             cols = ",".join(keys)
             db.execute(
-                f"DELETE FROM main.{table} WHERE ({cols}) IN (SELECT {cols} FROM delta.del_{table})"
+                f"DELETE FROM {schema}.{table} "
+                f"WHERE ({cols}) IN (SELECT {cols} FROM delta.del_{table})"
             )
-            db.execute(f"INSERT OR REPLACE INTO main.{table} SELECT * FROM delta.{table}")
+            db.execute(f"INSERT OR REPLACE INTO {schema}.{table} SELECT * FROM delta.{table}")
     except sqlite3.DatabaseError as exc:
         raise IntegrityError(f"metadata delta is malformed: {exc}") from None
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -42,6 +43,11 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "counters": ("name",),
     "history": ("seq",),
 }
+
+# Identifiers are drawn at random from this many bits instead of counted: several devices
+# allocate them at once without talking to each other, and 62 bits keep a readdir offset
+# (entry id + 2) inside a signed 64-bit off_t. See design.md, "Several devices".
+ID_BITS = 62
 
 # How many past commits' hashes the tree remembers: a device that was away for fewer commits
 # than this can still tell a genuine newer bucket from a forked or rolled-back one.
@@ -116,6 +122,18 @@ class Metadata:
         self.set_counter(name, value + 1)
         return value
 
+    def new_id(self, table: str, column: str) -> int:
+        """A random identifier unused in `table` (no other device can be asked)."""
+        while True:
+            candidate = secrets.randbits(ID_BITS)
+            if candidate <= ROOT_INODE:
+                continue
+            taken = self.db.execute(
+                f"SELECT 1 FROM {table} WHERE {column}=?", (candidate,)
+            ).fetchone()
+            if taken is None:
+                return candidate
+
     # --- commit history ---------------------------------------------------------------
 
     def record_commit(self, seq: int, digest: bytes) -> None:
@@ -149,7 +167,7 @@ class Metadata:
         ino: int | None = None,
     ) -> Inode:
         if ino is None:
-            ino = self.next_counter("next_inode", ROOT_INODE + 1)
+            ino = self.new_id("inodes", "id")
         size = len(target) if target is not None else 0
         inode = Inode(ino, mode, uid, gid, 0, size, now_ns, now_ns, now_ns, rdev, target)
         self.put_inode(inode)
@@ -190,7 +208,8 @@ class Metadata:
 
     def add_entry(self, parent: int, name: bytes, ino: int) -> None:
         self.db.execute(
-            "INSERT INTO dentries(parent, name, inode) VALUES(?,?,?)", (parent, name, ino)
+            "INSERT INTO dentries(id, parent, name, inode) VALUES(?,?,?,?)",
+            (self.new_id("dentries", "id"), parent, name, ino),
         )
         self.dirty["dentries"].add((parent, name))
 
@@ -212,7 +231,7 @@ class Metadata:
         row = self.db.execute(
             "SELECT count(*) FROM dentries d JOIN inodes i ON i.id=d.inode "
             "WHERE d.parent=? AND (i.mode & ?)=?",
-            (parent, stat.S_IFMT, stat.S_IFDIR),
+            (parent, 0o170000, stat.S_IFDIR),  # stat.S_IFMT is a function, not the mask
         ).fetchone()
         return int(row[0])
 

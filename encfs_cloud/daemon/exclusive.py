@@ -1,0 +1,56 @@
+"""Exclusive operations against several writers: the lease keeps mounts from committing."""
+
+from __future__ import annotations
+
+import time
+
+from encfs_cloud.daemon.lease import Lease, LeaseInfo
+from encfs_cloud.data.presence import Presence
+from encfs_cloud.errors import LeaseHeldError, StoreError
+from encfs_cloud.keys.sealed import Sealer
+from encfs_cloud.store.base import ObjectStore
+
+
+def holder(store: ObjectStore, sealer: Sealer) -> LeaseInfo | None:
+    """Who holds the lease for an exclusive operation right now, if anyone (one GET)."""
+    info, _ = Lease(store, sealer, "", "").read()
+    if info is None or info.expired(time.time()) or info.gone_from_here():
+        return None
+    return info
+
+
+def refuse_if_held(store: ObjectStore, sealer: Sealer) -> None:
+    """A read-write mount does not start while fsck --repair or re-encryption runs."""
+    info = holder(store, sealer)
+    if info is not None:
+        raise LeaseHeldError(
+            f"an exclusive operation (fsck --repair or re-encryption) by {info.holder()} "
+            "holds the filesystem; mount with -o ro, or wait until it is done"
+        )
+
+
+def check_before_commit(store: ObjectStore, sealer: Sealer) -> None:
+    """Raised as a store error so the commit stays queued and is retried later."""
+    info = holder(store, sealer)
+    if info is not None:
+        raise StoreError(
+            f"an exclusive operation by {info.holder()} holds the filesystem; "
+            "changes stay queued until it is done"
+        )
+
+
+def live_mounts(store: ObjectStore, sealer: Sealer) -> int:
+    """How many mounts (read-write or read-only, anywhere) advertise themselves as live."""
+    return len(Presence(store, sealer).live())
+
+
+def refuse_if_mounted(store: ObjectStore, sealer: Sealer, *, takeover: bool = False) -> None:
+    """Called by an exclusive operation after it took the lease (so a mount starting now
+    sees the lease): mounts that started before must be unmounted first. `takeover`
+    ignores them, for mounts that crashed and so could not withdraw their advertisement."""
+    live = live_mounts(store, sealer)
+    if live and not takeover:
+        raise LeaseHeldError(
+            f"{live} mount(s) of this filesystem are live (on this or other devices); "
+            "unmount them first, or if they crashed, retry with --takeover"
+        )
