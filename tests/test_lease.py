@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import trio
 
 from encfs_cloud import layout
-from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseInfo, LeaseKeeper
+from encfs_cloud.daemon.lease import FencedStore, Lease, LeaseInfo
 from encfs_cloud.errors import LeaseHeldError, PreconditionFailedError, TransientStoreError
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.master import new_master_keys
@@ -148,26 +147,6 @@ def test_writes_stop_when_renewals_fail_for_too_long(sealer: Sealer) -> None:
         fenced.put("data/bb", b"x")
     assert holder.renew()  # renewing again (lease untouched) makes writes legal again
     fenced.put("data/bb", b"x")
-
-
-def test_keeper_reports_a_stolen_lease(sealer: Sealer) -> None:
-    store = MemoryStore()
-    holder = lease(store, sealer, "a")
-    holder.acquire()
-    thief = lease(store, sealer, "thief", clock=lambda: time.time() + HOUR)
-    thief.acquire(takeover=True)  # its clock says the holder's lease is long expired
-    lost: list[str] = []
-
-    async def main() -> None:
-        keeper = LeaseKeeper(holder, lost.append)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(keeper.run)
-        await keeper.stop_and_release()
-
-    trio.run(main)
-    assert lost and "'thief'" in lost[0]
-    assert not holder.may_write()
-    assert thief.renew()  # the loser's release left the thief's lease alone
 
 
 def _race(store_url: str, sealer: Sealer, *, takeover: bool, n: int = 8) -> list[str]:

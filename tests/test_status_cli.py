@@ -62,8 +62,7 @@ def test_status_json_prometheus_and_an_unreachable_store(
         assert not [t for t in _strings(s) if "ago" in t], s  # numbers and ISO times only
         _iso(s["time"])
         _iso(s["last_commit"]["time"])
-        _iso(s["lease"]["since"])
-        assert isinstance(s["lease"]["renewed_seconds_ago"], float | int)
+        assert "lease" not in s  # mounts write side by side: only exclusive operations hold it
         assert s["store"]["reachable"] is True and s["store"]["last_error"] is None
         _iso(s["store"]["last_success"])
 

@@ -38,17 +38,6 @@ def _local(iso: str | None) -> str:
     return f"{datetime.datetime.fromisoformat(iso).astimezone():%Y-%m-%d %H:%M:%S %Z}"
 
 
-def _lease_line(lease: dict[str, Any]) -> str:
-    parts = [f"holder {lease.get('holder', '?')}", f"state {lease.get('state', '?')}"]
-    if lease.get("renewed_seconds_ago") is not None:
-        parts.append(f"renewed {lease['renewed_seconds_ago']:.0f} s ago")
-    if lease.get("since"):
-        parts.append(f"since {_local(lease['since'])}")
-    if lease.get("validity_seconds") is not None:
-        parts.append(f"validity {lease['validity_seconds']:.0f} s")
-    return ", ".join(parts)
-
-
 def _store_line(store: dict[str, Any]) -> str:
     if store.get("reachable") is None:
         return "not asked yet"
@@ -126,9 +115,6 @@ def render(s: dict[str, Any]) -> str:
             f"  other devices: {others['commits_applied']} commits applied,"
             f" {others['conflicts']} conflict copies made"
         )
-    lease = s.get("lease")
-    if isinstance(lease, dict):
-        lines.append(f"  lease:       {_lease_line(lease)}")
     lines.append(
         f"  errors:      {err['upload']} upload, {err['read']} read, {err['integrity']} integrity"
     )

@@ -141,9 +141,6 @@ def status(volume: Volume, mountpoint: Path, rates: Rates) -> dict[str, Any]:
             "misses": disk.misses,
             "dropped": disk.dropped,
         }
-    if volume.lease is not None:  # a read-only mount holds none
-        lease = volume.lease
-        report["lease"] = {"holder": f"this device ({lease.device_name})", **lease.status()}
     return report
 
 

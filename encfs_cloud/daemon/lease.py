@@ -20,7 +20,6 @@ read who holds it nor forge a lease, which is sealed with the filesystem's keys.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -30,9 +29,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
-
-import trio
 
 from encfs_cloud import layout
 from encfs_cloud.daemon.runtime import pid_alive
@@ -47,7 +43,6 @@ from encfs_cloud.errors import (
 )
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.store.base import ObjectInfo, ObjectStore
-from encfs_cloud.store.budget import operation_budget
 
 log = logging.getLogger(__name__)
 
@@ -305,26 +300,6 @@ class Lease:
                 return False
             return self.monotonic() < self._renew_started + self.validity * 0.75
 
-    def status(self) -> dict[str, Any]:
-        """For `encfs-cloud status`: plain values only."""
-        with self._lock:
-            info, lost = self.info, self.lost
-            age = self.monotonic() - self._renew_started
-        if lost:
-            state = "lost (read-only)"
-        elif self.etag is None:
-            state = "released"
-        else:
-            state = "held"
-        # Numbers and ISO times: `status --json` is for programs; the CLI words them.
-        out: dict[str, Any] = {"state": state, "renewed_seconds_ago": round(age, 1)}
-        if info is not None:
-            out["since"] = datetime.datetime.fromtimestamp(
-                info.acquired_at, datetime.UTC
-            ).isoformat(timespec="seconds")
-            out["validity_seconds"] = info.validity
-        return out
-
     def lost_holder(self) -> str:
         return self.lost_to.holder() if self.lost_to else "another writer"
 
@@ -349,55 +324,6 @@ class Lease:
         finally:
             stop.set()
             thread.join()
-
-
-class LeaseKeeper:
-    """The mount's trio task that renews the lease and reacts when it is lost."""
-
-    def __init__(self, lease: Lease, on_lost: Callable[[str], None]) -> None:
-        self.lease = lease
-        self.on_lost = on_lost
-        self._scope = trio.CancelScope()
-        self._stopped = trio.Event()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Renew at once (recording this process's pid), then every validity/4 seconds."""
-        interval = self.lease.validity / 4
-        started = False
-        try:
-            with self._scope:
-                while True:
-                    try:
-                        # Abandoned when stopped: unmount need not wait for a slow store.
-                        ok = await trio.to_thread.run_sync(self._renew_once, abandon_on_cancel=True)
-                    except StoreError as exc:
-                        log.warning("could not renew the lease (%s); retrying", exc)
-                        ok = None
-                    if ok is False:
-                        self.on_lost(self.lease.lost_holder())
-                    if not started:
-                        started = True
-                        task_status.started()
-                    if ok is False:
-                        return
-                    await trio.sleep(interval if ok else min(interval, 2.0))
-        finally:
-            self._stopped.set()
-
-    def _renew_once(self) -> bool:
-        with operation_budget(self.lease.validity / 4):  # a slower renewal is worth nothing
-            return self.lease.renew()
-
-    async def stop_and_release(self, seconds: float = RELEASE_BUDGET) -> None:
-        """Stop renewing, then release the lease, in `seconds` at most (else it expires).
-
-        Both writes are conditional, so a renewal still in flight cannot undo the release.
-        """
-        self._scope.cancel()
-        with operation_budget(seconds):
-            with trio.move_on_after(seconds):
-                await self._stopped.wait()
-            await trio.to_thread.run_sync(self.lease.release)
 
 
 class FencedStore:

@@ -16,7 +16,6 @@ import trio
 from encfs_cloud import layout
 from encfs_cloud.daemon import control, exclusive, logs, runtime
 from encfs_cloud.daemon.health import WatchedStore
-from encfs_cloud.daemon.lease import Lease, LeaseKeeper
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.data import spool
 from encfs_cloud.errors import (
@@ -77,7 +76,6 @@ def prepare(request: MountRequest) -> Volume:
     store: ObjectStore = WatchedStore(open_store(request.source, request.store_options))
     devices = DeviceStore()
     unlocked = unlock(store, devices, request.passphrase)
-    lease: Lease | None = None
     try:
         remember_connection(devices, unlocked.fs_id, request.source, request.store_options)
         sealer = Sealer(unlocked.fs_id, unlocked.keys)
@@ -94,7 +92,7 @@ def prepare(request: MountRequest) -> Volume:
             # Several mounts write at once (they merge); only an exclusive operation
             # (fsck --repair, re-encryption) holding the lease keeps a writer out.
             exclusive.refuse_if_held(store, sealer)
-        return Volume(store, unlocked, devices, request.volume_options, lease=lease)
+        return Volume(store, unlocked, devices, request.volume_options)
     except BaseException:
         unlocked.wipe()
         raise
@@ -154,27 +152,8 @@ async def serve(
 
     `outcome` receives the final flush's verdict, which the waiting `umount` reports.
     """
-    keeper: LeaseKeeper | None = None
-    if volume.lease is not None:
-
-        def lease_lost(holder: str) -> None:
-            # The new holder may already have committed on top of our last commit: from now
-            # on nothing of ours may reach the bucket (the fence refuses it anyway).
-            volume.ops.read_only = True
-            volume.options.read_only = True
-            volume.committer.stopped = True
-            log.error(
-                "lost the single-writer lease to %s: the filesystem is read-only now; "
-                "changes not yet committed go to the local spool at unmount",
-                holder,
-            )
-
-        keeper = LeaseKeeper(volume.lease, lease_lost)
-        volume.keeper = keeper
     async with trio.open_nursery() as nursery:
         await nursery.start(volume.run)
-        if keeper is not None:
-            await nursery.start(keeper.run)  # first renewal records the daemon's pid
         nursery.start_soon(_watch_signals, request.mountpoint)
         nursery.start_soon(control.serve, volume, request.mountpoint)
         ready.set()
@@ -188,8 +167,6 @@ async def serve(
                     outcome.update(await _final_flush(volume))
                     reporting.cancel_scope.cancel()
                 runtime.sd_notify(f"STATUS={_verdict_line(outcome)}")
-                if keeper is not None:  # renewed during the flush; released only after it
-                    await keeper.stop_and_release()
             nursery.cancel_scope.cancel()
 
 
@@ -299,9 +276,6 @@ def run_mounted(volume: Volume, request: MountRequest, notify_fd: int | None) ->
     try:
         pyfuse3.init(volume.ops, str(request.mountpoint), fuse_options(request))
     except Exception as exc:
-        if volume.lease is not None:
-            with contextlib.suppress(EncfsCloudError):
-                volume.lease.release()
         volume.wipe()
         error = MountpointError(f"cannot mount on {request.mountpoint}: {exc}")
         if notify_fd is not None:

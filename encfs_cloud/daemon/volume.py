@@ -12,7 +12,6 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.daemon import exclusive
-from encfs_cloud.daemon.lease import Lease, LeaseKeeper
 from encfs_cloud.daemon.operations import Operations
 from encfs_cloud.data import spool
 from encfs_cloud.data.cache import ChunkCache
@@ -80,11 +79,8 @@ class Volume:
         unlocked: Unlocked,
         devices: DeviceStore,
         options: VolumeOptions | None = None,
-        *,
-        lease: Lease | None = None,
     ) -> None:
         self.store = store
-        self.lease = lease  # the single-writer lease a read-write mount holds (see lease.py)
         self.unlocked = unlocked
         self.devices = devices
         self.options = options or VolumeOptions()
@@ -141,7 +137,6 @@ class Volume:
         self._unsettled: tuple[int, int] | None = None  # (old generation, newest seq under it)
         self._keys_lock = trio.Lock()  # the commit path and the idle watch both check
         self._exclusive_checked = -EXCLUSIVE_CHECK
-        self.keeper: LeaseKeeper | None = None  # set by the mount that renews the lease
         self._purge_orphans()
 
     def _disk_cache(self) -> DiskCache | None:
@@ -254,8 +249,6 @@ class Volume:
             log.error("this device was revoked: the mount is now read-only")
             self.committer.stopped = True
             self.ops.read_only = True
-            if self.keeper is not None:  # let the remaining devices write again
-                await self.keeper.stop_and_release()
             return
         except StoreError as exc:
             log.warning("could not check for new key generations: %s", exc)
@@ -287,7 +280,7 @@ class Volume:
 
     async def _watch_keys(self) -> None:
         """Check for a new generation even while idle, so a start point is settled promptly
-        and a revoked mount lets go of the lease."""
+        and a revoked mount stops writing."""
         while not self.committer.stopped:
             await trio.sleep(KEY_REFRESH_INTERVAL)
             try:
