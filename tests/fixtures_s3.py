@@ -177,7 +177,12 @@ def s3_server() -> Iterator[MotoServer]:
         server.stop()
 
 
-def point_aws_chain_at(mp: pytest.MonkeyPatch, folder: Path, endpoint_url: str) -> None:
+def point_aws_chain_at(
+    mp: pytest.MonkeyPatch,
+    folder: Path,
+    endpoint_url: str,
+    credentials: tuple[str, str, str] = (ACCESS_KEY, SECRET_KEY, REGION),
+) -> None:
     """Make the standard AWS chain (and any subprocess, like the real CLI) use the test server."""
     for var in (
         "AWS_PROFILE",
@@ -193,9 +198,10 @@ def point_aws_chain_at(mp: pytest.MonkeyPatch, folder: Path, endpoint_url: str) 
     mp.setenv("AWS_CONFIG_FILE", str(folder / "no-aws-config"))
     mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "no-aws-credentials"))
     mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    mp.setenv("AWS_DEFAULT_REGION", REGION)
+    access_key, secret_key, region = credentials
+    mp.setenv("AWS_ACCESS_KEY_ID", access_key)
+    mp.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+    mp.setenv("AWS_DEFAULT_REGION", region)
     mp.setenv("AWS_ENDPOINT_URL", endpoint_url)
 
 

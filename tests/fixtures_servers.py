@@ -29,6 +29,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
+from tests.fixtures_s3 import point_aws_chain_at
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
@@ -317,23 +319,8 @@ def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def point_env_at(server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The standard AWS chain (and any subprocess, like the real CLI) aimed at `server`."""
-    for var in (
-        "AWS_PROFILE",
-        "AWS_DEFAULT_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_SECURITY_TOKEN",
-        "AWS_REGION",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", server.region)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    credentials = (server.access_key, server.secret_key, server.region)
+    point_aws_chain_at(monkeypatch, tmp_path, server.endpoint, credentials)
 
 
 @contextlib.contextmanager
