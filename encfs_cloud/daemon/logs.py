@@ -83,12 +83,13 @@ def setup_logging(
     *,
     foreground: bool,
     state_folder: Path | None = None,
+    stderr_level: int = logging.NOTSET,
 ) -> None:
     """Send the daemon's lines somewhere they survive.
 
     `-o log=FILE` wins; otherwise syslog/journald, and where there is none (containers,
     minimal systems) a rotated file in the device's state folder. In the foreground every
-    line also goes to stderr.
+    line at `stderr_level` or above also goes to stderr.
     """
     handlers: list[logging.Handler] = []
     if log_file:
@@ -100,7 +101,9 @@ def setup_logging(
         if chosen is not None:
             handlers.append(chosen)
     if foreground:
-        handlers.append(logging.StreamHandler(sys.stderr))
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setLevel(stderr_level)
+        handlers.append(stderr)
     for handler in handlers:
         if handler.formatter is None:
             handler.setFormatter(logging.Formatter(LINE))

@@ -321,7 +321,15 @@ def mount(request: MountRequest) -> int:
     runtime.tame_malloc()
     runtime.keep_secrets_off_disk()
     # In the foreground of the command until the fork: a bad log=FILE fails here, not later.
-    logs.setup_logging(request.log_file, request.debug, foreground=True)
+    # Until the fork only warnings reach the terminal (a mount that works prints nothing);
+    # -f and -o debug show everything, as the daemon's log does.
+    quiet = not (request.foreground or request.debug)
+    logs.setup_logging(
+        request.log_file,
+        request.debug,
+        foreground=True,
+        stderr_level=logging.WARNING if quiet else logging.NOTSET,
+    )
     volume = prepare(request)
     if request.foreground:
         return run_mounted(volume, request, None)
