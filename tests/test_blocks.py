@@ -22,9 +22,9 @@ def make() -> tuple[Metadata, ChunkCache, FileData]:
 
 def test_stored_blocks_per_inode_in_one_query() -> None:
     md, _, _ = make()
-    md.set_chunk(5, 0, ChunkRef("p", 0, 10, CHUNK, 1, 1))
-    md.set_chunk(5, 3, ChunkRef("p", 10, 10, 100, 1, 1))
-    md.set_chunk(6, 9, ChunkRef("p", 20, 10, BLOCK + 1, 1, 1))
+    md.set_chunk(5, 0, ChunkRef("p", 0, 10, CHUNK, 1, 1, bytes(32)))
+    md.set_chunk(5, 3, ChunkRef("p", 10, 10, 100, 1, 1, bytes(32)))
+    md.set_chunk(6, 9, ChunkRef("p", 20, 10, BLOCK + 1, 1, 1, bytes(32)))
     assert md.stored_blocks([5, 6, 7], BLOCK) == {5: CHUNK // BLOCK + 1, 6: 2}
     assert md.stored_blocks([], BLOCK) == {}
 
@@ -33,8 +33,8 @@ def test_waiting_chunks_replace_or_add_and_holes_count_nothing() -> None:
     md, cache, data = make()
     size = 8 * CHUNK
     assert data.allocated_blocks(5, size, BLOCK) == 0, "a file of holes"
-    md.set_chunk(5, 0, ChunkRef("p", 0, 10, CHUNK, 1, 1))
-    md.set_chunk(5, 3, ChunkRef("p", 10, 10, 100, 1, 1))
+    md.set_chunk(5, 0, ChunkRef("p", 0, 10, CHUNK, 1, 1, bytes(32)))
+    md.set_chunk(5, 3, ChunkRef("p", 10, 10, 100, 1, 1, bytes(32)))
     stored = CHUNK // BLOCK + 1
     assert data.allocated_blocks(5, size, BLOCK) == stored
     cache.dirty_buffer((5, 3), bytes(5000))  # rewritten, longer, not yet uploaded

@@ -23,7 +23,7 @@ def _copy(md: Metadata) -> Metadata:
 def _write(md: Metadata, ino: int, idx: int, size: int) -> None:
     pack = secrets.token_hex(8)
     md.add_pack(pack, 8192)
-    md.set_chunk(ino, idx, ChunkRef(pack, 0, 4124, 100, secrets.randbits(63), 1))
+    md.set_chunk(ino, idx, ChunkRef(pack, 0, 4124, 100, secrets.randbits(63), 1, bytes(32)))
     inode = md.get_inode(ino)
     assert inode is not None
     inode.size = size

@@ -188,7 +188,7 @@ class Merger(TreeFixer):
             if self._row("remote", "inodes", (ino,)) is not None:
                 continue
             rows = self.md.db.execute(
-                "SELECT c.idx, c.pack, c.off, c.len, c.plain_len, c.version, c.gen "
+                "SELECT c.idx, c.pack, c.off, c.len, c.plain_len, c.version, c.gen, c.digest "
                 "FROM main.chunks c JOIN base.packs b ON b.id = c.pack "
                 "WHERE c.inode=? AND c.pack NOT IN (SELECT id FROM remote.packs WHERE live>0) "
                 "ORDER BY c.idx",
@@ -214,7 +214,7 @@ class Merger(TreeFixer):
                 "remote", ino, remote["chunks"]
             ):
                 rows = self.md.db.execute(
-                    "SELECT idx, pack, off, len, plain_len, version, gen FROM main.chunks "
+                    "SELECT idx, pack, off, len, plain_len, version, gen, digest FROM main.chunks "
                     "WHERE inode=? ORDER BY idx",
                     (ino,),
                 )
