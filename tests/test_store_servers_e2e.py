@@ -175,7 +175,7 @@ def test_seaweedfs_mount_and_fsck_round_trip(
         (mnt / "small.txt").write_text("hello seaweed")
         status = device.run("status", str(mnt))
         assert status.returncode == 0, status.stderr
-        assert "store:       conditional writes enforced" in status.stdout
+        assert "store fit:   conditional writes enforced" in status.stdout
     fsck = device.run("fsck", source)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     with device.mounted(source, mnt, "ro"):
