@@ -90,38 +90,63 @@ def test_a_file_closed_on_one_device_appears_on_the_other(
     assert laptop.run("fsck", any_source).returncode == 0
 
 
+def _edit_on_both_and_check_conflict_copy(a: Path, b: Path, desktop: Device) -> None:
+    """Both devices edit one file before either has seen the other's edit; the laptop (A)
+    commits first, so it keeps the name and the desktop's edit becomes a conflict copy."""
+    _write(a / "report.txt", b"first version")
+    _eventually(lambda: _read(b / "report.txt") == b"first version", "B sees the file")
+    _write(a / "report.txt", b"edited on the laptop", sync=False)
+    _write(b / "report.txt", b"edited on the desktop", sync=False)
+    with open(a / "report.txt", "rb+") as f:
+        os.fsync(f.fileno())
+    with open(b / "report.txt", "rb+") as f:
+        os.fsync(f.fileno())
+
+    def both_versions(root: Path) -> bool:
+        names = sorted(p.name for p in root.iterdir() if p.name.startswith("report"))
+        copies = [n for n in names if n.startswith("report (conflict from desktop ")]
+        return (
+            len(names) == 2
+            and len(copies) == 1
+            and copies[0].endswith(").txt")
+            and _read(root / "report.txt") == b"edited on the laptop"
+            and _read(root / copies[0]) == b"edited on the desktop"
+        )
+
+    _eventually(lambda: both_versions(b), "the desktop holds both versions")
+    status = desktop.run("status", str(b), "--json", check=True)
+    assert json.loads(status.stdout)["other_devices"]["conflicts"] == 1
+    _eventually(lambda: both_versions(a), "the laptop holds both versions")
+
+
 def test_concurrent_edits_keep_the_original_and_a_conflict_copy(
     laptop: Device, desktop: Device, local_source: str, tmp_path: Path
 ) -> None:
     with _two_mounts(laptop, desktop, local_source, tmp_path, NO_TIMER) as (a, b):
-        _write(a / "report.txt", b"first version")
-        _eventually(lambda: _read(b / "report.txt") == b"first version", "B sees the file")
-        # Both edit before either has seen the other's edit; the laptop commits first.
-        _write(a / "report.txt", b"edited on the laptop", sync=False)
-        _write(b / "report.txt", b"edited on the desktop", sync=False)
-        with open(a / "report.txt", "rb+") as f:
-            os.fsync(f.fileno())
-        with open(b / "report.txt", "rb+") as f:
-            os.fsync(f.fileno())
-
-        def both_versions(root: Path) -> bool:
-            names = sorted(p.name for p in root.iterdir())
-            copies = [n for n in names if n.startswith("report (conflict from desktop ")]
-            return (
-                len(names) == 2
-                and len(copies) == 1
-                and copies[0].endswith(").txt")
-                and _read(root / "report.txt") == b"edited on the laptop"
-                and _read(root / copies[0]) == b"edited on the desktop"
-            )
-
-        _eventually(lambda: both_versions(b), "the desktop holds both versions")
-        status = desktop.run("status", str(b), "--json", check=True)
-        assert json.loads(status.stdout)["other_devices"]["conflicts"] == 1
-        _eventually(lambda: both_versions(a), "the laptop holds both versions")
+        _edit_on_both_and_check_conflict_copy(a, b, desktop)
         unmount(desktop, b)
         unmount(laptop, a)
     assert laptop.run("fsck", local_source).returncode == 0
+
+
+def test_two_writers_on_seaweedfs(
+    laptop: Device, desktop: Device, seaweedfs_bucket: str, tmp_path: Path
+) -> None:
+    """The second real S3 server: changes propagate both ways and a conflict keeps both edits."""
+    source = f"{seaweedfs_bucket}/fs"
+    with _two_mounts(laptop, desktop, source, tmp_path, NO_TIMER) as (a, b):
+        _write(b / "from-desktop.bin", os.urandom(3 << 20))  # several chunks, ranged GETs on A
+        expected = _read(b / "from-desktop.bin")
+        _eventually(lambda: _read(a / "from-desktop.bin") == expected, "A sees B's file")
+        _edit_on_both_and_check_conflict_copy(a, b, desktop)
+        (a / "from-desktop.bin").unlink()
+        fd = os.open(a, os.O_RDONLY)  # fsync of the folder commits the delete
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _eventually(lambda: not (b / "from-desktop.bin").exists(), "B sees A's delete")
+    assert laptop.run("fsck", source).returncode == 0
 
 
 def test_a_read_only_mount_follows_a_writer(
