@@ -15,12 +15,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import bench_multiwriter
 from bench_args import FAIRNESS, parse_args
 from bench_cache import THROTTLE_MBPS
 from bench_install import ensure_tools, machine_baseline, versions
 from bench_readme import publish
 from bench_report import Report, metric_table
-from bench_s3 import BUCKET, S3Server, choose_server
+from bench_s3 import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, S3Server, choose_server
 from bench_systems import Env, System, make_systems
 from bench_targets import targets
 from bench_util import (
@@ -97,6 +98,7 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.abandoned: set[str] = set()
         self.doc: dict[str, Any] = {}
+        self.multiwriter: dict[str, Any] = {}
         out_dir = Path(args.out_dir)
         stamp = self.started.strftime("%Y%m%d-%H%M%S")
         self.json_path = Path(args.json) if args.json else out_dir / f"bench-{stamp}.json"
@@ -203,6 +205,44 @@ class Bench:
                     self.abandoned.add(s.key)
                 self.write_json(final=False)
 
+    def run_multiwriter(self) -> None:
+        """The two-writer column: encfs-cloud alone (no peer mounts read-write twice)."""
+        if "multiwriter" not in self.args.workloads:
+            return
+        ours = [s for s in self.systems if s.base == "encfs-s3" and s.rtt_ms == 0]
+        if self.server is None or not ours or ours[0].key in self.skipped:
+            self.multiwriter = {"error": "no encfs-cloud over S3 at 0 ms in this run"}
+            return
+        server = self.server
+        env = dict(
+            os.environ,
+            AWS_ACCESS_KEY_ID=ACCESS_KEY,
+            AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+            AWS_DEFAULT_REGION=REGION,
+            AWS_ENDPOINT_URL=server.url,
+            **server.client_env,
+        )
+        smoke = self.args.smoke
+        log("two writers: propagation, three-writer commits, idle requests")
+        try:
+            self.multiwriter = bench_multiwriter.measure(
+                self.workdir / "multiwriter",
+                f"s3://{BUCKET}/multiwriter",
+                env,
+                mount_opts=[f"endpoint_url={server.url}"],
+                poll=1.0 if smoke else 5.0,
+                rounds=5 if smoke else 30,
+                seconds=5 if smoke else 20,
+                idle_seconds=20 if smoke else 300,
+                count_requests=server.requests if server.requests() else None,
+            )
+        except (bench_multiwriter.MultiwriterError, OSError) as exc:
+            self.multiwriter = {"error": str(exc)[:300]}
+        finally:
+            server.delete_prefix(BUCKET, "multiwriter")
+        for line in bench_multiwriter.lines(self.multiwriter):
+            log(line)
+
     # -- output ---------------------------------------------------------------------------
     def report(self) -> Report:
         a = self.args
@@ -300,6 +340,7 @@ class Bench:
             "notes": self.notes,
             "systems": rep.systems,
             "raw": self.raw,
+            "multiwriter": self.multiwriter,
             **rep.to_json(),
         }
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -341,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in bench.header():
             print(line, flush=True)
         bench.run()
+        bench.run_multiwriter()
         doc = bench.write_json(final=True)
         report = bench.report()
         table = report.render([])
+        if bench.multiwriter:
+            table += "\n\n" + "\n".join(bench_multiwriter.lines(bench.multiwriter))
         print(table)
         if args.update_readme:
             text = "\n".join([*bench.header(), table])

@@ -31,7 +31,9 @@ workloads: write (256 MiB, until fsync and until unmounted), read (cold, after r
   untar (stdlib tree, until unmounted), ls (find + ls -lR, cold), fio (4 KiB random reads),
   rename (rename(2) of a 1,000-file directory), rss (daemon peak VmHWM),
   cache (encfs-cloud's disk cache, when mount.encfs-cloud has cache_dir: a second cold read
-  after remount, and a copy onto a store throttled to 20 MB/s, until close).
+  after remount, and a copy onto a store throttled to 20 MB/s, until close),
+  multiwriter (encfs-cloud only, three devices on the S3 server: propagation delay from a
+  write+close on A to visibility on B, commits/s with three writers, an idle mount's requests).
 examples:
   scripts/bench.py                          # full: 3 runs, RTT 0 and 20 ms (~25 min)
   scripts/bench.py --rtt 0                  # no delayed profile (~13 min)

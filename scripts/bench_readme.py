@@ -59,8 +59,25 @@ def markdown(report: Report, doc: dict[str, Any]) -> str:
         system = by_key.get(row.get("system_key", ""))
         column = short_title(system) if system else row["system"]
         lines.append(f"| {row['target']} | {column} | {reached} | {row['status']} |")
+    lines += _multiwriter_rows(doc.get("multiwriter") or {})
     lines.append(END)
     return "\n".join(lines)
+
+
+def _multiwriter_rows(mw: dict[str, Any]) -> list[str]:
+    """Issue #11's two-writer column: encfs-cloud only (no peer mounts read-write twice)."""
+    if not mw or "error" in mw:
+        return []
+    idle = mw.get("idle_requests_per_hour")
+    return [
+        "",
+        f"| two writers, encfs-cloud S3 (poll_interval {mw['poll_interval_s']:g} s) | figure |",
+        "|---|---|",
+        f"| write+close on A until visible on B, median / p95 (s) | "
+        f"{mw['propagation_median_s']} / {mw['propagation_p95_s']} |",
+        f"| commits/s, 3 writers in a loop | {mw['three_writers_commits_per_s']} |",
+        f"| idle mount, S3 requests per hour | {idle if idle is not None else '-'} |",
+    ]
 
 
 def replace_section(text: str, section: str) -> str:

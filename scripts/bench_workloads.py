@@ -18,7 +18,7 @@ from bench_cache import CACHE_METRICS, run_cache_cases
 from bench_systems import System
 from bench_util import SCRIPTS, BenchError, drop_caches, log, rmtree, run, tail, venv_bin
 
-WORKLOADS = ["write", "read", "untar", "ls", "fio", "rename", "cache", "rss"]
+WORKLOADS = ["write", "read", "untar", "ls", "fio", "rename", "cache", "rss", "multiwriter"]
 TEST_DIRS = {"test", "tests", "idle_test"}
 
 
