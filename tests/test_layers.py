@@ -40,7 +40,9 @@ FORBIDDEN_THIRD_PARTY: dict[str, frozenset[str]] = {
     "cli": frozenset({"pyfuse3", "boto3", "botocore"}),
 }
 # The FUSE binding stays in the two modules that talk to the kernel.
-PYFUSE3_MODULES = frozenset({"encfs_cloud.daemon.operations", "encfs_cloud.daemon.mount"})
+PYFUSE3_MODULES = frozenset(
+    {"encfs_cloud.daemon.operations", "encfs_cloud.daemon.mount", "encfs_cloud.daemon.fuse_glue"}
+)
 
 
 def _modules() -> dict[str, Path]:

@@ -1,76 +1,33 @@
-"""The pyfuse3 Operations: a thin adapter and the one place exceptions become FUSE errors."""
+"""The pyfuse3 Operations: a thin adapter from kernel requests to the namespace and file data."""
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyfuse3
 import trio
 
 from encfs_cloud.daemon.caller import in_group
+from encfs_cloud.daemon.fuse_glue import handler, invalidate_kernel_caches
 from encfs_cloud.daemon.stale import StaleCaches
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.filedata import FileData
-from encfs_cloud.errors import EncfsCloudError, FsError, errno_of
+from encfs_cloud.errors import FsError
 from encfs_cloud.tree import acl
 from encfs_cloud.tree.metadata import ROOT_INODE, Inode, Metadata
 from encfs_cloud.tree.namespace import Namespace, now_ns
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
 ATTR_TIMEOUT = 30.0
 BLOCK = 4096
 TOTAL_BLOCKS = 1 << 38  # 1 PiB of 4 KiB blocks always free: a bucket has no fixed size
 TOTAL_INODES = 1 << 32
-
-
-def handler(
-    func: Callable[P, Coroutine[Any, Any, R]],
-) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn every failure into a FUSEError; an unexpected one is logged and becomes EIO."""
-
-    @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await func(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except FsError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except EncfsCloudError as exc:
-            # Ours, and already logged where it happened (with inode and object): no traceback.
-            if exc.errno == errno.EIO:
-                log.error("%s failed: %s", func.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except Exception as exc:
-            code = errno_of(exc)
-            if code == errno.EIO:
-                log.exception("%s failed", func.__name__)
-            raise pyfuse3.FUSEError(code) from None
-
-    return wrapper
-
-
-def _invalidate(inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
-    for parent, name in entries:
-        try:
-            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
-        except OSError as exc:  # not cached by the kernel, or it went meanwhile
-            log.debug("invalidate_entry(%d): %s", parent, exc)
-    for ino in inodes:
-        try:
-            pyfuse3.invalidate_inode(ino)
-        except OSError as exc:
-            log.debug("invalidate_inode(%d): %s", ino, exc)
 
 
 class Operations(pyfuse3.Operations):  # type: ignore[misc]
@@ -116,7 +73,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         write dirty pages back to us first, which needs this (the trio) thread free."""
         while True:
             inodes, entries = await self.stale.next_batch()
-            await trio.to_thread.run_sync(_invalidate, inodes, entries)
+            await trio.to_thread.run_sync(invalidate_kernel_caches, inodes, entries)
 
     def _writable(self) -> None:
         if self.read_only:
