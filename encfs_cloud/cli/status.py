@@ -10,20 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from encfs_cloud.cli.progress import size as human_bytes
 from encfs_cloud.daemon import control, runtime
 from encfs_cloud.errors import EncfsCloudError, MountpointError
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.profile import StoreProfile
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-
-
-def human_bytes(n: float) -> str:
-    for unit in _UNITS:
-        if abs(n) < 1024 or unit == _UNITS[-1]:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def _ago(time_ns: int) -> str:
