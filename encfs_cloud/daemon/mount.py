@@ -92,7 +92,7 @@ def prepare(request: MountRequest) -> Volume:
             )
             # Several mounts write at once (they merge); only an exclusive operation
             # (fsck --repair, re-encryption) holding the lease keeps a writer out.
-            exclusive.refuse_if_held(store, sealer)
+            exclusive.refuse_if_held(store, sealer, takeover=request.volume_options.takeover)
         return Volume(store, unlocked, devices, request.volume_options)
     except BaseException:
         unlocked.wipe()

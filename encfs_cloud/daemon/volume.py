@@ -76,6 +76,7 @@ class VolumeOptions:
     cache_dir: Path | None = None  # the sealed disk cache; None: under $XDG_CACHE_HOME
     disk_cache_size: int | None = None  # None: the default (see diskcache); 0: no disk cache
     poll_interval: float = 5.0  # how often other devices' commits are looked for
+    takeover: bool = False  # ignore a lease object that does not open (see exclusive.holder)
 
 
 class Volume:
@@ -325,7 +326,7 @@ class Volume:
         # EXCLUSIVE_CHECK seconds catches that case at its first commit after waking.
         now = time.monotonic()
         if now - self._exclusive_checked >= EXCLUSIVE_CHECK:
-            exclusive.check_before_commit(self.store, self.sealer)
+            exclusive.check_before_commit(self.store, self.sealer, takeover=self.options.takeover)
             self._exclusive_checked = now
 
     def _changed(self, outcome: Outcome) -> None:
