@@ -217,6 +217,8 @@ async def _final_flush(volume: Volume) -> dict[str, object]:
     (with the error).
     """
     timeout = volume.options.sync_timeout
+    # Whatever path the unmount takes, removing the advertisement keeps to the same budget.
+    volume.stop_deadline = time.monotonic() + timeout
     if volume.committer.stopped:
         if not (volume.committer.has_changes() or volume.committer.queue):
             return {"result": "ok"}  # it lost the right to write, but every change had landed
@@ -232,7 +234,6 @@ async def _final_flush(volume: Volume) -> dict[str, object]:
         # for. The flush's waits end a little later, so that changes are sealed into the
         # commit queue (and so into the spool) even when a store call used the whole budget.
         with operation_budget(timeout) as deadline:
-            volume.stop_deadline = deadline  # the advertisement's removal keeps to it too
             with trio.move_on_after(timeout + _SEAL_MARGIN) as scope:
                 await volume.flush()
             if not scope.cancelled_caught:
