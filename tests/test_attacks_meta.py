@@ -203,12 +203,16 @@ def test_meta_attack_refuses_mount(
 
 
 def test_forged_lease_is_not_believed(meta_world: MetaWorld) -> None:
-    """Liveness is the bucket owner's to break; but a forged lease must not pass as real:
-    mounts (which no longer need the lease) ignore it, and an exclusive operation refuses
-    to take it over without --takeover."""
+    """Liveness is the bucket owner's to break; but a forged lease must not pass as real, nor
+    as absent: a lease that does not open might be an exclusive operation's under a key this
+    device lacks, so a read-write mount refuses it (exit 12) unless -o takeover, and an
+    exclusive operation refuses to take it over without --takeover."""
     try:
         _forge_lease(meta_world)
         code, stderr = attempt_mount(meta_world)
+        assert code == LEASE_HELD and "does not authenticate" in stderr, stderr
+        assert "-o takeover" in stderr, stderr
+        code, stderr = attempt_mount(meta_world, "takeover")
         assert code == 0, stderr
         done = meta_world.device.run("fsck", meta_world.source, "--repair", "--yes")
         assert done.returncode == LEASE_HELD and "authenticate" in done.stderr, done.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_mount import ENCFS, MOUNT, Device, force_unmount, is_mounted
+from tests.fixtures_mount import ENCFS, MOUNT, Device, unmount
 from tests.fixtures_s3 import MotoServer
 from tests.test_devices_e2e import enroll, field
 
@@ -72,18 +72,41 @@ def test_nested_json_header_is_a_format_error(
 def test_oversize_lease_is_refused_like_a_foreign_one(
     device: Device, s3_bucket: str, s3_env: MotoServer, tmp_path: Path
 ) -> None:
+    """A lease object far larger than its format allows might hide an exclusive operation's
+    lease: read-write mounts and fsck --repair refuse it (exit 12) like one that does not
+    authenticate, reading at most its cap; -o takeover mounts anyway, and fsck --repair
+    --takeover replaces it, after which plain mounts work again."""
     device.init(s3_bucket)
     put_raw(s3_env, s3_bucket, "lease", b"\0" * JUNK)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    try:
-        code, _, err, peak = run_measured(device, MOUNT, s3_bucket, str(mnt))
-    finally:
-        if is_mounted(mnt):
-            force_unmount(mnt)
+
+    def mount(*options: str) -> tuple[int, str, int]:
+        args = (MOUNT, s3_bucket, str(mnt), *(("-o", ",".join(options)) if options else ()))
+        try:
+            code, _, err, peak = run_measured(device, *args)
+        finally:
+            unmount(device, mnt)  # forced if a clean unmount fails, which then fails the test
+        return code, err, peak
+
+    code, err, peak = mount()
     assert code == LEASE_HELD, err
+    assert "larger than" in err and "-o takeover" in err, err
     assert "Traceback" not in err
     assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB"
+    code, err, _ = mount("takeover")
+    assert code == 0, err
+    code, _, err, peak = run_measured(device, "fsck", s3_bucket, "--repair", "--yes")
+    assert code == LEASE_HELD, err
+    assert "larger than" in err and "--takeover" in err and "Traceback" not in err, err
+    assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB"
+    code, out, err, peak = run_measured(
+        device, "fsck", s3_bucket, "--repair", "--takeover", "--yes"
+    )
+    assert code == 0, out + err
+    assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB"
+    code, err, _ = mount()  # the repair left a released lease of its own
+    assert code == 0, err
 
 
 def test_bad_requests_are_skipped_by_list_approve_and_deny(

@@ -153,7 +153,15 @@ def test_sigterm_is_not_held_by_a_read_on_a_trickling_store(
     data = pattern("cold", 2 << 20)
     with device.mounted(s3_bucket, mnt) as m:
         write_synced(m / "cold.bin", data)
-    opts = (f"endpoint_url={proxy.endpoint_url}", "sync_timeout=15", f"log={log}")
+    # A fresh mount with an empty disk cache of its own: the first mount's sealed disk cache
+    # would serve the re-read without a request, and the read must reach the store.
+    cold = tmp_path / "cold-cache"
+    opts = (
+        f"endpoint_url={proxy.endpoint_url}",
+        "sync_timeout=15",
+        f"log={log}",
+        f"cache_dir={cold}",
+    )
     done = device.mount(s3_bucket, mnt, *opts)  # a fresh mount: nothing cached
     assert done.returncode == 0, done.stderr
     reader: subprocess.Popen[bytes] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,5 +49,43 @@ def test_packs_freed_by_the_last_commit_are_deleted_at_unmount(
         proxy.inject(Fault.DELAY, count=1000, method="DELETE", delay=1.0)
     assert not (before & _packs(s3_env, s3_bucket)), "freed packs were left in the bucket"
     assert "could not delete" not in log.read_text()
+    fsck = device.run("fsck", "--endpoint-url", s3_env.endpoint_url, s3_bucket)
+    assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@needs_fuse
+def test_freed_packs_wait_for_another_live_mount_and_go_with_the_last(
+    device: Device, s3_bucket: str, s3_env: MotoServer, tmp_path: Path
+) -> None:
+    """With another mount live, the unmount leaves what it freed for that mount: the last
+    one to pass the freeing commit deletes it at its own unmount."""
+    device.init(s3_bucket)
+    # Two mount points of one device; each its own disk cache (a mount clears the spill
+    # folder of the cache it opens).
+    first = ("commit_interval=3600", f"log={tmp_path / 'a.log'}")
+    other = ("poll_interval=1", f"cache_dir={tmp_path / 'cache-b'}", f"log={tmp_path / 'b.log'}")
+    with device.mounted(s3_bucket, tmp_path / "b", *other) as b:
+        with device.mounted(s3_bucket, tmp_path / "a", *first) as a:
+            (a / "doomed.bin").write_bytes(os.urandom(3 * layout.PACK_TARGET))
+            _fsync(a / "doomed.bin")
+            before = _packs(s3_env, s3_bucket)
+            assert len(before) >= 3
+            (a / "doomed.bin").unlink()  # freed by the final commit at unmount
+        assert before <= _packs(s3_env, s3_bucket), "deleted while another mount was live"
+        assert "stay for the other live mounts" in (tmp_path / "a.log").read_text()
+        deadline = time.monotonic() + 120
+        while (b / "doomed.bin").exists():  # b applies a's final commit
+            assert time.monotonic() < deadline, "the other mount never saw the deletion"
+            time.sleep(0.5)
+        (b / "note.txt").write_text("b commits at unmount, naming the freed packs dead")
+    assert not (before & _packs(s3_env, s3_bucket)), "the last mount left the freed packs"
     fsck = device.run("fsck", "--endpoint-url", s3_env.endpoint_url, s3_bucket)
     assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr

@@ -160,6 +160,7 @@ class Lease:
         self.etag: str | None = None
         self.lost = False
         self.lost_to: LeaseInfo | None = None
+        self.unreadable = ""  # why the lease object last read does not open, if it does not
         self._renew_started = 0.0  # monotonic time of the last successful renewal's start
         self._lock = threading.Lock()
 
@@ -174,14 +175,16 @@ class Lease:
             blob, etag = self.store.get_with_etag(layout.LEASE_NAME, layout.LEASE_CAP + 1)
         except ObjectMissingError:
             return None, None
+        self.unreadable = ""
         if len(blob) > layout.LEASE_CAP:  # refused like any lease that does not open
-            log.debug("the lease object is larger than %d bytes", layout.LEASE_CAP)
+            self.unreadable = f"is larger than the {layout.LEASE_CAP} bytes its format allows"
             return None, etag
         try:
             raw = self.sealer.open_object(layout.LEASE_NAME, LEASE_KIND, blob)
             return LeaseInfo.decode(raw), etag
         except (IntegrityError, ValueError) as exc:
             log.debug("the lease object does not open: %s", exc)  # the refusal says it
+            self.unreadable = "does not authenticate (tampered, or left by another filesystem)"
             return None, etag
 
     def _mine(self, now: float) -> LeaseInfo:
@@ -223,9 +226,10 @@ class Lease:
         if current is None:
             if takeover:
                 return
+            why = self.unreadable or "does not authenticate"
             raise LeaseHeldError(
-                "the lease object does not authenticate (tampered, or left by another "
-                f"filesystem); if no other mount is running, retry with {how}"
+                f"the lease object {why}; if no mount or other exclusive operation is "
+                f"running, retry with {how}"
             )
         # A holder on this machine whose process is gone cannot write any more: its lease is
         # stale for sure (a crash, or an unmount that could not reach the store to release).

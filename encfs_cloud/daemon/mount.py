@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def prepare(request: MountRequest) -> Volume:
             )
             # Several mounts write at once (they merge); only an exclusive operation
             # (fsck --repair, re-encryption) holding the lease keeps a writer out.
-            exclusive.refuse_if_held(store, sealer)
+            exclusive.refuse_if_held(store, sealer, takeover=request.volume_options.takeover)
         return Volume(store, unlocked, devices, request.volume_options)
     except BaseException:
         unlocked.wipe()
@@ -166,6 +167,10 @@ async def serve(
                     reporting.start_soon(_report_flush, volume)
                     outcome.update(await _final_flush(volume))
                     reporting.cancel_scope.cancel()
+                # The verdict is in: store calls still running (a poll for other devices'
+                # commits, an upload abandoned to the spool) must not hold the exit while
+                # the mount's tasks are cancelled.
+                abort_in_flight()
                 runtime.sd_notify(f"STATUS={_verdict_line(outcome)}")
             nursery.cancel_scope.cancel()
 
@@ -212,6 +217,8 @@ async def _final_flush(volume: Volume) -> dict[str, object]:
     (with the error).
     """
     timeout = volume.options.sync_timeout
+    # Whatever path the unmount takes, removing the advertisement keeps to the same budget.
+    volume.stop_deadline = time.monotonic() + timeout
     if volume.committer.stopped:
         if not (volume.committer.has_changes() or volume.committer.queue):
             return {"result": "ok"}  # it lost the right to write, but every change had landed
@@ -222,25 +229,48 @@ async def _final_flush(volume: Volume) -> dict[str, object]:
             await volume.committer.seal_for_spool()
         return _spool(volume, "this mount lost the lease to another writer")
     try:
-        # One budget for the whole flush: the store calls inside it end by then too, so
-        # the retry loops of committer and store cannot multiply what unmount waits for.
-        # The waits end a little later, so that changes are sealed into the commit queue
-        # (and so into the spool) even when a store call used up the whole budget.
-        with operation_budget(timeout), trio.move_on_after(timeout + _SEAL_MARGIN) as scope:
-            await volume.flush()
-        if not scope.cancelled_caught:
-            if not volume.options.read_only:
-                log.info("unmount: every change is in the bucket")
-                # Packs the last commits freed go now, while the lease still lets us delete.
-                if not await volume.committer.cleanups_done(timeout):
-                    log.warning("unmount: some freed objects are not deleted yet; fsck lists them")
-            return {"result": "ok"}
+        # One budget for everything the unmount does: the store calls inside it end by then
+        # too, so the retry loops of committer and store cannot multiply what unmount waits
+        # for. The flush's waits end a little later, so that changes are sealed into the
+        # commit queue (and so into the spool) even when a store call used the whole budget.
+        with operation_budget(timeout) as deadline:
+            with trio.move_on_after(timeout + _SEAL_MARGIN) as scope:
+                await volume.flush()
+            if not scope.cancelled_caught:
+                if not volume.options.read_only:
+                    log.info("unmount: every change is in the bucket")
+                    await _tidy(volume, deadline)
+                return {"result": "ok"}
         error = f"the store did not take the last changes within {timeout:g} s"
         log.error("unmount: %s", error)
     except EncfsCloudError as exc:
         log.error("unmount: could not write the last changes to the bucket: %s", exc)
         error = str(exc)
     return _spool(volume, error)
+
+
+async def _tidy(volume: Volume, deadline: float) -> None:
+    """What the last commits freed goes now, in what is left of the unmount's budget.
+
+    Deletions other mounts may still need wait for them (data/presence.py); when this mount
+    is the only one live it deletes them itself, since nobody remembers them once it exits.
+    """
+    left = deadline - time.monotonic()
+    waiting = -1  # unknown: the budget ran out first
+    with trio.move_on_after(max(0.0, left)):
+        if await volume.committer.cleanups_done(max(0.0, left)):
+            waiting = await volume.committer.reap_leaving()
+    if waiting < 0:
+        log.warning(
+            "unmount: some freed objects are not deleted yet (no time left); the next commit "
+            "of any mount schedules them again, and fsck --repair deletes them"
+        )
+    elif waiting:
+        log.info(
+            "unmount: %d freed objects stay for the other live mounts, whose next commits "
+            "delete them once all are past it",
+            waiting,
+        )
 
 
 def _spool(volume: Volume, error: str) -> dict[str, object]:

@@ -193,7 +193,11 @@ def parse_mount_options(source: str, mountpoint: Path, values: list[str]) -> Mou
             )
         else:
             raise UsageError(f"unknown mount option {item!r}; see mount.encfs-cloud --help")
-    volume = VolumeOptions(read_only="ro" in flags, allow_rollback="allow_rollback" in flags)
+    volume = VolumeOptions(
+        read_only="ro" in flags,
+        allow_rollback="allow_rollback" in flags,
+        takeover="takeover" in flags,
+    )
     if "cache_size" in pairs:
         volume.cache_size = parse_size(pairs["cache_size"])
         if volume.cache_size < 16 << 20:

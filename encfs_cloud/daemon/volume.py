@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.compactor import Compactor
 from encfs_cloud.data.diskcache import DiskCache, default_folder, default_size, remember
 from encfs_cloud.data.filedata import FileData
-from encfs_cloud.data.presence import Presence, Reaper
+from encfs_cloud.data.presence import STALE_AFTER, Presence, Reaper
 from encfs_cloud.data.rebase import Rebaser
 from encfs_cloud.data.uploader import Uploader
 from encfs_cloud.errors import (
@@ -36,6 +37,7 @@ from encfs_cloud.keys.generations import settle_start
 from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.keys.vault import Unlocked, refresh
 from encfs_cloud.store.base import ObjectStore
+from encfs_cloud.store.budget import budget_left, operation_budget
 from encfs_cloud.tree.journal import (
     CommitInfo,
     Head,
@@ -55,6 +57,12 @@ DEFAULT_CACHE_SIZE = 256 << 20
 IO_THREADS = 8
 KEY_REFRESH_INTERVAL = 30.0
 EXCLUSIVE_CHECK = 30.0
+# The unmount's advertisement removal gets at least this long, even when the final flush
+# used the whole budget: one small DELETE that saves other mounts the STALE_AFTER wait.
+WITHDRAW_FLOOR = 5.0
+# An unmount's key check may use this share of what is left of its budget: it is optional
+# (a failure is only logged), and the uploads after it must still get time.
+KEY_CHECK_SHARE = 0.25
 THOROUGH_EVERY = 12  # polls: one in this many also LISTs the commits (a head deleted meanwhile)
 
 
@@ -68,6 +76,7 @@ class VolumeOptions:
     cache_dir: Path | None = None  # the sealed disk cache; None: under $XDG_CACHE_HOME
     disk_cache_size: int | None = None  # None: the default (see diskcache); 0: no disk cache
     poll_interval: float = 5.0  # how often other devices' commits are looked for
+    takeover: bool = False  # ignore a lease object that does not open (see exclusive.holder)
 
 
 class Volume:
@@ -137,6 +146,7 @@ class Volume:
         self._unsettled: tuple[int, int] | None = None  # (old generation, newest seq under it)
         self._keys_lock = trio.Lock()  # the commit path and the idle watch both check
         self._exclusive_checked = -EXCLUSIVE_CHECK
+        self.stop_deadline: float | None = None  # time.monotonic(): when unmount must end
         self._purge_orphans()
 
     def _disk_cache(self) -> DiskCache | None:
@@ -241,10 +251,13 @@ class Volume:
             return
         self._keys_checked = now
         old_gen = self.unlocked.keys.current
+        left = budget_left()
+        bounded = nullcontext() if left is None else operation_budget(KEY_CHECK_SHARE * left)
         try:
-            changed = await trio.to_thread.run_sync(
-                refresh, self.store, self.devices, self.unlocked, limiter=self.limiter
-            )
+            with bounded:
+                changed = await trio.to_thread.run_sync(
+                    refresh, self.store, self.devices, self.unlocked, limiter=self.limiter
+                )
         except DeviceRevokedError:
             log.error("this device was revoked: the mount is now read-only")
             self.committer.stopped = True
@@ -313,7 +326,7 @@ class Volume:
         # EXCLUSIVE_CHECK seconds catches that case at its first commit after waking.
         now = time.monotonic()
         if now - self._exclusive_checked >= EXCLUSIVE_CHECK:
-            exclusive.check_before_commit(self.store, self.sealer)
+            exclusive.check_before_commit(self.store, self.sealer, takeover=self.options.takeover)
             self._exclusive_checked = now
 
     def _changed(self, outcome: Outcome) -> None:
@@ -379,13 +392,27 @@ class Volume:
         return sum(len(data) for _, data in objects)
 
     def withdraw(self) -> None:
-        """Remove this mount's `mounts/` object (at unmount): it needs nothing any more."""
+        """Remove this mount's `mounts/` object (at unmount): it needs nothing any more.
+
+        Within what is left of the unmount's budget (at least WITHDRAW_FLOOR): in an outage
+        the object stays, and other mounts take it for gone once it is STALE_AFTER old.
+        """
         if self.presence.published < 0:
             return
+        end = self.stop_deadline
+        left = self.options.sync_timeout if end is None else end - time.monotonic()
         try:
-            self.presence.withdraw()
+            with operation_budget(max(left, WITHDRAW_FLOOR)):
+                self.presence.withdraw()
         except StoreError as exc:
-            log.warning("could not remove this mount's advertisement: %s", exc)
+            log.warning(
+                "could not remove this mount's advertisement %s (%s); other mounts take it "
+                "for gone %d minutes after its last renewal (fsck --repair and re-encryption "
+                "wait as long, or take --takeover)",
+                self.presence.name,
+                exc,
+                STALE_AFTER // 60,
+            )
 
     def wipe(self) -> None:
         """Drop all plaintext and key material held in memory."""

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -192,7 +193,15 @@ class Committer:
                 self.queue.append(await self._seal_next())
         raise StoreError("other writers kept committing first; changes stay queued")
 
-    async def _reap(self) -> None:
+    async def reap_leaving(self) -> int:
+        """At unmount, after the final commit: delete what waits if no other mount is live
+        (it would wait for the grace, and this mount forgets it when it exits). Returns how
+        many objects still wait (for other live mounts)."""
+        async with self._lock:
+            await self._reap(leaving=True)
+        return len(self.reaper.waiting) if self.reaper is not None else 0
+
+    async def _reap(self, *, leaving: bool = False) -> None:
         """Delete freed packs every live mount is past; the next commit forgets them."""
         if self.reaper is None or not self.reaper.waiting:
             return
@@ -202,7 +211,7 @@ class Committer:
             return name in dead or not name.startswith(layout.DATA_PREFIX)
 
         names = await trio.to_thread.run_sync(
-            self.reaper.ready, still_dead, limiter=self.uploader.limiter
+            partial(self.reaper.ready, still_dead, leaving=leaving), limiter=self.uploader.limiter
         )
         if names:
             await self.uploader.delete_objects(names)

@@ -54,6 +54,7 @@ class Presence:
 
     def withdraw(self) -> None:
         self.store.delete(self.name)
+        self.published = -1
 
     def live(self) -> list[MountSeen]:
         """Every mount that renewed its object within STALE_AFTER (ours included)."""
@@ -91,20 +92,27 @@ class Reaper:
         for name in names:
             self.waiting.setdefault(name, (seq, now))
 
-    def ready(self, still_dead: Callable[[str], bool]) -> list[str]:
-        """Objects every live mount is past and still unreferenced here (blocking)."""
+    def ready(self, still_dead: Callable[[str], bool], *, leaving: bool = False) -> list[str]:
+        """Objects every other live mount is past and still unreferenced here (blocking).
+
+        `leaving`: this mount is unmounting and forgets what waits. If no other mount is
+        live, nobody else can need them: they go now, without the grace (see design.md).
+        """
         if not self.waiting:
             return []
         try:
-            oldest = min((m.applied for m in self.presence.live()), default=None)
+            # Our own advertisement may lag our last commit; we know we are past it.
+            others = [m for m in self.presence.live() if m.name != self.presence.name]
         except StoreError as exc:
             log.warning("could not list live mounts (%s); packs are deleted later", exc)
             return []
+        oldest = min((m.applied for m in others), default=None)
+        grace = 0.0 if leaving and not others else self.grace
         now = time.monotonic()
         ready = [
             pack
             for pack, (seq, since) in self.waiting.items()
-            if (oldest is None or oldest >= seq) and now - since >= self.grace
+            if (oldest is None or oldest >= seq) and now - since >= grace
         ]
         for name in ready:
             del self.waiting[name]
