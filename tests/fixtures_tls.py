@@ -1,0 +1,56 @@
+"""TLS in front of the test S3 servers: a throwaway CA, the TLS proxy, the AWS chain aimed at it."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_s3 import MotoServer, empty_bucket, point_aws_chain_at
+from tests.tlsproxy import TlsFiles, TlsProxy, make_tls_files
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A CA and a 127.0.0.1 certificate, made for this test run in its temp folder."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_proxy(s3_server: MotoServer, tls_files: TlsFiles) -> Iterator[TlsProxy]:
+    """A TLS-terminating proxy in front of the moto server, recording every request head."""
+    proxy = TlsProxy(s3_server.endpoint_url, tls_files)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def tls_bucket(
+    s3_server: MotoServer,
+    tls_proxy: TlsProxy,
+    tls_files: TlsFiles,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[str]:
+    """A fresh moto bucket (s3:// URL); the AWS chain and the CLI reach it over TLS only.
+
+    The bucket is made and removed over plain HTTP, so the proxy records only the test's
+    own traffic.
+    """
+    point_aws_chain_at(monkeypatch, tmp_path, tls_proxy.endpoint_url)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tls_files.ca))
+    client = s3_server.client()
+    bucket = f"encfs-tls-{uuid.uuid4().hex[:16]}"
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        with contextlib.suppress(Exception):
+            empty_bucket(client, bucket)
+            client.delete_bucket(Bucket=bucket)
