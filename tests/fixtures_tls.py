@@ -19,15 +19,28 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     return make_tls_files(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture
-def tls_proxy(s3_server: MotoServer, tls_files: TlsFiles) -> Iterator[TlsProxy]:
-    """A TLS-terminating proxy in front of the moto server, recording every request head."""
-    proxy = TlsProxy(s3_server.endpoint_url, tls_files)
+@contextlib.contextmanager
+def tls_in_front(upstream: str, files: TlsFiles) -> Iterator[TlsProxy]:
+    """A TLS-terminating proxy in front of `upstream` (http://), recording every request head."""
+    proxy = TlsProxy(upstream, files)
     proxy.start()
     try:
         yield proxy
     finally:
         proxy.stop()
+
+
+def aim_aws_chain_at_tls(mp: pytest.MonkeyPatch, proxy: TlsProxy, files: TlsFiles) -> None:
+    """The AWS chain (and the CLI) reach the store through `proxy`, trusting our CA."""
+    mp.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+    mp.setenv("AWS_CA_BUNDLE", str(files.ca))
+
+
+@pytest.fixture
+def tls_proxy(s3_server: MotoServer, tls_files: TlsFiles) -> Iterator[TlsProxy]:
+    """The TLS proxy in front of the moto server."""
+    with tls_in_front(s3_server.endpoint_url, tls_files) as proxy:
+        yield proxy
 
 
 @pytest.fixture
@@ -44,7 +57,7 @@ def tls_bucket(
     own traffic.
     """
     point_aws_chain_at(monkeypatch, tmp_path, tls_proxy.endpoint_url)
-    monkeypatch.setenv("AWS_CA_BUNDLE", str(tls_files.ca))
+    aim_aws_chain_at_tls(monkeypatch, tls_proxy, tls_files)
     client = s3_server.client()
     bucket = f"encfs-tls-{uuid.uuid4().hex[:16]}"
     client.create_bucket(Bucket=bucket)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from encfs_cloud.store.s3 import S3Store
 from tests.faultproxy import FaultProxy
 from tests.fixtures_mount import Device, needs_fuse
 from tests.fixtures_s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
+from tests.fixtures_servers import Server
+from tests.fixtures_tls import aim_aws_chain_at_tls, tls_in_front
 from tests.tlsproxy import TlsFiles, TlsProxy, is_aws_chunked
 
 pytestmark = pytest.mark.s3
@@ -139,13 +142,29 @@ def test_default_botocore_sends_aws_chunked_only_over_tls(
     assert "default-refused" not in [o["Key"] for o in listed]
 
 
-def test_commands_over_tls(tls_bucket: str, tls_proxy: TlsProxy, device: Device) -> None:
+@pytest.fixture(params=["moto", "seaweedfs"])
+def tls_store(
+    request: pytest.FixtureRequest, tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, TlsProxy]]:
+    """A fresh bucket (s3:// URL) on each real server, reached through its own TLS proxy."""
+    if request.param == "moto":
+        yield request.getfixturevalue("tls_bucket"), request.getfixturevalue("tls_proxy")
+        return
+    server: Server = request.getfixturevalue("seaweedfs_server")
+    bucket: str = request.getfixturevalue("seaweedfs_bucket")
+    with tls_in_front(server.endpoint, tls_files) as proxy:
+        aim_aws_chain_at_tls(monkeypatch, proxy, tls_files)
+        yield bucket, proxy
+
+
+def test_commands_over_tls(tls_store: tuple[str, TlsProxy], device: Device) -> None:
+    tls_bucket, tls_proxy = tls_store
     source = f"{tls_bucket}/fs"
     device.init(source)
     doctor = device.run("doctor", source)
     assert doctor.returncode == 0, doctor.stderr
     assert "verdict: fit for encfs-cloud" in doctor.stdout
-    assert "ok    checksums: validated" in doctor.stdout  # moto decodes the probe's trailer
+    assert "ok    checksums: validated" in doctor.stdout  # the probe's trailer was decoded
     listed = device.run("device", "list", source)
     assert listed.returncode == 0 and "(this device)" in listed.stdout, listed.stderr
     fsck = device.run("fsck", source)
@@ -162,12 +181,12 @@ def test_commands_over_tls(tls_bucket: str, tls_proxy: TlsProxy, device: Device)
 @needs_fuse
 @pytest.mark.fuse
 def test_mount_through_a_tls_proxy_that_refuses_aws_chunked(
-    tls_bucket: str,
-    tls_proxy: TlsProxy,
+    tls_store: tuple[str, TlsProxy],
     device: Device,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    tls_bucket, tls_proxy = tls_store
     tls_proxy.refuse_aws_chunked = True
     # Only init names the endpoint: the later commands and mounts remember it.
     endpoint = tls_proxy.endpoint_url
