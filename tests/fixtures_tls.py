@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.fixtures_s3 import MotoServer, empty_bucket, point_aws_chain_at
+from tests.fixtures_s3 import MotoServer
 from tests.tlsproxy import TlsFiles, TlsProxy, make_tls_files
 
 
@@ -45,25 +43,12 @@ def tls_proxy(s3_server: MotoServer, tls_files: TlsFiles) -> Iterator[TlsProxy]:
 
 @pytest.fixture
 def tls_bucket(
-    s3_server: MotoServer,
-    tls_proxy: TlsProxy,
-    tls_files: TlsFiles,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Iterator[str]:
+    s3_bucket: str, tls_proxy: TlsProxy, tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> str:
     """A fresh moto bucket (s3:// URL); the AWS chain and the CLI reach it over TLS only.
 
     The bucket is made and removed over plain HTTP, so the proxy records only the test's
     own traffic.
     """
-    point_aws_chain_at(monkeypatch, tmp_path, tls_proxy.endpoint_url)
     aim_aws_chain_at_tls(monkeypatch, tls_proxy, tls_files)
-    client = s3_server.client()
-    bucket = f"encfs-tls-{uuid.uuid4().hex[:16]}"
-    client.create_bucket(Bucket=bucket)
-    try:
-        yield f"s3://{bucket}"
-    finally:
-        with contextlib.suppress(Exception):
-            empty_bucket(client, bucket)
-            client.delete_bucket(Bucket=bucket)
+    return s3_bucket

@@ -105,8 +105,14 @@ def test_store_refuses_an_untrusted_certificate(
 
 
 def test_default_botocore_sends_aws_chunked_only_over_tls(
-    s3_server: MotoServer, tls_bucket: str, tls_proxy: TlsProxy, tls_files: TlsFiles
+    s3_server: MotoServer,
+    tls_bucket: str,
+    tls_proxy: TlsProxy,
+    tls_files: TlsFiles,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    for var in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
+        monkeypatch.delenv(var, raising=False)  # botocore's defaults, not a developer's
     if not hasattr(Config(), "request_checksum_calculation"):
         pytest.skip(f"botocore {botocore.__version__} has no default request checksums")
     bucket = tls_bucket.removeprefix("s3://")

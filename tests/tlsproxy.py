@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.faultproxy import Fault, FaultProxy, Rule
 
-_UPSTREAM_TIMEOUT = 120.0
+_HELLO_TIMEOUT = 30.0  # a client that connects and never says hello
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class TlsProxy(FaultProxy):
 
     def _serve(self, sock: socket.socket) -> None:
         try:
-            sock.settimeout(_UPSTREAM_TIMEOUT)  # a client that never says hello
+            sock.settimeout(_HELLO_TIMEOUT)
             wrapped = self._context.wrap_socket(sock, server_side=True)
             wrapped.settimeout(None)
         except (OSError, ValueError):
