@@ -10,6 +10,7 @@ bodies; our client sets `when_required`, so none of our objects is ever sent tha
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +19,14 @@ from typing import Any
 import boto3
 import botocore
 import pytest
+from botocore import exceptions as bce
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from encfs_cloud.errors import PreconditionFailedError
+from encfs_cloud.errors import PreconditionFailedError, UnreachableError
 from encfs_cloud.store import open_store
 from encfs_cloud.store.s3 import S3Store
+from encfs_cloud.store.s3errors import untrusted_certificate
 from tests.faultproxy import FaultProxy
 from tests.fixtures_mount import Device, needs_fuse
 from tests.fixtures_s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
@@ -76,6 +79,7 @@ def test_store_contract_over_tls(tls_bucket: str, tls_proxy: TlsProxy) -> None:
         with pytest.raises(PreconditionFailedError):
             store.put("data/blob", b"other", if_match='"0123"')
         store.put("data/blob", b"second", if_match=etag)
+        assert store.get("data/blob") == b"second"
         store.put("meta/1", b"first commit", if_none_match=True)
         assert [o.name for o in store.list()] == ["data/blob", "meta/1"]
         store.delete("data/blob")
@@ -102,6 +106,19 @@ def test_store_refuses_an_untrusted_certificate(
     while tls_proxy.failed_handshakes == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert tls_proxy.failed_handshakes == 1  # and the failure was final: no retry
+
+
+def test_only_a_failed_verification_is_final() -> None:
+    endpoint = "https://127.0.0.1:9"
+    cut = bce.SSLError(endpoint_url=endpoint, error=ConnectionResetError("reset in handshake"))
+    assert untrusted_certificate(cut, endpoint) is None  # the network: worth another try
+    failed = bce.SSLError(
+        endpoint_url=endpoint,
+        error=ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] unknown CA"),
+    )
+    final = untrusted_certificate(failed, endpoint)
+    assert isinstance(final, UnreachableError) and final.exit_code == 10
+    assert endpoint in str(final) and "AWS_CA_BUNDLE" in str(final)
 
 
 def test_default_botocore_sends_aws_chunked_only_over_tls(
