@@ -10,6 +10,7 @@ pytest_plugins: list[str] = [
     "tests.fixtures_mount",
     "tests.fixtures_s3",
     "tests.fixtures_servers",
+    "tests.fixtures_tls",
     "tests.fixtures_unit",
 ]
 

@@ -20,6 +20,7 @@ _UPSTREAM_TIMEOUT = 120.0
 
 
 class Fault(enum.Enum):
+    HTTP_400 = "http400"  # an InvalidRequest answer; the request never reaches the server
     HTTP_500 = "http500"  # an InternalError answer; the request never reaches the server
     SLOW_DOWN = "slowdown"  # 503 SlowDown with Retry-After; the request never reaches it
     RESET_BEFORE = "reset_before"  # the server applies the request, the client gets an RST
@@ -142,7 +143,7 @@ def _s3_error(status: int, code: str, method: str, extra: list[tuple[str, str]])
     ).encode()
     if method == "HEAD":
         body = b""
-    reason = {500: "Internal Server Error", 503: "Slow Down"}[status]
+    reason = {400: "Bad Request", 500: "Internal Server Error", 503: "Slow Down"}[status]
     headers = [("Content-Type", "application/xml"), ("Content-Length", str(len(body))), *extra]
     return _Message(f"HTTP/1.1 {status} {reason}", headers).head_bytes() + body
 
@@ -315,10 +316,12 @@ class FaultProxy:
             self._hang(conn.client)
             return False
         delay = self.rtt + (rule.delay if rule and fault is Fault.DELAY else 0.0)
-        if fault in (Fault.HTTP_500, Fault.SLOW_DOWN):
+        if fault in (Fault.HTTP_400, Fault.HTTP_500, Fault.SLOW_DOWN):
             assert rule is not None
             self._stopping.wait(delay)
-            if fault is Fault.HTTP_500:
+            if fault is Fault.HTTP_400:
+                answer = _s3_error(400, "InvalidRequest", method, [])
+            elif fault is Fault.HTTP_500:
                 answer = _s3_error(500, "InternalError", method, [])
             else:
                 answer = _s3_error(

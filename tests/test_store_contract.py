@@ -30,7 +30,12 @@ from encfs_cloud.store.local import LocalStore
 from encfs_cloud.store.memory import MemoryStore
 from tests.fixtures_s3 import MotoServer
 
-BACKENDS = ["memory", "local", pytest.param("s3", marks=pytest.mark.s3)]
+BACKENDS = [
+    "memory",
+    "local",
+    pytest.param("s3", marks=pytest.mark.s3),
+    pytest.param("s3-tls", marks=pytest.mark.s3),  # through a TLS proxy (tests/tlsproxy.py)
+]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -39,11 +44,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStor
         url = f"memory://contract-{uuid.uuid4().hex}"
     elif request.param == "local":
         url = f"file://{tmp_path}/bucket"
-    else:
+    elif request.param == "s3":
         url = request.getfixturevalue("s3_bucket") + "/some/prefix"
+    else:
+        url = request.getfixturevalue("tls_bucket") + "/some/prefix"
     s = open_store(url)
     yield s
     s.close()
+    if request.param == "s3-tls":  # our settings never frame a body as aws-chunked
+        proxy = request.getfixturevalue("tls_proxy")
+        assert proxy.aws_chunked_requests() == []
 
 
 # --- reads and writes --------------------------------------------------------------------

@@ -41,6 +41,7 @@ from encfs_cloud.store.s3errors import (
     one_line,
     retry_after,
     status,
+    untrusted_certificate,
 )
 
 if TYPE_CHECKING:
@@ -180,6 +181,8 @@ class S3Store:
                         raise final from exc
                     last = exc
                 except RETRYABLE_EXC as exc:
+                    if (untrusted := untrusted_certificate(exc, self.endpoint)) is not None:
+                        raise untrusted from None
                     last = exc
                 finally:
                     ticket.finish()

@@ -14,6 +14,7 @@ from encfs_cloud.errors import (
     ObjectMissingError,
     PreconditionFailedError,
     StoreError,
+    UnreachableError,
 )
 
 PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
@@ -95,6 +96,17 @@ def retry_after(exc: BaseException) -> float | None:
 
 def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def untrusted_certificate(exc: BaseException, endpoint: str) -> UnreachableError | None:
+    """The error for a TLS certificate we cannot verify: final, since no retry makes it trusted."""
+    if not isinstance(exc, bce.SSLError) or "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+        return None  # a handshake cut by the network is worth repeating
+    return UnreachableError(
+        f"the TLS certificate of the S3 endpoint {endpoint} is not trusted ({one_line(exc)}):"
+        " if a private CA signed it, set AWS_CA_BUNDLE (or ca_bundle in the AWS profile) to"
+        " that CA's PEM file; otherwise check the endpoint URL"
+    )
 
 
 def client_error(
