@@ -1,9 +1,8 @@
-"""The sealed disk cache (re-reads after remount, tampering, eviction, spill); compaction."""
+"""The sealed disk cache: re-reads after remount, tampering, eviction, spill, read-around."""
 
 from __future__ import annotations
 
 import os
-import random
 import stat
 import threading
 from collections.abc import Callable
@@ -15,7 +14,6 @@ import trio
 from encfs_cloud import layout
 from encfs_cloud.daemon.options import parse_mount_options
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
-from encfs_cloud.data import compactor
 from encfs_cloud.data.diskcache import DiskCache, default_folder, remove_all
 from encfs_cloud.data.filedata import READ_AROUND_BYTES
 from encfs_cloud.errors import UsageError
@@ -255,65 +253,6 @@ def test_dirty_data_spills_to_disk_instead_of_stalling(
     assert found == {b"burst": data}
 
 
-def bucket_ratio(store: CountingStore, vol: Volume) -> float:
-    """Bytes of packs in the bucket per live byte the chunk map uses."""
-    stored = sum(o.size for o in store.list(layout.DATA_PREFIX))
-    live = sum(used for _, _, used in vol.md.all_packs())
-    return stored / live
-
-
-def test_compaction_after_random_rewrites(store: CountingStore, devices: DeviceStore) -> None:
-    """Random rewrites leave dead chunks in old packs; compaction copies the live ones (no
-    decryption), the next commit drops the old packs, and every byte reads back."""
-    size = 24 * MiB
-    content = bytearray(os.urandom(size))
-    rng = random.Random(13)
-    ratios: list[float] = []
-
-    async def body(vol: Volume) -> None:
-        ns = Namespace(vol.md)
-        node = ns.create(ROOT_INODE, b"db", stat.S_IFREG | 0o644, 0, 0)
-        node.size = await vol.data.write(node.id, 0, 0, bytes(content))
-        vol.md.put_inode(node)
-        await vol.flush()
-        for _ in range(6):  # each round a commit: rewritten chunks leave dead ones behind
-            for _ in range(6):
-                off = rng.randrange(size // 4096) * 4096
-                piece = os.urandom(4096)
-                content[off : off + 4096] = piece
-                await vol.data.write(node.id, node.size, off, piece)
-            await vol.flush()
-        ratios.append(bucket_ratio(store, vol))
-        assert vol.compactor.worth_it(1.05)
-        assert await vol.compactor.compact() > 0
-        await vol.flush()  # commits the moved rows, then deletes the emptied packs
-        with trio.move_on_after(120):  # deletions run in the background: poll, no timing
-            while bucket_ratio(store, vol) > 1.05:
-                await trio.sleep(0.05)
-        ratios.append(bucket_ratio(store, vol))
-
-    with_volume(store, devices, body)
-    assert ratios[0] > 1.3, f"the rewrites should have inflated storage: {ratios}"
-    assert ratios[1] <= 1.05, f"compaction left stored/live at {ratios[1]:.3f}"
-    found: dict[bytes, bytes] = {}
-    with_volume(store, devices, reader(found), disk_cache_size=0)
-    assert found == {b"db": bytes(content)}
-
-
-def test_compaction_plan_frees_space_or_does_nothing() -> None:
-    step, target = layout.PACK_STEP, layout.PACK_TARGET
-    # One nearly empty small pack alone: its copy would be as large; nothing to gain.
-    assert compactor.plan([("a", 64 << 10, 4096), ("b", 3 * step, 3 * MiB)]) == []
-    # Many nearly empty small packs merge into one: worth it, emptiest first.
-    tiny = [(f"t{n:02d}", 256 << 10, 8192 + n) for n in range(64)]
-    chosen = compactor.plan([*tiny, ("full", target, target - 100)])
-    assert chosen == [p for p, _, _ in tiny] and "full" not in chosen
-    # Half-dead full packs are rewritten until stored/live reaches the goal; busy ones never.
-    half = [(f"h{n}", target, target // 2) for n in range(10)]
-    chosen = compactor.plan(half, busy=frozenset({"h0"}))
-    assert "h0" not in chosen and len(chosen) == 9
-
-
 def test_read_around_get_shows_only_offset_and_pack_size(
     store: CountingStore, devices: DeviceStore
 ) -> None:
@@ -394,37 +333,3 @@ def test_names_that_are_not_pack_ids_never_become_paths(tmp_path: Path) -> None:
     assert not (tmp_path / "escape").exists()
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a-folder", "spill"]
     assert DiskCache(tmp_path / "c", 1 << 20).bytes == 0
-
-
-def test_background_compaction_of_a_mount(store: CountingStore, devices: DeviceStore) -> None:
-    """The mount's own loop notices the inflated ratio and compacts, with no one asking."""
-    content = bytearray(os.urandom(16 * MiB))
-    rng = random.Random(7)
-
-    async def body(vol: Volume) -> None:
-        ns = Namespace(vol.md)
-        node = ns.create(ROOT_INODE, b"img", stat.S_IFREG | 0o644, 0, 0)
-        node.size = await vol.data.write(node.id, 0, 0, bytes(content))
-        vol.md.put_inode(node)
-        await vol.flush()
-        for _ in range(5):
-            for _ in range(6):
-                off = rng.randrange(len(content) // 4096) * 4096
-                piece = os.urandom(4096)
-                content[off : off + 4096] = piece
-                await vol.data.write(node.id, node.size, off, piece)
-            await vol.flush()
-        assert vol.compactor.worth_it()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(vol.compactor.run, 0.01)
-            with trio.move_on_after(120):  # poll: no timing assertion
-                while not vol.compactor.packs_compacted:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-        assert vol.compactor.packs_compacted > 0
-        assert not vol.compactor.worth_it()
-
-    with_volume(store, devices, body)
-    found: dict[bytes, bytes] = {}
-    with_volume(store, devices, reader(found), disk_cache_size=0)
-    assert found == {b"img": bytes(content)}
