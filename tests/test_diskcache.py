@@ -200,6 +200,23 @@ def test_eviction_keeps_the_budget_and_the_recently_used(tmp_path: Path) -> None
     assert again.get("ab" * 16, 0, 4096) is not None
 
 
+def test_a_memory_hit_counts_as_a_use(tmp_path: Path) -> None:
+    """A chunk read from the memory cache is used too: its disk entry becomes the newest,
+    in memory at once and, once saved, in the order a reopen (a remount) finds."""
+    pack = "cd" * 16
+    cache = DiskCache(tmp_path / "c", 64 << 10)  # sixteen 4 KiB entries
+    for n in range(16):
+        cache.put_chunk(pack, n * 4096, os.urandom(4096))
+    cache.used(pack, 0)  # the oldest, used again (no disk read: served from memory)
+    cache.put_chunk(pack, 16 * 4096, os.urandom(4096))
+    assert cache.holds(pack, 0) and not cache.holds(pack, 4096), "the unused oldest went"
+    cache.used(pack, 2 * 4096)
+    cache.save_order()
+    again = DiskCache(tmp_path / "c", 8 << 10)  # a smaller budget keeps the two newest
+    assert [again.holds(pack, n * 4096) for n in (2, 16)] == [True, True]
+    assert again.bytes == 8 << 10
+
+
 def test_interrupted_writes_and_crashed_spill_are_cleared(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path / "c", 1 << 20)
     cache.spill("cd" * 16, os.urandom(8192))
@@ -257,8 +274,9 @@ def test_read_around_get_shows_only_offset_and_pack_size(
     store: CountingStore, devices: DeviceStore
 ) -> None:
     """Issue #10: a cold small file's GET must not show how many small chunks follow it or
-    where the live ones end. It asks for a fixed window from the chunk's start (the store cuts
-    it at the pack's end), whatever lies inside, and one GET still serves the neighbours."""
+    where the live ones end. It asks for the fixed, aligned window of the pack that holds the
+    chunk (the store cuts it at the pack's end), whatever lies inside, and one GET still serves
+    the neighbours, read in directory order (random ids: not the order they were written)."""
     files = {f"s{n:02d}".encode(): os.urandom(1000 + 37 * n) for n in range(40)}
     with_volume(store, devices, writer(files))
 
@@ -277,7 +295,30 @@ def test_read_around_get_shows_only_offset_and_pack_size(
     with_volume(store, devices, reader(found), disk_cache_size=0)
     assert found == {k: v for k, v in files.items() if int(k[1:]) % 3 != 1}
     assert len(store.ranges) == 1, "one GET serves every small file of the pack"
-    assert [length for _, _, length in store.ranges] == [READ_AROUND_BYTES]
+    assert [(start, length) for _, start, length in store.ranges] == [(0, READ_AROUND_BYTES)]
+
+
+def test_read_around_serves_chunks_stored_before_the_one_read(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Read newest first (the reverse of the pack's order), the small files still come with
+    one GET: the window is the pack's aligned slot, not a range from the chunk onwards."""
+    files = {f"r{n:02d}".encode(): os.urandom(3000 + 11 * n) for n in range(30)}
+    with_volume(store, devices, writer(files), disk_cache_size=0)
+    store.ranges.clear()
+    found: dict[bytes, bytes] = {}
+
+    async def newest_first(vol: Volume) -> None:
+        for name in sorted(files, reverse=True):
+            ino = vol.md.lookup(ROOT_INODE, name)
+            assert ino is not None
+            node = vol.md.get_inode(ino)
+            assert node is not None
+            found[name] = await vol.data.read(ino, node.size, 0, node.size)
+
+    with_volume(store, devices, newest_first, disk_cache_size=0)
+    assert found == files
+    assert [(start, length) for _, start, length in store.ranges] == [(0, READ_AROUND_BYTES)]
 
 
 def test_mount_options_for_the_disk_cache(tmp_path: Path) -> None:
@@ -307,8 +348,10 @@ def test_eviction_under_pressure_through_a_volume(
     store.ranges.clear()
     last: dict[bytes, bytes] = {}
 
+    newest = list(found)[-20:]  # read last (in directory order: random ids), so still cached
+
     async def read_newest(v: Volume) -> None:
-        for name in sorted(files)[-20:]:  # read last, so still cached
+        for name in newest:
             ino = v.md.lookup(ROOT_INODE, name)
             assert ino is not None
             node = v.md.get_inode(ino)
@@ -316,7 +359,7 @@ def test_eviction_under_pressure_through_a_volume(
             last[name] = await v.data.read(ino, node.size, 0, node.size)
 
     with_volume(store, devices, read_newest, disk_cache_size=16 * MiB)
-    assert last == {k: files[k] for k in sorted(files)[-20:]}
+    assert last == {k: files[k] for k in newest}
     assert store.ranges == [], "the most recently used entries survived the eviction"
 
 
