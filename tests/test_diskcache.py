@@ -1,9 +1,8 @@
-"""The sealed disk cache (re-reads after remount, tampering, eviction, spill); compaction."""
+"""The sealed disk cache: re-reads after remount, tampering, eviction, spill, read-around."""
 
 from __future__ import annotations
 
 import os
-import random
 import stat
 import threading
 from collections.abc import Callable
@@ -15,7 +14,6 @@ import trio
 from encfs_cloud import layout
 from encfs_cloud.daemon.options import parse_mount_options
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
-from encfs_cloud.data import compactor
 from encfs_cloud.data.diskcache import DiskCache, default_folder, remove_all
 from encfs_cloud.data.filedata import READ_AROUND_BYTES
 from encfs_cloud.errors import UsageError
@@ -202,6 +200,23 @@ def test_eviction_keeps_the_budget_and_the_recently_used(tmp_path: Path) -> None
     assert again.get("ab" * 16, 0, 4096) is not None
 
 
+def test_a_memory_hit_counts_as_a_use(tmp_path: Path) -> None:
+    """A chunk read from the memory cache is used too: its disk entry becomes the newest,
+    in memory at once and, once saved, in the order a reopen (a remount) finds."""
+    pack = "cd" * 16
+    cache = DiskCache(tmp_path / "c", 64 << 10)  # sixteen 4 KiB entries
+    for n in range(16):
+        cache.put_chunk(pack, n * 4096, os.urandom(4096))
+    cache.used(pack, 0)  # the oldest, used again (no disk read: served from memory)
+    cache.put_chunk(pack, 16 * 4096, os.urandom(4096))
+    assert cache.holds(pack, 0) and not cache.holds(pack, 4096), "the unused oldest went"
+    cache.used(pack, 2 * 4096)
+    cache.save_order()
+    again = DiskCache(tmp_path / "c", 8 << 10)  # a smaller budget keeps the two newest
+    assert [again.holds(pack, n * 4096) for n in (2, 16)] == [True, True]
+    assert again.bytes == 8 << 10
+
+
 def test_interrupted_writes_and_crashed_spill_are_cleared(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path / "c", 1 << 20)
     cache.spill("cd" * 16, os.urandom(8192))
@@ -255,71 +270,13 @@ def test_dirty_data_spills_to_disk_instead_of_stalling(
     assert found == {b"burst": data}
 
 
-def bucket_ratio(store: CountingStore, vol: Volume) -> float:
-    """Bytes of packs in the bucket per live byte the chunk map uses."""
-    stored = sum(o.size for o in store.list(layout.DATA_PREFIX))
-    live = sum(used for _, _, used in vol.md.all_packs())
-    return stored / live
-
-
-def test_compaction_after_random_rewrites(store: CountingStore, devices: DeviceStore) -> None:
-    """Random rewrites leave dead chunks in old packs; compaction copies the live ones (no
-    decryption), the next commit drops the old packs, and every byte reads back."""
-    size = 24 * MiB
-    content = bytearray(os.urandom(size))
-    rng = random.Random(13)
-    ratios: list[float] = []
-
-    async def body(vol: Volume) -> None:
-        ns = Namespace(vol.md)
-        node = ns.create(ROOT_INODE, b"db", stat.S_IFREG | 0o644, 0, 0)
-        node.size = await vol.data.write(node.id, 0, 0, bytes(content))
-        vol.md.put_inode(node)
-        await vol.flush()
-        for _ in range(6):  # each round a commit: rewritten chunks leave dead ones behind
-            for _ in range(6):
-                off = rng.randrange(size // 4096) * 4096
-                piece = os.urandom(4096)
-                content[off : off + 4096] = piece
-                await vol.data.write(node.id, node.size, off, piece)
-            await vol.flush()
-        ratios.append(bucket_ratio(store, vol))
-        assert vol.compactor.worth_it(1.05)
-        assert await vol.compactor.compact() > 0
-        await vol.flush()  # commits the moved rows, then deletes the emptied packs
-        with trio.move_on_after(120):  # deletions run in the background: poll, no timing
-            while bucket_ratio(store, vol) > 1.05:
-                await trio.sleep(0.05)
-        ratios.append(bucket_ratio(store, vol))
-
-    with_volume(store, devices, body)
-    assert ratios[0] > 1.3, f"the rewrites should have inflated storage: {ratios}"
-    assert ratios[1] <= 1.05, f"compaction left stored/live at {ratios[1]:.3f}"
-    found: dict[bytes, bytes] = {}
-    with_volume(store, devices, reader(found), disk_cache_size=0)
-    assert found == {b"db": bytes(content)}
-
-
-def test_compaction_plan_frees_space_or_does_nothing() -> None:
-    step, target = layout.PACK_STEP, layout.PACK_TARGET
-    # One nearly empty small pack alone: its copy would be as large; nothing to gain.
-    assert compactor.plan([("a", 64 << 10, 4096), ("b", 3 * step, 3 * MiB)]) == []
-    # Many nearly empty small packs merge into one: worth it, emptiest first.
-    tiny = [(f"t{n:02d}", 256 << 10, 8192 + n) for n in range(64)]
-    chosen = compactor.plan([*tiny, ("full", target, target - 100)])
-    assert chosen == [p for p, _, _ in tiny] and "full" not in chosen
-    # Half-dead full packs are rewritten until stored/live reaches the goal; busy ones never.
-    half = [(f"h{n}", target, target // 2) for n in range(10)]
-    chosen = compactor.plan(half, busy=frozenset({"h0"}))
-    assert "h0" not in chosen and len(chosen) == 9
-
-
 def test_read_around_get_shows_only_offset_and_pack_size(
     store: CountingStore, devices: DeviceStore
 ) -> None:
     """Issue #10: a cold small file's GET must not show how many small chunks follow it or
-    where the live ones end. It asks for a fixed window from the chunk's start (the store cuts
-    it at the pack's end), whatever lies inside, and one GET still serves the neighbours."""
+    where the live ones end. It asks for the fixed, aligned window of the pack that holds the
+    chunk (the store cuts it at the pack's end), whatever lies inside, and one GET still serves
+    the neighbours, read in directory order (random ids: not the order they were written)."""
     files = {f"s{n:02d}".encode(): os.urandom(1000 + 37 * n) for n in range(40)}
     with_volume(store, devices, writer(files))
 
@@ -338,7 +295,30 @@ def test_read_around_get_shows_only_offset_and_pack_size(
     with_volume(store, devices, reader(found), disk_cache_size=0)
     assert found == {k: v for k, v in files.items() if int(k[1:]) % 3 != 1}
     assert len(store.ranges) == 1, "one GET serves every small file of the pack"
-    assert [length for _, _, length in store.ranges] == [READ_AROUND_BYTES]
+    assert [(start, length) for _, start, length in store.ranges] == [(0, READ_AROUND_BYTES)]
+
+
+def test_read_around_serves_chunks_stored_before_the_one_read(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Read newest first (the reverse of the pack's order), the small files still come with
+    one GET: the window is the pack's aligned slot, not a range from the chunk onwards."""
+    files = {f"r{n:02d}".encode(): os.urandom(3000 + 11 * n) for n in range(30)}
+    with_volume(store, devices, writer(files), disk_cache_size=0)
+    store.ranges.clear()
+    found: dict[bytes, bytes] = {}
+
+    async def newest_first(vol: Volume) -> None:
+        for name in sorted(files, reverse=True):
+            ino = vol.md.lookup(ROOT_INODE, name)
+            assert ino is not None
+            node = vol.md.get_inode(ino)
+            assert node is not None
+            found[name] = await vol.data.read(ino, node.size, 0, node.size)
+
+    with_volume(store, devices, newest_first, disk_cache_size=0)
+    assert found == files
+    assert [(start, length) for _, start, length in store.ranges] == [(0, READ_AROUND_BYTES)]
 
 
 def test_mount_options_for_the_disk_cache(tmp_path: Path) -> None:
@@ -368,8 +348,10 @@ def test_eviction_under_pressure_through_a_volume(
     store.ranges.clear()
     last: dict[bytes, bytes] = {}
 
+    newest = list(found)[-20:]  # read last (in directory order: random ids), so still cached
+
     async def read_newest(v: Volume) -> None:
-        for name in sorted(files)[-20:]:  # read last, so still cached
+        for name in newest:
             ino = v.md.lookup(ROOT_INODE, name)
             assert ino is not None
             node = v.md.get_inode(ino)
@@ -377,7 +359,7 @@ def test_eviction_under_pressure_through_a_volume(
             last[name] = await v.data.read(ino, node.size, 0, node.size)
 
     with_volume(store, devices, read_newest, disk_cache_size=16 * MiB)
-    assert last == {k: files[k] for k in sorted(files)[-20:]}
+    assert last == {k: files[k] for k in newest}
     assert store.ranges == [], "the most recently used entries survived the eviction"
 
 
@@ -394,37 +376,3 @@ def test_names_that_are_not_pack_ids_never_become_paths(tmp_path: Path) -> None:
     assert not (tmp_path / "escape").exists()
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a-folder", "spill"]
     assert DiskCache(tmp_path / "c", 1 << 20).bytes == 0
-
-
-def test_background_compaction_of_a_mount(store: CountingStore, devices: DeviceStore) -> None:
-    """The mount's own loop notices the inflated ratio and compacts, with no one asking."""
-    content = bytearray(os.urandom(16 * MiB))
-    rng = random.Random(7)
-
-    async def body(vol: Volume) -> None:
-        ns = Namespace(vol.md)
-        node = ns.create(ROOT_INODE, b"img", stat.S_IFREG | 0o644, 0, 0)
-        node.size = await vol.data.write(node.id, 0, 0, bytes(content))
-        vol.md.put_inode(node)
-        await vol.flush()
-        for _ in range(5):
-            for _ in range(6):
-                off = rng.randrange(len(content) // 4096) * 4096
-                piece = os.urandom(4096)
-                content[off : off + 4096] = piece
-                await vol.data.write(node.id, node.size, off, piece)
-            await vol.flush()
-        assert vol.compactor.worth_it()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(vol.compactor.run, 0.01)
-            with trio.move_on_after(120):  # poll: no timing assertion
-                while not vol.compactor.packs_compacted:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-        assert vol.compactor.packs_compacted > 0
-        assert not vol.compactor.worth_it()
-
-    with_volume(store, devices, body)
-    found: dict[bytes, bytes] = {}
-    with_volume(store, devices, reader(found), disk_cache_size=0)
-    assert found == {b"img": bytes(content)}

@@ -378,6 +378,8 @@ class Volume:
             # Stopped (after the final flush): nothing of ours needs the bucket's old objects.
             # Blocking on purpose: we may be cancelled, and this is one small DELETE.
             self.withdraw()
+            if self.disk is not None:  # the disk cache's use order survives the remount
+                self.disk.save_order()
 
     async def flush(self) -> None:
         """Everything into the bucket (fsync of the whole filesystem)."""

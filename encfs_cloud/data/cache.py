@@ -49,6 +49,10 @@ class ChunkCache:
                 self.hits += 1
         return buf
 
+    def pinned(self, key: ChunkKey) -> bool:
+        """Dirty or in flight: not (yet) what the bucket holds."""
+        return key in self.dirty or key in self.inflight
+
     def put_clean(self, key: ChunkKey, version: int, data: bytes | bytearray | memoryview) -> None:
         if len(data) <= self.capacity:
             self._clean[(*key, version)] = data

@@ -364,6 +364,11 @@ class Committer:
         while True:
             await trio.sleep(interval)
             if self.stopped or not (self.has_changes() or self.queue):
+                if not self.stopped and self.reaper is not None and self.reaper.due():
+                    # Idle, yet freed objects are ready: a mount that compacted and then saw
+                    # no change would otherwise keep the emptied packs until its next commit.
+                    async with self._lock:
+                        await self._reap()
                 continue
             try:
                 await self.sync()

@@ -95,6 +95,7 @@ class DiskCache:
         self._lock = threading.Lock()
         self._files: OrderedDict[str, int] = OrderedDict()  # name → size, oldest first
         self._by_pack: dict[str, set[str]] = {}
+        self._stamps: dict[str, int] = {}  # name → use time not yet in its mtime
         self.bytes = 0
         self.spill_bytes = 0
         self.hits = 0
@@ -139,6 +140,7 @@ class DiskCache:
         if size is None:
             return
         self.bytes -= size
+        self._stamps.pop(name, None)
         pack = name.split("-", 1)[0]
         names = self._by_pack.get(pack)
         if names is not None:
@@ -187,6 +189,35 @@ class DiskCache:
         with contextlib.suppress(OSError):
             os.utime(path, ns=(stamp, stamp))
 
+    def used(self, pack: str, off: int) -> None:
+        """A reader took this chunk from the memory cache: its entry becomes the newest.
+
+        Without this, the order would be that of fetches, not of use: a chunk fetched early
+        beside another (read-around) but read last would go first. No system call here (it
+        runs for every memory hit, on the event loop): the order changes in memory at once
+        and reaches the files' mtimes with the next write here or `save_order` at unmount.
+        Never waits for the lock (a worker may hold it while deleting files): skipped then.
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            for name in (f"{pack}-{off:x}", pack):
+                if name in self._files:
+                    self._files.move_to_end(name)
+                    self._clock = max(time.time_ns(), self._clock + 1)
+                    self._stamps[name] = self._clock
+                    return
+        finally:
+            self._lock.release()
+
+    def save_order(self) -> None:
+        """Write the use order `used` kept in memory into the files' mtimes (blocking)."""
+        with self._lock:
+            stamps, self._stamps = self._stamps, {}
+        for name, stamp in stamps.items():
+            with contextlib.suppress(OSError):  # evicted meanwhile
+                os.utime(self.folder / name, ns=(stamp, stamp))
+
     def holds(self, pack: str, off: int) -> bool:
         """Whether a chunk at `off` of `pack` may be served from disk (a hint, not a promise)."""
         with self._lock:
@@ -226,6 +257,7 @@ class DiskCache:
         with self._lock:
             self._add(name, len(data))
         self._evict()
+        self.save_order()  # a worker thread already: the uses seen since, on disk too
 
     def forget_pack(self, pack: str) -> None:
         """A pack left the bucket: its entries can never be asked for again."""

@@ -27,7 +27,7 @@ PREFETCH_MAX = 64
 # A run may reach this many chunks past the window to end where its pack ends: GETs then
 # cover whole packs instead of being cut in two at every top-up.
 PACK_SLACK = 8
-READ_AROUND_BYTES = 1 << 20  # a miss on a small chunk also fetches the small chunks after it
+READ_AROUND_BYTES = 1 << 20  # a miss on a small chunk fetches this aligned slot of its pack
 
 Run = list[tuple[int, int, ChunkRef]]  # (inode, chunk index, where) back to back in a pack
 
@@ -79,17 +79,21 @@ class FileData:
         ref = self.md.get_chunk(ino, idx)
         data = self.cache.get(key, ref.version if ref else None)
         if data is not None or ref is None:
+            if ref is not None and self.disk is not None and not self.cache.pinned(key):
+                self.disk.used(ref.pack, ref.off)  # a use the disk cache's LRU sees too
             return data
         event = self._fetching.get((ino, idx, ref.version))
         if event is not None:  # a prefetch or another reader is already on it
             await event.wait()
             return await self.chunk(ino, idx)
-        run = [(ino, idx, ref)]
+        run, spare = [(ino, idx, ref)], []
         window = self._read_around(ref)
         if window is not None:
-            run += self._neighbours(ref, window)
+            spare = self._neighbours(ref, window)
+            if self.disk is None:  # else they go sealed to disk only: see _fetch_from_store
+                run, spare = run + spare, []
         try:
-            result = (await self._fetch_run(run, window=window))[0]
+            result = (await self._fetch_run(run, window=window, spare=spare))[0]
         except ObjectMissingError:
             if self.md.get_chunk(ino, idx) != ref:
                 # Compaction or a rewrite here moved the chunk and its old pack went meanwhile.
@@ -108,28 +112,39 @@ class FileData:
     def _read_around(self, ref: ChunkRef) -> tuple[int, int] | None:
         """The read-around GET for a cold small chunk: (start, length), or None for none.
 
-        Always READ_AROUND_BYTES from the chunk's start (stores cut a range at the object's
-        end): the request shows only where the chunk starts, and the answer's length only the
-        pack's size, both of which the bucket owner sees anyway; never how many chunks follow,
-        which of them are live or where the live data ends (issue #10).
+        Always the READ_AROUND_BYTES-aligned slot of the pack that holds the chunk (stores cut
+        a range at the object's end), or READ_AROUND_BYTES from the chunk's start when it
+        crosses a slot's end: the request shows at most where the chunk starts, and the
+        answer's length only the pack's size, both of which the bucket owner sees anyway;
+        never how many chunks follow, which of them are live or where the live data ends
+        (issue #10). Aligned rather than from the chunk: directory order follows random ids,
+        not the order files were written in, so a tree copy reads a pack's small files in no
+        particular order, and a slot serves those stored before the chunk as well as after.
         """
         if ref.len >= READ_AROUND_BYTES:
             return None
         if self.disk is not None and self.disk.holds(ref.pack, ref.off):
             return None  # served locally: a GET would only be wasted
-        return ref.off, READ_AROUND_BYTES
+        start = ref.off - ref.off % READ_AROUND_BYTES
+        if ref.off + ref.len > start + READ_AROUND_BYTES:
+            start = ref.off
+        return start, READ_AROUND_BYTES
 
     def _neighbours(self, ref: ChunkRef, window: tuple[int, int]) -> Run:
-        """Live chunks stored after this one inside the window (files written together are
-        usually read together: a tree copy, a backup, rsync): opened from the same GET."""
+        """The other live chunks wholly inside the window (files written together are usually
+        read together: a tree copy, a backup, rsync): fetched with the same GET."""
         run: Run = []
         end = window[0] + window[1]
-        for ino, idx, near in self.md.chunks_in_pack(ref.pack, ref.off + ref.len, end):
+        for ino, idx, near in self.md.chunks_in_pack(ref.pack, window[0], end):
             if near.off + near.len > end:
                 break
-            if (ino, idx, near.version) in self._fetching or self.cache.get(
-                (ino, idx), near.version, count=False
-            ) is not None:
+            if near.off == ref.off:
+                continue  # the chunk asked for, first in the run already
+            if (
+                (ino, idx, near.version) in self._fetching
+                or self.cache.get((ino, idx), near.version, count=False) is not None
+                or (self.disk is not None and self.disk.holds(near.pack, near.off))
+            ):
                 continue
             run.append((ino, idx, near))
         return run
@@ -146,20 +161,22 @@ class FileData:
         run: Run,
         event: trio.Event | None = None,
         window: tuple[int, int] | None = None,
+        spare: Run | None = None,
     ) -> list[bytes | memoryview | IntegrityError]:
         """Fetch chunks of one pack (back to back, or inside `window`), with one ranged GET
-        or from the disk cache; cache them.
+        or from the disk cache; cache them. `spare` chunks (in `window` too) go to disk only.
 
         A prefetch claims its chunks when it is scheduled (event given), not when its task
         starts: a reader served from the cache can run ahead of tasks not yet started.
         """
-        tokens = [(ino, idx, ref.version) for ino, idx, ref in run]
+        spare = spare or []
+        tokens = [(ino, idx, ref.version) for ino, idx, ref in run + spare]
         if event is None:
-            event = self._claim(run)
+            event = self._claim(run + spare)
         try:
             fetched: list[int] = []  # bytes the bucket sent (the disk cache may serve the rest)
             results = await trio.to_thread.run_sync(
-                self._fetch, run, window, fetched, limiter=self.limiter
+                self._fetch, run, window, fetched, spare, limiter=self.limiter
             )
             self.bytes_fetched += sum(fetched)  # trio thread: no race
         finally:
@@ -175,13 +192,13 @@ class FileData:
         return results
 
     def _fetch(
-        self, run: Run, window: tuple[int, int] | None, fetched: list[int]
+        self, run: Run, window: tuple[int, int] | None, fetched: list[int], spare: Run
     ) -> list[bytes | memoryview | IntegrityError]:
         """The run's chunks, from the disk cache where it holds them, else with one GET per
         stretch of missing chunks; each chunk opened on its own, so one bad chunk fails alone.
         With a read-around `window`, one GET of exactly that range."""
         if window is not None:
-            return self._fetch_from_store(run, fetched, window)
+            return self._fetch_from_store(run, fetched, window, spare)
         results: list[bytes | memoryview | IntegrityError | None] = [None] * len(run)
         disk = self.disk
         if disk is not None:
@@ -208,9 +225,19 @@ class FileData:
         return [r for r in results if r is not None]
 
     def _fetch_from_store(
-        self, run: Run, fetched: list[int], window: tuple[int, int] | None = None
+        self,
+        run: Run,
+        fetched: list[int],
+        window: tuple[int, int] | None = None,
+        spare: Run | None = None,
     ) -> list[bytes | memoryview | IntegrityError]:
-        """One ranged GET for chunks of one pack: back to back, or inside `window`."""
+        """One ranged GET for chunks of one pack: back to back, or inside `window`.
+
+        The `spare` chunks of a read-around are kept sealed in the disk cache, not opened:
+        no memory and no decryption until a reader asks, and that read is a use the disk
+        cache's LRU sees (held in memory instead, one read before its first use could be
+        evicted from disk and then read from memory: the disk would lose a recent one).
+        """
         first = run[0][2]
         name = layout.pack_name(first.pack)
         if window is None:
@@ -238,6 +265,10 @@ class FileData:
                 self.integrity_errors += 1
                 log.error("inode %d chunk %d in object %s: %s", ino, idx, name, exc)
                 results.append(exc)
+        for _, _, ref in spare or ():
+            start = ref.off - window[0]
+            if self.disk is not None and start + ref.len <= len(blob):  # else its read says
+                self.disk.put_chunk(ref.pack, ref.off, blob[start : start + ref.len])
         return results
 
     def _open(

@@ -86,11 +86,20 @@ class Reaper:
         self.grace = grace
         # object name → (the commit that freed it, when we learnt so)
         self.waiting: dict[str, tuple[int, float]] = {}
+        self.asked = -grace  # when live mounts were last listed (monotonic clock)
 
     def schedule(self, seq: int, names: list[str]) -> None:
         now = time.monotonic()
         for name in names:
             self.waiting.setdefault(name, (seq, now))
+
+    def due(self) -> bool:
+        """Whether an idle mount should look (a clock check, no request): some object's grace
+        is over, and live mounts were not listed in the last half grace."""
+        now = time.monotonic()
+        if now - self.asked < self.grace / 2:
+            return False
+        return any(now - since >= self.grace for _, since in self.waiting.values())
 
     def ready(self, still_dead: Callable[[str], bool], *, leaving: bool = False) -> list[str]:
         """Objects every other live mount is past and still unreferenced here (blocking).
@@ -100,6 +109,7 @@ class Reaper:
         """
         if not self.waiting:
             return []
+        self.asked = time.monotonic()
         try:
             # Our own advertisement may lag our last commit; we know we are past it.
             others = [m for m in self.presence.live() if m.name != self.presence.name]

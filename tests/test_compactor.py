@@ -1,0 +1,169 @@
+"""Compaction: the planner, a rewritten file compacted, the mount's loop; freed packs go."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from encfs_cloud import layout
+from encfs_cloud.daemon.volume import Volume
+from encfs_cloud.data import compactor
+from encfs_cloud.data.presence import Reaper
+from encfs_cloud.keys import vault
+from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.tree.metadata import ROOT_INODE
+from encfs_cloud.tree.namespace import Namespace
+from tests.test_diskcache import CountingStore, MiB, reader, with_volume
+
+
+@pytest.fixture(autouse=True)
+def _fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCFS_CLOUD_TEST_FAST_KDF", "1")
+    monkeypatch.setenv("ENCFS_CLOUD_MACHINE_ID", "test-machine")
+
+
+@pytest.fixture
+def devices(tmp_path: Path) -> DeviceStore:
+    return DeviceStore(tmp_path / "xdg-data" / "encfs-cloud")
+
+
+@pytest.fixture
+def store(devices: DeviceStore) -> CountingStore:
+    s = CountingStore()
+    vault.init_filesystem(s, devices, None, "laptop")
+    return s
+
+
+def bucket_ratio(store: CountingStore, vol: Volume) -> float:
+    """Bytes of packs in the bucket per live byte the chunk map uses."""
+    stored = sum(o.size for o in store.list(layout.DATA_PREFIX))
+    live = sum(used for _, _, used in vol.md.all_packs())
+    return stored / live
+
+
+def test_compaction_after_random_rewrites(store: CountingStore, devices: DeviceStore) -> None:
+    """Random rewrites leave dead chunks in old packs; compaction copies the live ones (no
+    decryption), the next commit drops the old packs, and every byte reads back."""
+    size = 24 * MiB
+    content = bytearray(os.urandom(size))
+    rng = random.Random(13)
+    ratios: list[float] = []
+
+    async def body(vol: Volume) -> None:
+        # The grace after which freed packs may go (60 s) is for other mounts' readers; this
+        # test is about compaction, not that wait. Every other rule of deletion still holds.
+        vol.committer.reaper = Reaper(vol.presence, grace=0)
+        ns = Namespace(vol.md)
+        node = ns.create(ROOT_INODE, b"db", stat.S_IFREG | 0o644, 0, 0)
+        node.size = await vol.data.write(node.id, 0, 0, bytes(content))
+        vol.md.put_inode(node)
+        await vol.flush()
+        for _ in range(6):  # each round a commit: rewritten chunks leave dead ones behind
+            for _ in range(6):
+                off = rng.randrange(size // 4096) * 4096
+                piece = os.urandom(4096)
+                content[off : off + 4096] = piece
+                await vol.data.write(node.id, node.size, off, piece)
+            await vol.flush()
+        ratios.append(bucket_ratio(store, vol))
+        assert vol.compactor.worth_it(1.05)
+        assert await vol.compactor.compact() > 0
+        await vol.flush()  # commits the moved rows: the emptied packs are dead
+        # A dead pack goes only once every live mount has applied the commit that freed it
+        # (here this mount's own advertisement, by its follow loop); the idle mount's commit
+        # loop then deletes it in the background, with no further change. Poll, no timing.
+        with trio.move_on_after(120):
+            while bucket_ratio(store, vol) > 1.05:
+                await trio.sleep(0.05)
+        ratios.append(bucket_ratio(store, vol))
+
+    with_volume(store, devices, body, poll_interval=0.05)
+    assert ratios[0] > 1.3, f"the rewrites should have inflated storage: {ratios}"
+    assert ratios[1] <= 1.05, f"compaction left stored/live at {ratios[1]:.3f}"
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {b"db": bytes(content)}
+
+
+def test_an_idle_mount_deletes_what_its_last_commit_freed(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Freed packs wait until every live mount applied the commit that freed them; a mount
+    with nothing more to commit (say, right after compacting) still deletes them then."""
+    gone: list[bool] = []
+
+    async def body(vol: Volume) -> None:
+        vol.committer.reaper = Reaper(vol.presence, grace=0)  # the wait is not the subject
+        ns = Namespace(vol.md)
+        node = ns.create(ROOT_INODE, b"tmp", stat.S_IFREG | 0o644, 0, 0)
+        node.size = await vol.data.write(node.id, 0, 0, os.urandom(3 * MiB))
+        vol.md.put_inode(node)
+        await vol.flush()
+        packs = {o.name for o in store.list(layout.DATA_PREFIX)}
+        vol.data.forget(node.id)
+        vol.md.drop_chunks(node.id, 0)
+        vol.md.remove_entry(ROOT_INODE, b"tmp")
+        vol.md.delete_inode(node.id)
+        await vol.flush()  # frees the packs; our mount has not yet said it applied that
+        assert packs & {o.name for o in store.list(layout.DATA_PREFIX)}
+        assert not vol.committer.has_changes(), "idle from here: no commit would reap"
+        with trio.move_on_after(120):  # poll, no timing
+            while packs & {o.name for o in store.list(layout.DATA_PREFIX)}:
+                await trio.sleep(0.05)
+        gone.append(not packs & {o.name for o in store.list(layout.DATA_PREFIX)})
+
+    with_volume(store, devices, body, poll_interval=0.05, commit_interval=0.05)
+    assert gone == [True], "the freed packs stayed in the bucket"
+
+
+def test_compaction_plan_frees_space_or_does_nothing() -> None:
+    step, target = layout.PACK_STEP, layout.PACK_TARGET
+    # One nearly empty small pack alone: its copy would be as large; nothing to gain.
+    assert compactor.plan([("a", 64 << 10, 4096), ("b", 3 * step, 3 * MiB)]) == []
+    # Many nearly empty small packs merge into one: worth it, emptiest first.
+    tiny = [(f"t{n:02d}", 256 << 10, 8192 + n) for n in range(64)]
+    chosen = compactor.plan([*tiny, ("full", target, target - 100)])
+    assert chosen == [p for p, _, _ in tiny] and "full" not in chosen
+    # Half-dead full packs are rewritten until stored/live reaches the goal; busy ones never.
+    half = [(f"h{n}", target, target // 2) for n in range(10)]
+    chosen = compactor.plan(half, busy=frozenset({"h0"}))
+    assert "h0" not in chosen and len(chosen) == 9
+
+
+def test_background_compaction_of_a_mount(store: CountingStore, devices: DeviceStore) -> None:
+    """The mount's own loop notices the inflated ratio and compacts, with no one asking."""
+    content = bytearray(os.urandom(16 * MiB))
+    rng = random.Random(7)
+
+    async def body(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        node = ns.create(ROOT_INODE, b"img", stat.S_IFREG | 0o644, 0, 0)
+        node.size = await vol.data.write(node.id, 0, 0, bytes(content))
+        vol.md.put_inode(node)
+        await vol.flush()
+        for _ in range(5):
+            for _ in range(6):
+                off = rng.randrange(len(content) // 4096) * 4096
+                piece = os.urandom(4096)
+                content[off : off + 4096] = piece
+                await vol.data.write(node.id, node.size, off, piece)
+            await vol.flush()
+        assert vol.compactor.worth_it()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.compactor.run, 0.01)
+            with trio.move_on_after(120):  # poll: no timing assertion
+                while not vol.compactor.packs_compacted:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert vol.compactor.packs_compacted > 0
+        assert not vol.compactor.worth_it()
+
+    with_volume(store, devices, body)
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {b"img": bytes(content)}
