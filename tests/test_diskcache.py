@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -221,83 +219,6 @@ def test_a_memory_hit_counts_as_a_use(tmp_path: Path) -> None:
     again = DiskCache(tmp_path / "c", 8 << 10)  # a smaller budget keeps the two newest
     assert [again.holds(pack, n * 4096) for n in (2, 16)] == [True, True]
     assert again.bytes == 8 << 10
-
-
-def test_a_crashed_mounts_spill_goes_and_a_live_ones_stays(tmp_path: Path) -> None:
-    """Mounts of one filesystem on one device share the cache folder: a starting one removes
-    the spill folder of a mount that died (its lock went with the process), never that of a
-    running one (issue 11: two mount points; before, every start deleted all of `spill/`)."""
-    folder = tmp_path / "c"
-    live = DiskCache(folder, 1 << 20)
-    live_pack = os.urandom(8192)
-    live.spill("ab" * 16, live_pack)
-    crash = (
-        "import os, sys; from pathlib import Path;"
-        "from encfs_cloud.data.diskcache import DiskCache;"
-        "c = DiskCache(Path(sys.argv[1]), 1 << 20); c.spill('cd' * 16, os.urandom(8192));"
-        "c.put_chunk('cd' * 16, 0, b'x' * 100); os._exit(0)"  # dies without closing
-    )
-    subprocess.run([sys.executable, "-c", crash, str(folder)], check=True, timeout=120)
-    crashed = [p for p in (folder / "spill").iterdir() if p != live.spill_folder]
-    assert len(crashed) == 1 and (crashed[0] / ("cd" * 16)).is_file()
-    (folder / "spill" / ("ef" * 16)).write_bytes(b"an older version's spilled pack")
-    (folder / "x.1234.tmp").write_bytes(b"an older version's interrupted write")
-    starting = DiskCache(folder, 1 << 20)
-    assert sorted((folder / "spill").iterdir()) == sorted(
-        [live.spill_folder, starting.spill_folder]
-    )
-    assert not (folder / "x.1234.tmp").exists()
-    assert bytes(live.read_spilled("ab" * 16)) == live_pack
-    assert live.get("ab" * 16, 100, 50) == live_pack[100:150]
-    live.spill_landed("ab" * 16)  # uploaded: an ordinary entry the other mount finds too
-    assert DiskCache(folder, 1 << 20).get("ab" * 16, 0, 8192) == live_pack
-    live.close()
-    assert not live.spill_folder.exists(), "a clean unmount leaves no spill folder"
-    starting.close()
-
-
-def test_two_caches_share_a_folder_within_one_budget(tmp_path: Path) -> None:
-    """Two mounts writing, reading and evicting in one folder at once: every read is whole
-    and right or a miss, nothing half-written becomes an entry, and the budget holds for the
-    folder (each takes in what the other wrote), not once per mount."""
-    folder, capacity = tmp_path / "c", 256 << 10
-    caches = [DiskCache(folder, capacity), DiskCache(folder, capacity)]
-
-    def blob(pack: str, n: int) -> bytes:
-        return (pack.encode() + n.to_bytes(4, "big")) * 128  # 4.5 KiB, known from its name
-
-    packs = ["a1" * 16, "b2" * 16]
-    wrong: list[str] = []
-
-    def work(me: int) -> None:
-        cache = caches[me]
-        for n in range(300):
-            cache.put_chunk(packs[me], n * 8192, blob(packs[me], n))
-            for pack in packs:  # the other's entries too: written, evicted or not yet
-                for k in (n, n // 2, max(n - 40, 0)):
-                    got = cache.get(pack, k * 8192, len(blob(pack, k)))
-                    if got is not None and got != blob(pack, k):
-                        wrong.append(f"{pack} {k}")
-            if n % 50 == 0:
-                cache.flush()
-
-    threads = [threading.Thread(target=work, args=(me,)) for me in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(600)
-    for cache in caches:
-        cache.close()
-    assert not wrong
-    entries = [p for p in folder.iterdir() if p.is_file()]
-    assert entries, "nothing was kept"
-    for path in entries:
-        pack, off = path.name.split("-")
-        assert path.read_bytes() == blob(pack, int(off, 16) // 8192), path.name
-    on_disk = sum(p.stat().st_size for p in entries)
-    # Each writes up to an eighth of the budget before it scans the folder again.
-    assert on_disk <= capacity + capacity // 4, on_disk
-    assert list((folder / "spill").iterdir()) == []
 
 
 def test_wipe_removes_default_and_named_cache_folders(
