@@ -57,6 +57,7 @@ class DiskCache:
         self._writer_pid = 0  # a fork (the daemon) does not inherit the parent's thread
         self._closed = False
         self._written = 0  # bytes written since the folder was last scanned
+        self._shared = False  # another mount used the folder while this one ran
         self._files: OrderedDict[str, int] = OrderedDict()  # name → size, oldest first
         self._by_pack: dict[str, set[str]] = {}
         self._spilled: dict[str, int] = {}  # pack → size, this mount's spill files
@@ -292,7 +293,12 @@ class DiskCache:
                     self._wake.wait()
                 if not self._pending:
                     return
-                batch = list(self._pending.items())
+                batch, size = [], 0
+                for item in self._pending.items():  # bounded: the rescans below stay frequent
+                    batch.append(item)
+                    size += len(item[1])
+                    if size >= self.capacity // 16:
+                        break
             for name, data in batch:
                 ok = self._write(name, data)
                 with self._lock:
@@ -302,9 +308,14 @@ class DiskCache:
                         self._remove(name)
             self._evict()
             self.save_order()
-            if self._written > self.capacity // 8 and self._room.others():
+            if self._written > self.capacity // 8 and self._others():
                 self._written = 0
                 self._rescan()
+                self._evict()
+
+    def _others(self) -> bool:
+        self._shared = self._shared or self._room.others()
+        return self._shared
 
     def flush(self) -> None:
         """Wait until the queued entries are on disk (blocking)."""
@@ -325,6 +336,9 @@ class DiskCache:
             writer = self._writer if self._writer_pid == os.getpid() else None
         if writer is not None:
             writer.join()
+        if self._others():  # the last to stop sees what all wrote: the folder within budget
+            self._rescan()
+            self._evict()
         self.save_order()
         self._room.close(remove=True)
 
