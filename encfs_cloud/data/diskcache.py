@@ -10,13 +10,19 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from encfs_cloud.data.cachefiles import (
+    TMP_SUFFIX,
+    pread_entry,
+    unlink_quietly,
+    valid_pack,
+    write_whole,
+)
 from encfs_cloud.data.spillfolder import SpillFolder
 from encfs_cloud.keys.privfiles import check_private_dir, make_private_dir
 
 log = logging.getLogger(__name__)
 
 SPILL_DIR = "spill"
-_TMP = ".tmp"
 # Chunk entries wait in memory for the writer thread, up to this many bytes; beyond, an entry
 # is not kept (the disk is slower than the bucket: a later read costs a GET, nothing more).
 PENDING_MAX = 32 << 20
@@ -51,7 +57,9 @@ class DiskCache:
         check_private_dir(folder)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the writer thread's: work, or closing
-        self._pending: OrderedDict[str, bytes | memoryview] = OrderedDict()
+        self._pending: OrderedDict[str, bytes] = OrderedDict()
+        self._idle = True  # the writer thread is between batches
+        self._drained = threading.Condition(self._lock)  # `flush` waits on it
         self._pending_bytes = 0
         self._writer: threading.Thread | None = None
         self._writer_pid = 0  # a fork (the daemon) does not inherit the parent's thread
@@ -82,10 +90,10 @@ class DiskCache:
                 continue
             if not entry.is_file(follow_symlinks=False):
                 continue  # not ours: never served, never counted
-            if entry.name.endswith(_TMP):
+            if entry.name.endswith(TMP_SUFFIX):
                 # An older version's interrupted write: temporaries are now written in the
                 # writer's own spill folder, which a crash leaves to the next sweep.
-                _unlink(Path(entry.path))
+                unlink_quietly(Path(entry.path))
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -131,7 +139,7 @@ class DiskCache:
             if not names:
                 del self._by_pack[pack]
         if unlink:
-            _unlink(self.folder / name)
+            unlink_quietly(self.folder / name)
 
     def _drop_pending(self, name: str) -> None:
         data = self._pending.pop(name, None)
@@ -147,7 +155,7 @@ class DiskCache:
 
     def get(self, pack: str, off: int, length: int) -> bytes | None:
         """The sealed bytes [off, off+length) of a pack, from a chunk file or a pack file."""
-        if not _valid(pack):
+        if not valid_pack(pack):
             return None
         for name, start in ((f"{pack}-{off:x}", 0), (pack, off)):
             with self._lock:
@@ -160,7 +168,7 @@ class DiskCache:
             if not known and not spilled:
                 continue
             path = self.folder / name if known else self.spill_folder / pack
-            blob = _pread(path, start, length)
+            blob = pread_entry(path, start, length)
             if blob is None:  # another mount evicted it: a miss, not a bad entry
                 with self._lock:
                     self._remove(name, unlink=False)
@@ -245,13 +253,14 @@ class DiskCache:
         """Keep a sealed chunk (bytes the caller never changes): queued for the writer
         thread, served from memory until written. A reader waits for no disk write."""
         name = f"{pack}-{off:x}"
-        if not _valid(pack) or len(data) > self.capacity // 4:
+        if not valid_pack(pack) or len(data) > self.capacity // 4:
             return  # one entry may not push out most of the cache
         with self._lock:
             if self._closed or self._pending_bytes + len(data) > PENDING_MAX:
                 return
             self._drop_pending(name)
-            self._pending[name] = data
+            # A copy: a slice would keep the whole read-around GET's answer alive.
+            self._pending[name] = bytes(data)
             self._pending_bytes += len(data)
             if self._writer is None or self._writer_pid != os.getpid():
                 self._writer = threading.Thread(
@@ -267,7 +276,7 @@ class DiskCache:
                 self._remove(name)
             for name in [n for n in self._pending if n.startswith(f"{pack}-")]:
                 self._drop_pending(name)
-        if not _valid(pack) or len(blob) > self.capacity // 4:
+        if not valid_pack(pack) or len(blob) > self.capacity // 4:
             return
         if self._write(pack, blob):
             self._evict()
@@ -275,7 +284,7 @@ class DiskCache:
     def _write(self, name: str, data: bytes | bytearray | memoryview) -> bool:
         """One entry to disk and into the index; False if the disk refused it."""
         try:
-            _write_new(self.folder / name, data, self.spill_folder, self._stamp())
+            write_whole(self.folder / name, data, self.spill_folder, self._stamp())
         except OSError as exc:  # a full or read-only disk costs speed, never correctness
             log.warning("disk cache: cannot write an entry (%s)", exc.strerror)
             return False
@@ -289,43 +298,49 @@ class DiskCache:
         one write of the use order per batch, not per entry."""
         while True:
             with self._lock:
+                self._idle = True
+                self._drained.notify_all()
                 while not self._pending and not self._closed:
                     self._wake.wait()
                 if not self._pending:
                     return
+                self._idle = False
                 batch, size = [], 0
                 for item in self._pending.items():  # bounded: the rescans below stay frequent
                     batch.append(item)
                     size += len(item[1])
                     if size >= self.capacity // 16:
                         break
-            for name, data in batch:
-                ok = self._write(name, data)
-                with self._lock:
-                    if self._pending.get(name) is data:
-                        self._drop_pending(name)
-                    elif ok and name not in self._pending:  # dropped while being written
-                        self._remove(name)
+            try:
+                self._write_batch(batch)
+            except OSError as exc:  # e.g. the folder became unreadable: entries are misses
+                log.warning("disk cache: %s", exc)
+
+    def _write_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        for name, data in batch:
+            ok = self._write(name, data)
+            with self._lock:
+                if self._pending.get(name) is data:
+                    self._drop_pending(name)
+                elif ok and name not in self._pending:  # dropped while being written
+                    self._remove(name)
+        self._evict()
+        self.save_order()
+        if self._written > self.capacity // 8 and self._others():
+            self._written = 0
+            self._rescan()
             self._evict()
-            self.save_order()
-            if self._written > self.capacity // 8 and self._others():
-                self._written = 0
-                self._rescan()
-                self._evict()
 
     def _others(self) -> bool:
         self._shared = self._shared or self._room.others()
         return self._shared
 
     def flush(self) -> None:
-        """Wait until the queued entries are on disk (blocking)."""
+        """Wait until the queued entries are on disk and in the index (blocking)."""
         with self._lock:
             writer = self._writer if self._writer_pid == os.getpid() else None
-        while writer is not None:
-            with self._lock:
-                if not self._pending:
-                    return
-            time.sleep(0.005)
+            while writer is not None and writer.is_alive() and (self._pending or not self._idle):
+                self._drained.wait(1.0)
 
     def close(self) -> None:
         """At unmount: write what is queued, save the use order, give up the spill folder
@@ -358,9 +373,9 @@ class DiskCache:
 
     def spill(self, pack: str, blob: bytes | bytearray | memoryview) -> None:
         """Keep a sealed pack on disk until it is uploaded (raises OSError if it cannot)."""
-        if not _valid(pack):
+        if not valid_pack(pack):
             raise OSError(f"not a pack id: {pack!r}")
-        _write_new(self.spill_folder / pack, blob, self.spill_folder)
+        write_whole(self.spill_folder / pack, blob, self.spill_folder)
         with self._lock:
             self._spilled[pack] = len(blob)
             self.spill_bytes += len(blob)
@@ -388,58 +403,10 @@ class DiskCache:
                 return
             self.spill_bytes -= size
         if size > self.capacity // 4:
-            _unlink(src)
+            unlink_quietly(src)
             return
         os.replace(src, self.folder / pack)
         self._touch(self.folder / pack)
         with self._lock:
             self._add(pack, size)
         self._evict()
-
-
-def _valid(pack: str) -> bool:
-    """Pack ids are random hex; anything else (a forged commit naming "../x") never becomes
-    a path."""
-    return 0 < len(pack) <= 64 and all(c in "0123456789abcdef" for c in pack)
-
-
-def _pread(path: Path, off: int, length: int) -> bytes | None:
-    """The bytes, b"" if unreadable (a bad entry), None if the file is gone."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return b""
-    try:
-        return os.pread(fd, length, off)
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
-
-
-def _write_new(
-    path: Path, data: bytes | bytearray | memoryview, work: Path, stamp: int | None = None
-) -> None:
-    """Write to a temporary in this mount's own folder `work` and rename it in place:
-    readers see whole files only, and no other mount's start or sweep can remove it."""
-    tmp = work / f"{path.name}.{os.urandom(4).hex()}{_TMP}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if stamp is not None:  # the use order, set before the entry becomes visible
-            os.utime(fd, ns=(stamp, stamp))
-    except BaseException:
-        os.close(fd)
-        _unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
