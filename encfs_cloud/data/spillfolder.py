@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from encfs_cloud.keys.privfiles import make_private_dir
+
+log = logging.getLogger(__name__)
 
 
 class SpillFolder:
@@ -28,12 +31,16 @@ class SpillFolder:
         make_private_dir(parent)
         parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
-            fcntl.flock(parent_fd, fcntl.LOCK_EX)  # held only while sweeping and creating
-            sweep(parent)
+            locks = _lock(parent_fd, fcntl.LOCK_EX)  # held only while sweeping and creating
+            if locks:
+                sweep(parent)
+            else:  # no flock there: a live mount's folder cannot be told from a dead one's
+                log.warning("disk cache: %s cannot be locked; old spill folders stay", parent)
             self.path = parent / os.urandom(8).hex()
             os.mkdir(self.path, 0o700)
             self._fd: int | None = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if locks:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(parent_fd)  # releases the sweep lock
 
@@ -77,7 +84,8 @@ def sweep(parent: Path) -> list[str]:
         except OSError:
             continue  # gone meanwhile (its mount removed it at unmount)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                continue  # cannot tell: kept
         except BlockingIOError:
             continue  # a live mount's
         else:
@@ -86,3 +94,14 @@ def sweep(parent: Path) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def _lock(fd: int, how: int) -> bool:
+    """flock; False where the file system has none (some network and FUSE file systems)."""
+    try:
+        fcntl.flock(fd, how)
+    except BlockingIOError:
+        raise
+    except OSError:
+        return False
+    return True
