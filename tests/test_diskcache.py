@@ -14,7 +14,8 @@ import trio
 from encfs_cloud import layout
 from encfs_cloud.daemon.options import parse_mount_options
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
-from encfs_cloud.data.diskcache import DiskCache, default_folder, remove_all
+from encfs_cloud.data.cachefolders import default_folder, remove_all
+from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.data.filedata import READ_AROUND_BYTES
 from encfs_cloud.errors import UsageError
 from encfs_cloud.keys import vault
@@ -188,6 +189,7 @@ def test_eviction_keeps_the_budget_and_the_recently_used(tmp_path: Path) -> None
     cache = DiskCache(tmp_path / "c", 64 << 10)  # entries up to 16 KiB
     for n in range(40):
         cache.put_chunk("ab" * 16, n * 4096, os.urandom(4096))
+        cache.flush()  # written by the cache's own thread: now on disk and in the LRU
         cache.get("ab" * 16, 0, 4096)  # chunk 0 is used all the time
         assert cache.bytes <= cache.capacity
     assert cache.get("ab" * 16, 0, 4096) is not None, "the most recently used survives"
@@ -207,23 +209,16 @@ def test_a_memory_hit_counts_as_a_use(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path / "c", 64 << 10)  # sixteen 4 KiB entries
     for n in range(16):
         cache.put_chunk(pack, n * 4096, os.urandom(4096))
+    cache.flush()
     cache.used(pack, 0)  # the oldest, used again (no disk read: served from memory)
     cache.put_chunk(pack, 16 * 4096, os.urandom(4096))
+    cache.flush()
     assert cache.holds(pack, 0) and not cache.holds(pack, 4096), "the unused oldest went"
     cache.used(pack, 2 * 4096)
     cache.save_order()
     again = DiskCache(tmp_path / "c", 8 << 10)  # a smaller budget keeps the two newest
     assert [again.holds(pack, n * 4096) for n in (2, 16)] == [True, True]
     assert again.bytes == 8 << 10
-
-
-def test_interrupted_writes_and_crashed_spill_are_cleared(tmp_path: Path) -> None:
-    cache = DiskCache(tmp_path / "c", 1 << 20)
-    cache.spill("cd" * 16, os.urandom(8192))
-    (tmp_path / "c" / "x.1234.tmp").write_bytes(b"half")
-    reopened = DiskCache(tmp_path / "c", 1 << 20)
-    assert not list((tmp_path / "c" / "spill").iterdir())
-    assert not (tmp_path / "c" / "x.1234.tmp").exists() and reopened.bytes == 0
 
 
 def test_wipe_removes_default_and_named_cache_folders(

@@ -125,3 +125,42 @@ def test_burst_spills_to_disk_while_uploads_are_slow(
         assert status["disk_cache"]["spilled_bytes"] == 0, "fsync left spilled packs behind"
     with device.mounted(s3_bucket, tmp_path / "mnt", *opts, "disk_cache_size=0") as mnt:
         assert (mnt / "burst").read_bytes() == content
+
+
+def test_two_mounts_of_one_device_share_the_cache_while_one_spills(
+    device: Device, s3_bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Issue 11 on one device: two mount points, both with the default cache folder. The
+    first spills (the bucket answers its pack uploads with SlowDown), the second starts
+    meanwhile (before, a start deleted `spill/` and so the first's pending packs), writes
+    and spills too; then the bucket takes everything and a cold third mount reads both."""
+    device.init(s3_bucket)
+    rule = proxy.inject(Fault.SLOW_DOWN, count=1 << 30, method="PUT", path=r"/data/")
+    first = [f"endpoint_url={proxy.endpoint_url}", "cache_size=32M", f"log={tmp_path / 'a.log'}"]
+    second = ["cache_size=32M", f"log={tmp_path / 'b.log'}", "commit_interval=3600"]
+    a_data, b_data = os.urandom(40 * MiB), os.urandom(40 * MiB)
+    with device.mounted(s3_bucket, tmp_path / "a", *first) as a:
+        with open(a / "a.bin", "wb") as f:  # no fsync: the bucket refuses the packs
+            for off in range(0, len(a_data), MiB):
+                f.write(a_data[off : off + MiB])
+        spill = next((device.cache_home / "encfs-cloud").glob("*/spill"))
+        before = {p.name for p in spill.glob("*/*") if "." not in p.name}
+        assert before and rule.hits > 0, "nothing spilled"
+        with device.mounted(s3_bucket, tmp_path / "b", *second) as b:
+            after = {p.name for p in spill.glob("*/*") if "." not in p.name}
+            assert before <= after, "the second mount's start deleted spilled packs"
+            with open(b / "b.bin", "wb") as f:
+                for off in range(0, len(b_data), MiB):
+                    f.write(b_data[off : off + MiB])
+                os.fsync(f.fileno())  # b's uploads go straight to the bucket
+            assert len(list(spill.iterdir())) == 2, "one spill folder per live mount"
+            proxy.clear()  # the bucket takes the first mount's packs again
+            fd = os.open(a / "a.bin", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    assert list(spill.iterdir()) == [], "a clean unmount leaves no spill folder"
+    with device.mounted(s3_bucket, tmp_path / "c", "disk_cache_size=0") as c:
+        assert (c / "a.bin").read_bytes() == a_data
+        assert (c / "b.bin").read_bytes() == b_data

@@ -68,10 +68,9 @@ def test_freed_packs_wait_for_another_live_mount_and_go_with_the_last(
     """With another mount live, the unmount leaves what it freed for that mount: the last
     one to pass the freeing commit deletes it at its own unmount."""
     device.init(s3_bucket)
-    # Two mount points of one device; each its own disk cache (a mount clears the spill
-    # folder of the cache it opens).
+    # Two mount points of one device, sharing its default disk cache folder.
     first = ("commit_interval=3600", f"log={tmp_path / 'a.log'}")
-    other = ("poll_interval=1", f"cache_dir={tmp_path / 'cache-b'}", f"log={tmp_path / 'b.log'}")
+    other = ("poll_interval=1", f"log={tmp_path / 'b.log'}")
     with device.mounted(s3_bucket, tmp_path / "b", *other) as b:
         with device.mounted(s3_bucket, tmp_path / "a", *first) as a:
             (a / "doomed.bin").write_bytes(os.urandom(3 * layout.PACK_TARGET))

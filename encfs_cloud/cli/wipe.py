@@ -13,7 +13,7 @@ from encfs_cloud.cli.devices import _add, _confirm, _opened, _store
 from encfs_cloud.cli.progress import FlushView
 from encfs_cloud.daemon import runtime
 from encfs_cloud.daemon.unmount import unmount
-from encfs_cloud.data import diskcache
+from encfs_cloud.data import cachefolders
 from encfs_cloud.errors import (
     AbortedError,
     DeviceKeyMissingError,
@@ -37,7 +37,7 @@ def _own_id(devices: DeviceStore, fs_id: bytes) -> str | None:
 
 def _wipe_local(devices: DeviceStore, fs_id: bytes, left: bool) -> None:
     device_id = _own_id(devices, fs_id)
-    caches = diskcache.remove_all(devices.folder(fs_id), fs_id)
+    caches = cachefolders.remove_all(devices.folder(fs_id), fs_id)
     devices.wipe(fs_id)
     print(f"wiped this device's key and state for filesystem {fs_id.hex()}")
     for folder in caches:

@@ -16,9 +16,10 @@ from encfs_cloud.daemon import exclusive
 from encfs_cloud.daemon.operations import Operations
 from encfs_cloud.data import spool
 from encfs_cloud.data.cache import ChunkCache
+from encfs_cloud.data.cachefolders import default_folder, default_size, remember
 from encfs_cloud.data.committer import Committer
 from encfs_cloud.data.compactor import Compactor
-from encfs_cloud.data.diskcache import DiskCache, default_folder, default_size, remember
+from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.data.filedata import FileData
 from encfs_cloud.data.presence import STALE_AFTER, Presence, Reaper
 from encfs_cloud.data.rebase import Rebaser
@@ -158,8 +159,8 @@ class Volume:
         size = default_size(folder) if opts.disk_cache_size is None else opts.disk_cache_size
         if size <= 0:
             return None
-        # A read-only mount may run beside the read-write one: the writer's spill is not its own.
-        disk = DiskCache(folder, size, keep_spill=opts.read_only)
+        # Other mounts of this filesystem on this device may share the folder: see SpillFolder.
+        disk = DiskCache(folder, size)
         if opts.cache_dir is not None:
             remember(self.devices.folder(fs_id), folder)
         return disk
@@ -378,8 +379,9 @@ class Volume:
             # Stopped (after the final flush): nothing of ours needs the bucket's old objects.
             # Blocking on purpose: we may be cancelled, and this is one small DELETE.
             self.withdraw()
-            if self.disk is not None:  # the disk cache's use order survives the remount
-                self.disk.save_order()
+            if self.disk is not None:  # queued entries and the use order survive the remount
+                with trio.CancelScope(shield=True):  # we are being cancelled: finish this
+                    await trio.to_thread.run_sync(self.disk.close)
 
     async def flush(self) -> None:
         """Everything into the bucket (fsync of the whole filesystem)."""

@@ -5,69 +5,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
+from encfs_cloud.data.cachefiles import (
+    TMP_SUFFIX,
+    pread_entry,
+    unlink_quietly,
+    valid_pack,
+    write_whole,
+)
+from encfs_cloud.data.spillfolder import SpillFolder
 from encfs_cloud.keys.privfiles import check_private_dir, make_private_dir
 
 log = logging.getLogger(__name__)
 
 SPILL_DIR = "spill"
-FOLDERS_FILE = "cache-folders"  # in the device folder: cache_dir= folders used
-DEFAULT_MAX = 1 << 30  # the default budget: 1 GiB or a tenth of the free space, the smaller
-_TMP = ".tmp"
-
-
-def default_folder(fs_id: bytes) -> Path:
-    """`$XDG_CACHE_HOME/encfs-cloud/<fs id hex>` (XDG's default: ~/.cache)."""
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "encfs-cloud" / fs_id.hex()
-
-
-def default_size(folder: Path) -> int:
-    """1 GiB, or a tenth of the free space where the cache lives if that is less."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        return DEFAULT_MAX
-    return min(DEFAULT_MAX, free // 10)
-
-
-def remember(device_folder: Path, folder: Path) -> None:
-    """Note a cache folder given with `cache_dir=` in the device folder, so `wipe` finds it."""
-    record = device_folder / FOLDERS_FILE
-    known = set(record.read_text().splitlines()) if record.is_file() else set()
-    if str(folder) in known or not device_folder.is_dir():
-        return
-    fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write(f"{folder}\n")
-
-
-def remove_all(device_folder: Path, fs_id: bytes) -> list[Path]:
-    """Delete the default cache folder and every one `remember` noted; returns those removed.
-
-    They hold only ciphertext, so unlike the device key they need no overwrite.
-    """
-    record = device_folder / FOLDERS_FILE
-    folders = [default_folder(fs_id)]
-    if record.is_file():
-        folders += [Path(line) for line in record.read_text().splitlines() if line]
-    removed = []
-    for folder in folders:
-        # Only folders named after the filesystem: never one the user named in cache_dir=.
-        if folder.name == fs_id.hex() and folder.is_dir() and not folder.is_symlink():
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    with contextlib.suppress(OSError):  # like the device folder's root: gone once empty
-        default_folder(fs_id).parent.rmdir()
-    return removed
+# Chunk entries wait in memory for the writer thread, up to this many bytes; beyond, an entry
+# is not kept (the disk is slower than the bucket: a later read costs a GET, nothing more).
+PENDING_MAX = 32 << 20
 
 
 class DiskCache:
@@ -79,22 +37,38 @@ class DiskCache:
     fail authentication: the caller then drops it and fetches from the bucket. Files are not
     fsynced for the same reason: a torn file after a crash is just a miss.
 
-    `spill/` holds sealed packs written while the bucket was slower than the writer: pinned
-    (never evicted) until uploaded, then moved into the cache. All methods run in worker
-    threads; one lock guards the index.
+    Chunk entries are written by a thread of the cache's own, off the reader's path: until
+    then they are served from memory (`_pending`). Whole packs are written at once (an
+    uploader's worker thread, big writes). Several mounts may share the folder: each writes
+    through temporaries in its own spill folder and renames (readers see whole files only)
+    and takes a file that vanished (another mount evicted it) for a miss.
+
+    `spill/<mount>/` holds sealed packs written while the bucket was slower than the writer:
+    pinned (never evicted) until uploaded, then moved into the cache. All methods except
+    `used` run in worker threads; one lock guards the index. `close` at unmount.
     """
 
-    def __init__(self, folder: Path, capacity: int, *, keep_spill: bool = False) -> None:
+    def __init__(self, folder: Path, capacity: int) -> None:
         self.folder = folder
         self.capacity = capacity
         if not folder.parent.exists():
             make_private_dir(folder.parent)
         make_private_dir(folder)
         check_private_dir(folder)
-        self.spill_folder = folder / SPILL_DIR
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the writer thread's: work, or closing
+        self._pending: OrderedDict[str, bytes] = OrderedDict()
+        self._idle = True  # the writer thread is between batches
+        self._drained = threading.Condition(self._lock)  # `flush` waits on it
+        self._pending_bytes = 0
+        self._writer: threading.Thread | None = None
+        self._writer_pid = 0  # a fork (the daemon) does not inherit the parent's thread
+        self._closed = False
+        self._written = 0  # bytes written since the folder was last scanned
+        self._shared = False  # another mount used the folder while this one ran
         self._files: OrderedDict[str, int] = OrderedDict()  # name → size, oldest first
         self._by_pack: dict[str, set[str]] = {}
+        self._spilled: dict[str, int] = {}  # pack → size, this mount's spill files
         self._stamps: dict[str, int] = {}  # name → use time not yet in its mtime
         self.bytes = 0
         self.spill_bytes = 0
@@ -102,28 +76,44 @@ class DiskCache:
         self.misses = 0
         self.dropped = 0  # entries that failed authentication or had the wrong size
         self._clock = 0
-        self._load(keep_spill)
+        for _, name, size in sorted(self._scan()):
+            self._add(name, size)
+        self._room = SpillFolder(folder / SPILL_DIR)
+        self.spill_folder = self._room.path
+        self._evict()
 
-    def _load(self, keep_spill: bool) -> None:
-        entries: list[tuple[float, str, int]] = []
+    def _scan(self) -> list[tuple[int, str, int]]:
+        """(mtime, name, size) of every entry on disk."""
+        entries: list[tuple[int, str, int]] = []
         for entry in os.scandir(self.folder):
             if entry.name == SPILL_DIR:
                 continue
             if not entry.is_file(follow_symlinks=False):
                 continue  # not ours: never served, never counted
-            if entry.name.endswith(_TMP):
-                _unlink(Path(entry.path))  # an interrupted write
+            if entry.name.endswith(TMP_SUFFIX):
+                # An older version's interrupted write: temporaries are now written in the
+                # writer's own spill folder, which a crash leaves to the next sweep.
+                unlink_quietly(Path(entry.path))
                 continue
-            st = entry.stat(follow_symlinks=False)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # evicted meanwhile by another mount
             entries.append((st.st_mtime_ns, entry.name, st.st_size))
-        for _, name, size in sorted(entries):
-            self._add(name, size)
-        if self.spill_folder.is_dir() and not keep_spill:
-            # Spilled packs of a mount that crashed: no commit names them (a commit waits for
-            # its packs to land), so they hold nothing that was acknowledged by fsync.
-            shutil.rmtree(self.spill_folder, ignore_errors=True)
-        make_private_dir(self.spill_folder)
-        self._evict()
+        return entries
+
+    def _rescan(self) -> None:
+        """Take in the entries other mounts wrote and forget those they evicted, so the
+        budget holds for the folder, not only for what this mount wrote (writer thread)."""
+        self.save_order()  # our uses are in the mtimes, the order the scan sorts by
+        entries = sorted(self._scan())
+        with self._lock:
+            self._files.clear()
+            self._by_pack.clear()
+            self._stamps.clear()
+            self.bytes = 0
+            for _, name, size in entries:
+                self._add(name, size)
 
     # --- index -------------------------------------------------------------------------------
 
@@ -135,7 +125,8 @@ class DiskCache:
         self._by_pack.setdefault(name.split("-", 1)[0], set()).add(name)
         self.bytes += size
 
-    def _remove(self, name: str) -> None:
+    def _remove(self, name: str, *, unlink: bool = True) -> None:
+        self._drop_pending(name)
         size = self._files.pop(name, None)
         if size is None:
             return
@@ -147,7 +138,13 @@ class DiskCache:
             names.discard(name)
             if not names:
                 del self._by_pack[pack]
-        _unlink(self.folder / name)
+        if unlink:
+            unlink_quietly(self.folder / name)
+
+    def _drop_pending(self, name: str) -> None:
+        data = self._pending.pop(name, None)
+        if data is not None:
+            self._pending_bytes -= len(data)
 
     def _evict(self) -> None:
         with self._lock:
@@ -158,34 +155,48 @@ class DiskCache:
 
     def get(self, pack: str, off: int, length: int) -> bytes | None:
         """The sealed bytes [off, off+length) of a pack, from a chunk file or a pack file."""
-        if not _valid(pack):
+        if not valid_pack(pack):
             return None
         for name, start in ((f"{pack}-{off:x}", 0), (pack, off)):
             with self._lock:
+                waiting = self._pending.get(name)
+                if waiting is not None and len(waiting) == length:
+                    self.hits += 1
+                    return bytes(waiting)
                 known = name in self._files
-            if not known and not (name == pack and self._spilled(pack)):
+                spilled = name == pack and pack in self._spilled
+            if not known and not spilled:
                 continue
             path = self.folder / name if known else self.spill_folder / pack
-            blob = _pread(path, start, length)
-            if blob is None or len(blob) != length:
+            blob = pread_entry(path, start, length)
+            if blob is None:  # another mount evicted it: a miss, not a bad entry
+                with self._lock:
+                    self._remove(name, unlink=False)
+                continue
+            if len(blob) != length:
                 self.drop(pack, off)
                 continue
             with self._lock:
                 if name in self._files:
                     self._files.move_to_end(name)
+                    # The mtime follows with the next batch of writes or at unmount.
+                    self._clock = max(time.time_ns(), self._clock + 1)
+                    self._stamps[name] = self._clock
                 self.hits += 1
-            self._touch(path)
             return blob
         with self._lock:
             self.misses += 1
         return None
 
-    def _touch(self, path: Path) -> None:
-        """Record use in the mtime, so the LRU order survives a remount. Strictly increasing:
+    def _stamp(self) -> int:
+        """A use time for an mtime, so the LRU order survives a remount. Strictly increasing:
         file systems stamp times with a coarse clock, and ties would lose the order."""
         with self._lock:
             self._clock = max(time.time_ns(), self._clock + 1)
-            stamp = self._clock
+            return self._clock
+
+    def _touch(self, path: Path) -> None:
+        stamp = self._stamp()
         with contextlib.suppress(OSError):
             os.utime(path, ns=(stamp, stamp))
 
@@ -220,10 +231,14 @@ class DiskCache:
 
     def holds(self, pack: str, off: int) -> bool:
         """Whether a chunk at `off` of `pack` may be served from disk (a hint, not a promise)."""
+        chunk = f"{pack}-{off:x}"
         with self._lock:
-            if f"{pack}-{off:x}" in self._files or pack in self._files:
-                return True
-        return self._spilled(pack)
+            return (
+                chunk in self._pending
+                or chunk in self._files
+                or pack in self._files
+                or pack in self._spilled
+            )
 
     def drop(self, pack: str, off: int) -> None:
         """Forget the entries that served a bad chunk; the next read goes to the bucket."""
@@ -235,40 +250,122 @@ class DiskCache:
     # --- filling -----------------------------------------------------------------------------
 
     def put_chunk(self, pack: str, off: int, data: bytes | memoryview) -> None:
-        self._put(f"{pack}-{off:x}", data)
+        """Keep a sealed chunk (bytes the caller never changes): queued for the writer
+        thread, served from memory until written. A reader waits for no disk write."""
+        name = f"{pack}-{off:x}"
+        if not valid_pack(pack) or len(data) > self.capacity // 4:
+            return  # one entry may not push out most of the cache
+        with self._lock:
+            if self._closed or self._pending_bytes + len(data) > PENDING_MAX:
+                return
+            self._drop_pending(name)
+            # A copy: a slice would keep the whole read-around GET's answer alive.
+            self._pending[name] = bytes(data)
+            self._pending_bytes += len(data)
+            if self._writer is None or self._writer_pid != os.getpid():
+                self._writer = threading.Thread(
+                    target=self._write_pending, name="disk-cache-writer", daemon=True
+                )
+                self._writer_pid = os.getpid()
+                self._writer.start()
+            self._wake.notify()
 
     def put_pack(self, pack: str, blob: bytes | bytearray | memoryview) -> None:
         with self._lock:  # chunk files of the pack are now redundant
             for name in [n for n in self._by_pack.get(pack, ()) if n != pack]:
                 self._remove(name)
-        self._put(pack, blob)
-
-    def _put(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        if not _valid(name.split("-", 1)[0]):
+            for name in [n for n in self._pending if n.startswith(f"{pack}-")]:
+                self._drop_pending(name)
+        if not valid_pack(pack) or len(blob) > self.capacity // 4:
             return
-        if len(data) > self.capacity // 4:
-            return  # one entry may not push out most of the cache
+        if self._write(pack, blob):
+            self._evict()
+
+    def _write(self, name: str, data: bytes | bytearray | memoryview) -> bool:
+        """One entry to disk and into the index; False if the disk refused it."""
         try:
-            _write_new(self.folder / name, data)
+            write_whole(self.folder / name, data, self.spill_folder, self._stamp())
         except OSError as exc:  # a full or read-only disk costs speed, never correctness
             log.warning("disk cache: cannot write an entry (%s)", exc.strerror)
-            return
-        self._touch(self.folder / name)
+            return False
         with self._lock:
             self._add(name, len(data))
+            self._written += len(data)
+        return True
+
+    def _write_pending(self) -> None:
+        """The writer thread: queued chunk entries to disk in batches; one eviction pass and
+        one write of the use order per batch, not per entry."""
+        while True:
+            with self._lock:
+                self._idle = True
+                self._drained.notify_all()
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if not self._pending:
+                    return
+                self._idle = False
+                batch, size = [], 0
+                for item in self._pending.items():  # bounded: the rescans below stay frequent
+                    batch.append(item)
+                    size += len(item[1])
+                    if size >= self.capacity // 16:
+                        break
+            try:
+                self._write_batch(batch)
+            except OSError as exc:  # e.g. the folder became unreadable: entries are misses
+                log.warning("disk cache: %s", exc)
+
+    def _write_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        for name, data in batch:
+            ok = self._write(name, data)
+            with self._lock:
+                if self._pending.get(name) is data:
+                    self._drop_pending(name)
+                elif ok and name not in self._pending:  # dropped while being written
+                    self._remove(name)
         self._evict()
-        self.save_order()  # a worker thread already: the uses seen since, on disk too
+        self.save_order()
+        if self._written > self.capacity // 8 and self._others():
+            self._written = 0
+            self._rescan()
+            self._evict()
+
+    def _others(self) -> bool:
+        self._shared = self._shared or self._room.others()
+        return self._shared
+
+    def flush(self) -> None:
+        """Wait until the queued entries are on disk and in the index (blocking)."""
+        with self._lock:
+            writer = self._writer if self._writer_pid == os.getpid() else None
+            while writer is not None and writer.is_alive() and (self._pending or not self._idle):
+                self._drained.wait(1.0)
+
+    def close(self) -> None:
+        """At unmount: write what is queued, save the use order, give up the spill folder
+        (its packs are uploaded or spooled by now)."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+            writer = self._writer if self._writer_pid == os.getpid() else None
+        if writer is not None:
+            writer.join()
+        if self._others():  # the last to stop sees what all wrote: the folder within budget
+            self._rescan()
+            self._evict()
+        self.save_order()
+        self._room.close(remove=True)
 
     def forget_pack(self, pack: str) -> None:
         """A pack left the bucket: its entries can never be asked for again."""
         with self._lock:
             for name in list(self._by_pack.get(pack, ())):
                 self._remove(name)
+            for name in [n for n in self._pending if n.startswith(f"{pack}-")]:
+                self._drop_pending(name)
 
     # --- spilled packs -----------------------------------------------------------------------
-
-    def _spilled(self, pack: str) -> bool:
-        return _valid(pack) and (self.spill_folder / pack).is_file()
 
     def can_spill(self, size: int) -> bool:
         with self._lock:
@@ -276,10 +373,11 @@ class DiskCache:
 
     def spill(self, pack: str, blob: bytes | bytearray | memoryview) -> None:
         """Keep a sealed pack on disk until it is uploaded (raises OSError if it cannot)."""
-        if not _valid(pack):
+        if not valid_pack(pack):
             raise OSError(f"not a pack id: {pack!r}")
-        _write_new(self.spill_folder / pack, blob)
+        write_whole(self.spill_folder / pack, blob, self.spill_folder)
         with self._lock:
+            self._spilled[pack] = len(blob)
             self.spill_bytes += len(blob)
         self._evict()
 
@@ -299,54 +397,16 @@ class DiskCache:
     def spill_landed(self, pack: str) -> None:
         """The pack is in the bucket: its spill file becomes an ordinary (evictable) entry."""
         src = self.spill_folder / pack
-        size = src.stat().st_size
         with self._lock:
+            size = self._spilled.pop(pack, None)
+            if size is None:
+                return
             self.spill_bytes -= size
         if size > self.capacity // 4:
-            _unlink(src)
+            unlink_quietly(src)
             return
         os.replace(src, self.folder / pack)
         self._touch(self.folder / pack)
         with self._lock:
             self._add(pack, size)
         self._evict()
-
-
-def _valid(pack: str) -> bool:
-    """Pack ids are random hex; anything else (a forged commit naming "../x") never becomes
-    a path."""
-    return 0 < len(pack) <= 64 and all(c in "0123456789abcdef" for c in pack)
-
-
-def _pread(path: Path, off: int, length: int) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        return os.pread(fd, length, off)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Write to a private temporary and rename it in place: readers see whole files only."""
-    tmp = path.with_name(f"{path.name}.{os.urandom(4).hex()}{_TMP}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    except BaseException:
-        os.close(fd)
-        _unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
