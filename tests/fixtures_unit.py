@@ -1,12 +1,17 @@
-"""Fixtures for tests that run the library without FUSE: a fast KDF and a store per backend."""
+"""Fixtures for tests that run the library without FUSE: a fast KDF, a store per backend and
+a real Volume run for a test body."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.keys import vault
+from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.store.local import LocalStore
 from encfs_cloud.store.memory import MemoryStore
@@ -27,3 +32,26 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStor
     )
     yield s
     s.close()
+
+
+def with_volume(
+    store: ObjectStore,
+    devices: DeviceStore,
+    body: Callable[[Volume], object],
+    **options: object,
+) -> Volume:
+    """Run `body(volume)` (a coroutine function) on a real Volume, then flush and close it."""
+    vol = Volume(store, vault.unlock(store, devices, None), devices, VolumeOptions(**options))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vol.run)
+            await body(vol)  # type: ignore[misc]
+            await vol.flush()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        vol.wipe()
+    return vol

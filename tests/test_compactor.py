@@ -18,7 +18,8 @@ from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.tree.metadata import ROOT_INODE
 from encfs_cloud.tree.namespace import Namespace
-from tests.test_diskcache import CountingStore, MiB, reader, with_volume
+from tests.fixtures_unit import with_volume
+from tests.test_diskcache import CountingStore, MiB, reader
 
 
 @pytest.fixture(autouse=True)

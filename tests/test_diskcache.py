@@ -13,7 +13,7 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.daemon.options import parse_mount_options
-from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.daemon.volume import Volume
 from encfs_cloud.data.cachefolders import default_folder, remove_all
 from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.data.filedata import READ_AROUND_BYTES
@@ -23,6 +23,7 @@ from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.memory import MemoryStore
 from encfs_cloud.tree.metadata import ROOT_INODE
 from encfs_cloud.tree.namespace import Namespace
+from tests.fixtures_unit import with_volume
 
 MiB = 1 << 20
 
@@ -67,29 +68,6 @@ def store(devices: DeviceStore) -> CountingStore:
     s = CountingStore()
     vault.init_filesystem(s, devices, None, "laptop")
     return s
-
-
-def with_volume(
-    store: CountingStore,
-    devices: DeviceStore,
-    body: Callable[[Volume], object],
-    **options: object,
-) -> Volume:
-    """Run `body(volume)` (a coroutine function) on a real Volume, then flush and close it."""
-    vol = Volume(store, vault.unlock(store, devices, None), devices, VolumeOptions(**options))  # type: ignore[arg-type]
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(vol.run)
-            await body(vol)  # type: ignore[misc]
-            await vol.flush()
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    finally:
-        vol.wipe()
-    return vol
 
 
 def writer(files: dict[bytes, bytes]) -> Callable[[Volume], object]:

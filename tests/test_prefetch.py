@@ -22,6 +22,7 @@ from encfs_cloud.store.memory import MemoryStore
 from encfs_cloud.tree.metadata import ROOT_INODE
 from encfs_cloud.tree.namespace import Namespace
 from tests.fixtures_mount import Device, needs_fuse
+from tests.fixtures_unit import with_volume
 
 CHUNKS = 48
 READ_SIZE = 128 << 10  # what the kernel sends for a buffered sequential read
@@ -66,26 +67,16 @@ def written(tmp_path: Path) -> Iterator[tuple[CountingStore, DeviceStore, bytes]
     devices = DeviceStore(tmp_path / "xdg" / "encfs-cloud")
     vault.init_filesystem(store, devices, None, "test")
     data = os.urandom(CHUNKS * layout.CHUNK_SIZE)
-    vol = Volume(
-        store, vault.unlock(store, devices, None), devices, VolumeOptions(disk_cache_size=0)
-    )
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(vol.run)
-            node = Namespace(vol.md).create(ROOT_INODE, b"big", stat.S_IFREG | 0o644, 0, 0)
-            for off in range(0, len(data), layout.CHUNK_SIZE):
-                node.size = await vol.data.write(
-                    node.id, node.size, off, data[off : off + layout.CHUNK_SIZE]
-                )
-            vol.md.put_inode(node)
-            await vol.flush()
-            nursery.cancel_scope.cancel()
+    async def body(vol: Volume) -> None:
+        node = Namespace(vol.md).create(ROOT_INODE, b"big", stat.S_IFREG | 0o644, 0, 0)
+        for off in range(0, len(data), layout.CHUNK_SIZE):
+            node.size = await vol.data.write(
+                node.id, node.size, off, data[off : off + layout.CHUNK_SIZE]
+            )
+        vol.md.put_inode(node)
 
-    try:
-        trio.run(main)
-    finally:
-        vol.wipe()
+    with_volume(store, devices, body, disk_cache_size=0)
     store.gets.clear()
     yield store, devices, data
     store.close()

@@ -25,6 +25,7 @@ from encfs_cloud.tools import reencrypt
 from encfs_cloud.tree.journal import replay
 from encfs_cloud.tree.metadata import ROOT_INODE
 from encfs_cloud.tree.namespace import Namespace
+from tests.fixtures_unit import with_volume
 
 pytestmark = pytest.mark.usefixtures("fast_kdf")
 
@@ -45,27 +46,18 @@ def machine(tmp_path: Path) -> Machine:
 
 
 def write_files(store: ObjectStore, devices: DeviceStore, files: dict[bytes, bytes]) -> None:
-    vol = Volume(store, vault.unlock(store, devices, None), devices, VolumeOptions())
+    async def body(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        for name, data in files.items():
+            ino = vol.md.lookup(ROOT_INODE, name)
+            if ino is None:
+                ino = ns.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0).id
+            node = ns.inode(ino)
+            await vol.data.truncate(ino, node.size, 0)
+            node.size = await vol.data.write(ino, 0, 0, data) if data else 0
+            vol.md.put_inode(node)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(vol.run)
-            ns = Namespace(vol.md)
-            for name, data in files.items():
-                ino = vol.md.lookup(ROOT_INODE, name)
-                if ino is None:
-                    ino = ns.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0).id
-                node = ns.inode(ino)
-                await vol.data.truncate(ino, node.size, 0)
-                node.size = await vol.data.write(ino, 0, 0, data) if data else 0
-                vol.md.put_inode(node)
-            await vol.flush()
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    finally:
-        vol.wipe()
+    with_volume(store, devices, body)
 
 
 def read_files(store: ObjectStore, devices: DeviceStore) -> dict[bytes, bytes]:
