@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +34,11 @@ log = logging.getLogger(__name__)
 SNAPSHOT_EVERY_DELTAS = 256
 SNAPSHOT_MIN_DELTA_BYTES = 8 << 20
 LIST_EVERY = 60.0  # seconds: a commit LISTs meta/ at most this often (see _catch_up)
-REBASE_ATTEMPTS = 16  # lost commit races in a row before a sync gives up (and retries later)
+# A sync gives up (the changes stay queued for the next try) only after losing this many commit
+# races in a row AND sync_timeout: a fixed count alone starved the slowest of three writers
+# committing in a loop (make bench, two-writer column).
+REBASE_ATTEMPTS = 16
+REBASE_BACKOFF_CAP = 1.0  # seconds: the random pause after a lost race grows to at most this
 
 
 @dataclass
@@ -180,18 +185,27 @@ class Committer:
         return SealedCommit(seq, sealed, waiting, dead, head, info.time_ns, info.kind, body)
 
     async def _drain_rebasing(self) -> None:
-        """Drain; each time another writer took our sequence number, catch up and re-seal."""
-        for _ in range(REBASE_ATTEMPTS):
+        """Drain; each time another writer took our sequence number, catch up and re-seal.
+
+        After a lost race it waits a random while that grows with each loss (as optimistic
+        commits on object stores do): writers that collided spread out instead of colliding
+        again, and the one that keeps losing still gets its turn."""
+        deadline = trio.current_time() + self.sync_timeout
+        lost = 0
+        while True:
             try:
                 await self._drain()
                 return
             except PreconditionFailedError:
                 if self.rebaser is None:
                     raise
+            lost += 1
+            if lost >= REBASE_ATTEMPTS and trio.current_time() >= deadline:
+                raise StoreError("other writers kept committing first; changes stay queued")
+            await trio.sleep(random.uniform(0, min(REBASE_BACKOFF_CAP, 0.01 * 2 ** min(lost, 7))))
             await self._catch_up(thorough=True)
             if self.has_changes():
                 self.queue.append(await self._seal_next())
-        raise StoreError("other writers kept committing first; changes stay queued")
 
     async def reap_leaving(self) -> int:
         """At unmount, after the final commit: delete what waits if no other mount is live
