@@ -75,7 +75,8 @@ def _multiwriter_rows(mw: dict[str, Any]) -> list[str]:
         "|---|---|",
         f"| write+close on A until visible on B, median / p95 (s) | "
         f"{mw['propagation_median_s']} / {mw['propagation_p95_s']} |",
-        f"| commits/s, 3 writers in a loop | {mw['three_writers_commits_per_s']} |",
+        f"| commits/s, 3 writers in a loop (failed fsyncs) | "
+        f"{mw['three_writers_commits_per_s']} ({mw.get('three_writers_failed_fsyncs', 0)}) |",
         f"| idle mount, S3 requests per hour | {idle if idle is not None else '-'} |",
     ]
 
