@@ -19,6 +19,8 @@ from tests.fixtures_s3 import MotoServer
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
 MiB = 1 << 20
+# file:// SOURCEs have no disk cache unless asked for (the bucket is on local disk already).
+CACHE_ON = "disk_cache_size=64M"
 
 
 def pack_bytes(bucket: Path) -> int:
@@ -45,7 +47,7 @@ def test_fsck_repair_compacts_random_rewrites(
     bucket = Path(local_source[len("file://") :])
     device.init(local_source)
     content = bytearray(os.urandom(24 * MiB))
-    with device.mounted(local_source, tmp_path / "mnt") as mnt:
+    with device.mounted(local_source, tmp_path / "mnt", CACHE_ON) as mnt:
         (mnt / "db").write_bytes(content)
         rewrite_randomly(mnt / "db", content, 6, 1)
         status = json.loads(device.run("status", str(mnt), "--json", check=True).stdout)
@@ -76,12 +78,12 @@ def test_remount_reread_from_disk_cache_and_wipe_removes_it(
     bucket = Path(local_source[len("file://") :])
     device.init(local_source)
     content = os.urandom(5 * MiB + 123)
-    with device.mounted(local_source, tmp_path / "mnt") as mnt:
+    with device.mounted(local_source, tmp_path / "mnt", CACHE_ON) as mnt:
         (mnt / "f").write_bytes(content)
     hidden = tmp_path / "hidden"
     (bucket / "data").rename(hidden)  # a bucket read would now fail
     (bucket / "data").mkdir()
-    with device.mounted(local_source, tmp_path / "mnt") as mnt:
+    with device.mounted(local_source, tmp_path / "mnt", CACHE_ON) as mnt:
         assert (mnt / "f").read_bytes() == content
         status = json.loads(device.run("status", str(mnt), "--json", check=True).stdout)
         assert status["disk_cache"]["hits"] > 0 and status["errors"]["read"] == 0
@@ -90,7 +92,7 @@ def test_remount_reread_from_disk_cache_and_wipe_removes_it(
     cache = device.cache_home / "encfs-cloud"
     assert any(p.is_file() for p in cache.rglob("*"))
     mnt = tmp_path / "mnt"
-    done = device.mount(local_source, mnt)
+    done = device.mount(local_source, mnt, CACHE_ON)
     assert done.returncode == 0, done.stderr
     done = device.run("umount", "--wipe", str(mnt))  # the recovery key is left: not refused
     if done.returncode != 0:  # leave nothing mounted whatever happened

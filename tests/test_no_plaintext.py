@@ -155,13 +155,14 @@ def test_bucket_device_and_tmp_hold_no_plaintext(
     s = Secrets()
     device.init(any_source)
     mnt = tmp_path / "mnt"
-    with device.mounted(any_source, mnt):
+    cache_on = "disk_cache_size=64M"  # the default over S3; asked for over file://
+    with device.mounted(any_source, mnt, cache_on):
         fill(mnt, s)
         assert (mnt / s["dirname"] / s["filename"]).read_text() == s["content"]  # it did land
         # The search itself works: it finds every form the mount shows in plain sight.
         assert scan_file(mnt / s["dirname"] / "utf16", s) == [s["content"].encode("utf-16-le")]
         assert s.found_in(os.fsencode(next((mnt / s["dirname"]).glob("na*")).name))
-    with device.mounted(any_source, mnt):  # a second session: renames and deltas too
+    with device.mounted(any_source, mnt, cache_on):  # a second session: renames, deltas
         assert os.readlink(mnt / s["dirname"] / "link") == s["target"]
         os.rename(mnt / s["dirname"] / "big", mnt / s["dirname"] / ("renamed-" + s["filename"]))
     objects = bucket_objects(any_source, server_for(any_source, request))
