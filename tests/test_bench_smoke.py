@@ -198,6 +198,7 @@ def test_bench_readme_section() -> None:
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 @pytest.mark.skipif(shutil.which("fusermount3") is None, reason="needs fusermount3")
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # make stress: `make bench` itself runs on SeaweedFS (make test's time budget)
 def test_bench_smoke_encfs_on_seaweedfs(tmp_path: Path) -> None:
     """encfs-cloud against SeaweedFS: conditional writes enforced, S3 requests counted."""
     if bench_module("bench_util").tool("weed") is None:

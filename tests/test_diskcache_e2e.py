@@ -107,6 +107,7 @@ def proxy(s3_server: MotoServer) -> Iterator[FaultProxy]:
         yield p
 
 
+@pytest.mark.slow  # make stress: the two-mount test below spills through FUSE in make test
 def test_burst_spills_to_disk_while_uploads_are_slow(
     device: Device, s3_bucket: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import tempfile
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,33 @@ JUNK = 64 << 20
 INTEGRITY, FORMAT, LEASE_HELD = 20, 6, 12
 
 
+# Started from pytest directly, a child's ru_maxrss starts at pytest's own resident size (Linux
+# keeps the high-water mark across exec, and vfork shares pytest's memory until then): a small
+# Python process in between forks it instead, so the figure is the command's, plus ~10 MiB.
+_MEASURE = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "sys.stderr.write(f'\\n@maxrss {usage.ru_maxrss}\\n')\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_measured(device: Device, *args: str) -> tuple[int, str, str, int]:
     """Run the real command: (exit code, stdout, stderr, peak RSS of that process in bytes)."""
     cmd = list(args) if args[0] in (ENCFS, MOUNT) else [ENCFS, *args]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            cmd, env=device.env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
-        )
-        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this one child
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *cmd],
+        env=device.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    err, _, peak = done.stderr.rpartition("\n@maxrss ")
+    return done.returncode, done.stdout, err, int(peak) * 1024
 
 
 def bucket_of(source: str) -> str:
