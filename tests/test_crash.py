@@ -28,7 +28,7 @@ pytestmark = [needs_fuse, pytest.mark.fuse]
 STRESS = bool(os.environ.get("ENCFS_STRESS"))
 # A stress run is long by design: past the suite-wide 300 s per-test timeout.
 STRESS_MARKS = [pytest.mark.slow, pytest.mark.timeout(1800)]
-CYCLES = 30 if STRESS else 3
+CYCLES = 30 if STRESS else 2
 WRITERS = 2
 BLOCK = 4096
 # After the daemon dies, a syscall on its mount fails with one of these.

@@ -30,6 +30,7 @@ def _copy_clone(dest: Path) -> Path:
 
 @needs_fuse
 @pytest.mark.skipif(not shutil.which("git") or not shutil.which("make"), reason="needs git, make")
+@pytest.mark.slow  # make stress: it builds a whole venv from PyPI (45 s of make test's budget)
 def test_install_system_survives_removing_the_clone(tmp_path: Path) -> None:
     clone = _copy_clone(tmp_path / "clone")
     root = tmp_path / "sys"

@@ -306,13 +306,13 @@ def _seed() -> int:
 def test_three_devices_converge_without_losing_acknowledged_changes() -> None:
     seed = _seed()
     print(f"model seed {seed} (ENCFS_MODEL_SEED={seed} replays it)")
-    trio.run(_run, seed, 1500)
+    trio.run(_run, seed, 1000)
 
 
 def test_three_devices_concurrently_converge() -> None:
     seed = _seed()
     print(f"model seed {seed} (ENCFS_MODEL_SEED={seed}; the interleaving is not replayed)")
-    trio.run(_run, seed, 900, True)
+    trio.run(_run, seed, 600, True)
 
 
 @pytest.mark.slow

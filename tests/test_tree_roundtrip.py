@@ -89,6 +89,12 @@ def expected() -> dict[str, tuple[object, ...]]:
 
 
 @needs_fuse
+@pytest.mark.parametrize(
+    # Over S3 in make stress: make test's S3 tier writes trees in test_multiwriter_e2e's untar.
+    "any_source",
+    ["file", pytest.param("s3", marks=pytest.mark.slow)],
+    indirect=True,
+)
 def test_stdlib_tree_survives_a_remount(device: Device, any_source: str, tmp_path: Path) -> None:
     assert len(source_files()) > 1000, f"the stdlib at {STDLIB} looks too small"
     want = expected()
