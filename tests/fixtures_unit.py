@@ -24,6 +24,12 @@ def fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENCFS_CLOUD_MACHINE_ID", "test-machine")
 
 
+@pytest.fixture
+def devices(tmp_path: Path) -> DeviceStore:
+    """This test's device folder (a module may define its own `devices`)."""
+    return DeviceStore(tmp_path / "xdg-data" / "encfs-cloud")
+
+
 @pytest.fixture(params=["memory", "local"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
     """A fresh store of each in-process backend (a module may define its own `store`)."""

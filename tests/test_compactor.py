@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import stat
-from pathlib import Path
 
 import pytest
 import trio
@@ -21,16 +20,8 @@ from encfs_cloud.tree.namespace import Namespace
 from tests.fixtures_unit import with_volume
 from tests.test_diskcache import CountingStore, MiB, reader
 
-
-@pytest.fixture(autouse=True)
-def _fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ENCFS_CLOUD_TEST_FAST_KDF", "1")
-    monkeypatch.setenv("ENCFS_CLOUD_MACHINE_ID", "test-machine")
-
-
-@pytest.fixture
-def devices(tmp_path: Path) -> DeviceStore:
-    return DeviceStore(tmp_path / "xdg-data" / "encfs-cloud")
+# The fast KDF and `devices` come from tests/fixtures_unit.py.
+pytestmark = pytest.mark.usefixtures("fast_kdf")
 
 
 @pytest.fixture

@@ -52,15 +52,8 @@ class CountingStore(MemoryStore):
         return super().put(name, bytes(data), if_none_match=if_none_match, if_match=if_match)
 
 
-@pytest.fixture(autouse=True)
-def _fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ENCFS_CLOUD_TEST_FAST_KDF", "1")
-    monkeypatch.setenv("ENCFS_CLOUD_MACHINE_ID", "test-machine")
-
-
-@pytest.fixture
-def devices(tmp_path: Path) -> DeviceStore:
-    return DeviceStore(tmp_path / "xdg-data" / "encfs-cloud")
+# The fast KDF and `devices` come from tests/fixtures_unit.py.
+pytestmark = pytest.mark.usefixtures("fast_kdf")
 
 
 @pytest.fixture

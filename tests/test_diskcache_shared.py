@@ -25,21 +25,13 @@ from tests.test_diskcache import CountingStore, reader
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("ENCFS_CLOUD_TEST_FAST_KDF", "1")
-    monkeypatch.setenv("ENCFS_CLOUD_MACHINE_ID", "test-machine")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-
-
 def packs_in(folder: Path) -> set[str]:
     """The spilled packs in a mount's spill folder (not the temporaries being written)."""
     return {p.name for p in folder.iterdir() if "." not in p.name}
 
 
-@pytest.fixture
-def devices(tmp_path: Path) -> DeviceStore:
-    return DeviceStore(tmp_path / "xdg-data" / "encfs-cloud")
+# The fast KDF and `devices` come from tests/fixtures_unit.py.
+pytestmark = pytest.mark.usefixtures("fast_kdf")
 
 
 @pytest.fixture
