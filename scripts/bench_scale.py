@@ -3,6 +3,8 @@
 Builds the tree's metadata directly (creating a million files through FUSE would take a
 quarter of an hour), seals it as the first snapshot in a `file://` bucket, then measures the
 real `mount.encfs-cloud` on it. Run: .venv/bin/python scripts/bench_scale.py --files 1000000
+Compare installs on one built bucket, interleaved: `--work DIR --bin A/.venv/bin --bin B/.venv/bin
+--rounds 3` (medians per install).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import os
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,18 +74,10 @@ def daemon_pid(mountpoint: Path) -> int:
     raise RuntimeError("daemon not found")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--files", type=int, default=1_000_000)
-    parser.add_argument("--big-dir", type=int, default=100_000)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="encfs-scale-"))
-    env = dict(os.environ, XDG_DATA_HOME=str(work / "xdg"))
-    os.environ["XDG_DATA_HOME"] = env["XDG_DATA_HOME"]
-    bucket, mnt = work / "bucket", work / "mnt"
-    bucket.mkdir()
-    mnt.mkdir()
+def build_bucket(work: Path, files: int, big_dir: int, env: dict[str, str]) -> dict[str, float]:
+    """A filesystem in `work/bucket` whose first commit is a snapshot of the built tree."""
+    bucket = work / "bucket"
+    bucket.mkdir(parents=True)
     source = f"file://{bucket}"
     subprocess.run(
         [str(BIN / "encfs-cloud"), "init", source, "--no-passphrase"],
@@ -90,24 +85,33 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
-    out: dict[str, float] = {"files": args.files, "big_dir": args.big_dir}
+    out: dict[str, float] = {}
     t = time.monotonic()
-    md = build_tree(args.files, args.big_dir)
+    md = build_tree(files, big_dir)
     out["build_s"] = time.monotonic() - t
     store = open_store(source)
     unlocked = unlock(store, DeviceStore(), None)
     sealer = Sealer(unlocked.fs_id, unlocked.keys)
     t = time.monotonic()
     body = journal.export_snapshot(md)
+    del md
     info = journal.CommitInfo(1, journal.KIND_SNAPSHOT, b"", 1, time.time_ns())
     sealed = journal.seal_commit(sealer, info, body)
     store.put(layout.commit_name(1), sealed, if_none_match=True)
     out["snapshot_s"] = time.monotonic() - t
     out["snapshot_MiB"] = len(sealed) / 2**20
     unlocked.wipe()
+    return out
+
+
+def measure_mount(bin_dir: Path, work: Path, env: dict[str, str]) -> dict[str, float]:
+    """Mount with the install in `bin_dir`, time ls and one commit, unmount."""
+    source, mnt = f"file://{work / 'bucket'}", work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    out: dict[str, float] = {}
     try:
         t = time.monotonic()
-        subprocess.run([str(BIN / "mount.encfs-cloud"), source, str(mnt)], env=env, check=True)
+        subprocess.run([str(bin_dir / "mount.encfs-cloud"), source, str(mnt)], env=env, check=True)
         out["mount_s"] = time.monotonic() - t
         pid = daemon_pid(mnt)
         out["rss_after_mount_MiB"] = rss_mib(pid)
@@ -127,10 +131,48 @@ def main() -> None:
         out["commit_one_change_s"] = time.monotonic() - t
         out["rss_end_MiB"] = rss_mib(pid)
     finally:
-        subprocess.run([str(BIN / "encfs-cloud"), "umount", str(mnt)], env=env, check=False)
-        subprocess.run(["rm", "-rf", str(work)], check=False)
-    for key, value in out.items():
-        print(f"{key:>22}: {value:.2f}" if isinstance(value, float) else f"{key:>22}: {value}")
+        subprocess.run([str(bin_dir / "encfs-cloud"), "umount", str(mnt)], env=env, check=False)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=1_000_000)
+    parser.add_argument("--big-dir", type=int, default=100_000)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--work", type=Path, help="keep the built bucket here and reuse it when present"
+    )
+    parser.add_argument(
+        "--bin",
+        type=Path,
+        action="append",
+        help="a venv's bin folder to measure (repeat to compare installs; default this one)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved mounts per install")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="encfs-scale-"))
+    env = dict(os.environ, XDG_DATA_HOME=str(work / "xdg"))
+    os.environ["XDG_DATA_HOME"] = env["XDG_DATA_HOME"]
+    out: dict[str, object] = {"files": args.files, "big_dir": args.big_dir}
+    try:
+        if not (work / "bucket").exists():
+            out.update(build_bucket(work, args.files, args.big_dir, env))
+        bins = args.bin or [BIN]
+        runs: dict[str, list[dict[str, float]]] = {str(b): [] for b in bins}
+        for _ in range(args.rounds):
+            for b in bins:
+                runs[str(b)].append(measure_mount(b, work, env))
+        for b, measured in runs.items():
+            medians = {k: statistics.median(m[k] for m in measured) for k in measured[0]}
+            out[b] = medians if len(bins) > 1 else None
+            if len(bins) == 1:
+                out.update(medians)
+        out = {k: v for k, v in out.items() if v is not None}
+    finally:
+        if args.work is None:
+            subprocess.run(["rm", "-rf", str(work)], check=False)
+    print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

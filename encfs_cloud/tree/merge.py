@@ -29,18 +29,16 @@ class Plan:
 
 
 class Merger(TreeFixer):
-    """Keeps the state of the newest durable commit (`base`) next to the live tree (`main`).
+    """Keeps the state of the newest durable commit (`base`, an undo log over the live tree
+    `main`: see mergebase.py) and merges other devices' commits into the live tree.
 
-    Both live in one SQLite connection (attached in-memory databases, never on disk), so a
-    merge is a handful of set queries: what this mount changed (main vs base), what the
-    other devices changed (remote vs base), and rules where both touched the same thing.
+    Everything lives in one SQLite connection (in memory, never on disk), so a merge is a
+    handful of set queries: what this mount changed (main vs base), what the other devices
+    changed (remote vs base), and rules where both touched the same thing.
     """
 
     def __init__(self, md: Metadata, device: str) -> None:
         super().__init__(md, device)
-        db = md.db
-        db.execute("ATTACH DATABASE ':memory:' AS base")
-        db.deserialize(db.serialize(), name="base")
         self._remote = False
         # Keys changed here since base that md.dirty no longer shows (exported into commits
         # not yet durable): with md.dirty, a superset of where main differs from base, so a
@@ -82,7 +80,21 @@ class Merger(TreeFixer):
 
     def own_commit_durable(self, kind: str, body: bytes) -> None:
         """Our commit is in the bucket: base moves to it."""
-        self._load("base", kind, body)
+        db = self.md.db
+        db.execute("ATTACH DATABASE ':memory:' AS incoming")
+        try:
+            db.deserialize(body, name="incoming")
+            if kind == journal.KIND_SNAPSHOT:
+                # The snapshot is main as it was exported: they differ only where main
+                # changed since, which the dirty and local keys name.
+                self.base.advance_to("incoming", self._local_candidates())
+            else:
+                self.base.advance_by_delta("incoming")
+        finally:
+            db.execute("DETACH DATABASE incoming")
+
+    def _local_candidates(self) -> dict[str, set[Key]]:
+        return {t: self.local_keys[t] | self.md.dirty[t] for t in TABLE_KEYS}
 
     def fast_forward(self, kind: str, body: bytes) -> Outcome:
         """Another device's commit when nothing here is uncommitted: both move to it.
@@ -90,8 +102,7 @@ class Merger(TreeFixer):
         Returns what it changed (for a snapshot: every inode and entry, as far as known)."""
         out = Outcome()
         if kind == journal.KIND_SNAPSHOT:
-            self._load("base", kind, body)
-            self.md.db.deserialize(body)
+            self.base.load_main(body)
             out.inodes = {r[0] for r in self.md.db.execute("SELECT id FROM main.inodes")}
             out.entries = {
                 (int(p), bytes(n))
@@ -101,8 +112,8 @@ class Merger(TreeFixer):
             keys = self._delta_keys(body)
             out.inodes = {_int(k[0]) for t in ("inodes", "chunks", "xattrs") for k in keys[t]}
             out.entries = {(_int(k[0]), _bytes(k[1])) for k in keys["dentries"]}
-            journal.apply_delta(self.md, body, schema="base")
             journal.apply_delta(self.md, body)
+            self.base.reset()  # nothing was uncommitted: base is main again
         for touched in self.md.dirty.values():
             touched.clear()
         return out
@@ -111,17 +122,11 @@ class Merger(TreeFixer):
         """A commit of ours that never reached the bucket (the spool of an unmount while
         offline) becomes uncommitted changes again: main moves, base stays."""
         if kind == journal.KIND_SNAPSHOT:
-            self.md.db.deserialize(body)
+            self.base.replace_main(body)
         else:
             journal.apply_delta(self.md, body)
         for table in TABLE_KEYS:
             self.md.dirty[table] = self._changed(table, "main")
-
-    def _load(self, schema: str, kind: str, body: bytes) -> None:
-        if kind == journal.KIND_SNAPSHOT:
-            self.md.db.deserialize(body, name=schema)
-        else:
-            journal.apply_delta(self.md, body, schema=schema)
 
     def stage_remote(self, kind: str, body: bytes) -> None:
         """Build `remote` = base + another device's commit, ready for plan() and merge()."""
@@ -133,7 +138,7 @@ class Merger(TreeFixer):
             db.deserialize(body, name="remote")
             self._remote_keys = None  # compare whole tables
         else:
-            db.deserialize(db.serialize(name="base"), name="remote")
+            self.base.materialize("remote")
             journal.apply_delta(self.md, body, schema="remote")
             self._remote_keys = self._delta_keys(body)
 
@@ -148,9 +153,10 @@ class Merger(TreeFixer):
 
     def finish_remote(self) -> None:
         """base := remote, and the remote copy goes."""
-        db = self.md.db
-        db.deserialize(db.serialize(name="remote"), name="base")
-        db.execute("DETACH DATABASE remote")
+        # After a merge, main differs from remote only where md.dirty says (the next commit
+        # carries exactly those rows).
+        self.base.advance_to("remote", self._local_candidates())
+        self.md.db.execute("DETACH DATABASE remote")
         self._remote = False
 
     # --- set queries ----------------------------------------------------------------------
@@ -189,7 +195,7 @@ class Merger(TreeFixer):
                 continue
             rows = self.md.db.execute(
                 "SELECT c.idx, c.pack, c.off, c.len, c.plain_len, c.version, c.gen, c.digest "
-                "FROM main.chunks c JOIN base.packs b ON b.id = c.pack "
+                f"FROM main.chunks c JOIN {self._src('base', 'packs')} b ON b.id = c.pack "
                 "WHERE c.inode=? AND c.pack NOT IN (SELECT id FROM remote.packs WHERE live>0) "
                 "ORDER BY c.idx",
                 (ino,),

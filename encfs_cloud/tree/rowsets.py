@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from encfs_cloud.tree.mergebase import MergeBase
 from encfs_cloud.tree.metadata import ROOT_INODE, TABLE_KEYS, Metadata
 from encfs_cloud.tree.namespace import NAME_MAX
 
@@ -43,19 +44,26 @@ class Outcome:
 
 
 class RowSets:
-    """Queries on three attached databases: `main` (live), `base` (durable head), `remote`."""
+    """Queries on three trees: `main` (live), `base` (durable head), `remote` (attached)."""
 
     def __init__(self, md: Metadata, device: str) -> None:
         self.md = md
         self.device = device
+        self.base = MergeBase(md.db)
+
+    def _src(self, side: str, table: str) -> str:
+        return self.base.source(table) if side == "base" else f"{side}.{table}"
 
     def _changed(self, table: str, side: str, against: str = "base") -> set[Key]:
         """Keys whose row differs between `side` and `against` (added, changed or gone)."""
+        if {side, against} == {"main", "base"}:  # only where the undo log has a row
+            return self._differing(table, side, against, self.base.keys(table))
         cols = ",".join(TABLE_KEYS[table])
+        one, other = self._src(side, table), self._src(against, table)
         rows = self.md.db.execute(
-            f"SELECT {cols} FROM (SELECT * FROM {side}.{table} EXCEPT "
-            f"SELECT * FROM {against}.{table}) UNION SELECT {cols} FROM "
-            f"(SELECT * FROM {against}.{table} EXCEPT SELECT * FROM {side}.{table})"
+            f"SELECT {cols} FROM (SELECT * FROM {one} EXCEPT "
+            f"SELECT * FROM {other}) UNION SELECT {cols} FROM "
+            f"(SELECT * FROM {other} EXCEPT SELECT * FROM {one})"
         )
         return {tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows}
 
@@ -68,6 +76,8 @@ class RowSets:
         return {k for k in candidates if self._row(side, table, k) != self._row(against, table, k)}
 
     def _row(self, side: str, table: str, key: Key) -> tuple[object, ...] | None:
+        if side == "base":
+            return self.base.row(table, key)
         where = " AND ".join(f"{k}=?" for k in TABLE_KEYS[table])
         row = self.md.db.execute(f"SELECT * FROM {side}.{table} WHERE {where}", key).fetchone()
         return tuple(row) if row else None
@@ -92,7 +102,8 @@ class RowSets:
 
     def _first_name(self, side: str, ino: int) -> tuple[int, bytes] | None:
         row = self.md.db.execute(
-            f"SELECT parent, name FROM {side}.dentries WHERE inode=? ORDER BY parent, name",
+            f"SELECT parent, name FROM {self._src(side, 'dentries')} "
+            "WHERE inode=? ORDER BY parent, name",
             (ino,),
         ).fetchone()
         return (int(row[0]), bytes(row[1])) if row else None
