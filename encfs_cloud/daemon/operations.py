@@ -28,6 +28,10 @@ ATTR_TIMEOUT = 30.0
 BLOCK = 4096
 TOTAL_BLOCKS = 1 << 38  # 1 PiB of 4 KiB blocks always free: a bucket has no fixed size
 TOTAL_INODES = 1 << 32
+# The kernel asks for one page (4 KiB) of readdirplus entries per call, about 25 of them
+# (~150 bytes each with a short name): reading more rows than fit is work thrown away and
+# read again on the next call (128 per call made listing 100,000 entries ~2× slower).
+READDIR_ROWS = 32
 
 
 class Operations(pyfuse3.Operations):  # type: ignore[misc]
@@ -375,7 +379,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             start_id = 2
         after = start_id - 2
         while True:
-            rows = self.md.list_entries(fh, after)
+            rows = self.md.list_entries(fh, after, READDIR_ROWS)
             if not rows:
                 return
             stored = self.md.stored_blocks([node.id for _, _, node in rows if node.is_reg], BLOCK)
