@@ -12,6 +12,7 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.data.diskcache import DiskCache
+from encfs_cloud.data.presence import STALE_AFTER
 from encfs_cloud.data.uploader import Uploader
 from encfs_cloud.errors import EncfsCloudError, IntegrityError, StoreError
 from encfs_cloud.keys.sealed import Sealer, sealed_chunk_len
@@ -24,7 +25,10 @@ GOAL = 1.05  # compaction stops once stored bytes are at most this times the liv
 TRIGGER = 1.25  # a mount starts compacting above this ratio (fsck --repair: above GOAL)
 MAX_LIVE_FRACTION = 0.9  # packs fuller than this are never rewritten (write amplification)
 MIN_RECLAIM = 4 << 20  # a mount does not bother for less
-CHECK_INTERVAL = 60.0
+CHECK_INTERVAL = 15.0  # one sum over the pack table per check (see design.md "Compaction")
+# A freed pack waits this long before it may go (presence.Reaper's grace): compaction frees
+# nothing sooner, so live chunks rewritten faster than once per grace die before it would pay.
+GRACE = STALE_AFTER / 10
 
 Move = tuple[int, int, ChunkRef, ChunkRef]  # inode, index, old place, new place
 
@@ -191,7 +195,7 @@ def compact_now(md: Metadata, store: ObjectStore, sealer: Sealer, packs: list[st
 
 class Compactor:
     """The background compaction of a read-write mount: every CHECK_INTERVAL seconds, when
-    stored bytes exceed TRIGGER times the live bytes, rewrite the emptiest packs down to GOAL.
+    `due` says so, rewrite the emptiest packs down to GOAL.
 
     Store calls run in worker threads; the metadata is touched only on the trio thread, and
     the chunk rows of a new pack switch in one step after it landed (see `switch`). Old packs
@@ -219,6 +223,9 @@ class Compactor:
         self.disk = disk
         self.bytes_copied = 0
         self.packs_compacted = 0
+        self._last: tuple[int, int] | None = None  # (stored, live) at the previous check
+        self._uploaded = uploader.bytes_uploaded  # the uploader's counter then
+        self.churning = False  # the last check skipped: chunks die faster than a pass pays
 
     def _busy(self) -> frozenset[str]:
         ids = set(self.uploader.pending)
@@ -231,8 +238,39 @@ class Compactor:
         stored, live = ratio(p for p in self.md.all_packs() if p[2] > 0)
         return stored > goal * live and stored - live >= MIN_RECLAIM
 
+    def due(self, elapsed: float) -> bool:
+        """Whether to compact now, `elapsed` seconds after the previous check.
+
+        Above TRIGGER, unless the files are rewritten so fast that a live chunk lasts less
+        than GRACE (written since the last check > live bytes x elapsed / GRACE): the packs
+        then empty themselves before a pass could free anything, and copying their live
+        chunks only adds uploads that die too. Between GOAL and TRIGGER only when nothing
+        changed since the previous check (the writer stopped), so a mount settles at GOAL
+        by itself, not at wherever below TRIGGER the writes left it.
+        """
+        stored, live = ratio(p for p in self.md.all_packs() if p[2] > 0)
+        written = self.uploader.bytes_uploaded - self._uploaded
+        self._uploaded = self.uploader.bytes_uploaded
+        quiet, self._last = self._last == (stored, live), (stored, live)
+        if stored - live < MIN_RECLAIM:
+            return False
+        churning = written * GRACE > live * elapsed
+        if churning != self.churning:
+            self.churning = churning
+            log.info(
+                "compaction %s: %d bytes written in %.0f s over %d live",
+                "paused (chunks rewritten faster than once a grace)" if churning else "resumed",
+                written,
+                elapsed,
+                live,
+            )
+        if quiet:
+            return stored > GOAL * live
+        return not churning and stored > TRIGGER * live
+
     async def compact(self, goal: float = GOAL) -> int:
         """One pass; returns the number of packs emptied."""
+        started, copied = trio.current_time(), self.bytes_copied
         targets = plan(self.md.all_packs(), goal, self._busy(), MIN_RECLAIM)
         repacker = Repacker(self.sealer)
         for pack in targets:
@@ -251,7 +289,10 @@ class Compactor:
         self.packs_compacted += len(targets)
         if targets:
             log.info(
-                "compaction: %d packs rewritten, %d bytes copied", len(targets), self.bytes_copied
+                "compaction: %d packs rewritten, %d bytes copied in %.1f s",
+                len(targets),
+                self.bytes_copied - copied,
+                trio.current_time() - started,
             )
         return len(targets)
 
@@ -266,9 +307,12 @@ class Compactor:
         self.bytes_copied += new.size
 
     async def run(self, interval: float = CHECK_INTERVAL) -> None:
+        last = trio.current_time()
         while True:
             await trio.sleep(interval)
-            if self.stopped() or not self.worth_it():
+            now = trio.current_time()
+            elapsed, last = max(now - last, 1e-3), now
+            if self.stopped() or not self.due(elapsed):
                 continue
             try:
                 await self.compact()
