@@ -92,9 +92,11 @@ def fill(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def fio_cmd(path: Path, runtime: int, fsync: int) -> list[str]:
+def fio_cmd(path: Path, runtime: int, fsync: int, rate_iops: int) -> list[str]:
+    rate = [f"--rate_iops={rate_iops}"] if rate_iops else []
     return [
         "fio",
+        *rate,
         "--name=randwrite",
         f"--filename={path}",
         "--rw=randwrite",
@@ -161,7 +163,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     fill(path)
     result: dict[str, Any] = {"fill_s": round(time.monotonic() - t0, 1)}
     result["after_fill"] = sample(s, t0)
-    cmd = fio_cmd(path, args.runtime, args.fsync)
+    cmd = fio_cmd(path, args.runtime, args.fsync, args.rate_iops)
     samples, result["fio"] = run_fio(s, cmd, t0)
     result["during"] = summary(samples)
     result["samples"] = samples
@@ -188,7 +190,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     print(f"after fsck --repair: {result['after_fsck_repair']}", flush=True)
     lines = log.read_text(errors="replace").splitlines()
     result["compactor_log"] = [ln for ln in lines if "compact" in ln or "delet" in ln][-200:]
-    result["command"] = " ".join(cmd[:1] + cmd[2:])
+    result["command"] = " ".join(cmd).replace(str(s.mnt), "MOUNTPOINT")
     return result
 
 
@@ -196,6 +198,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", type=int, default=600, help="fio seconds")
     parser.add_argument("--fsync", type=int, default=32, help="fio: an fsync every N writes")
+    parser.add_argument("--rate-iops", type=int, default=0, help="fio: at most N writes/s")
     parser.add_argument("--idle-max", type=float, default=480.0, help="idle remount, seconds")
     parser.add_argument("--out", type=Path, help="JSON result (default docs/bench/rewrite-DATE)")
     args = parser.parse_args()
