@@ -22,6 +22,10 @@ from encfs_cloud.tree.metadata import ChunkRef, Metadata
 log = logging.getLogger(__name__)
 
 GOAL = 1.05  # compaction stops once stored bytes are at most this times the live bytes
+# A mount's pass aims this low: the planner's estimate lands just above its aim, and commits
+# and keys count too (1 GiB rewritten at random: aiming at GOAL left 1.052 in packs, 1.060 in
+# the bucket, and too little above GOAL for a second pass to be worth MIN_RECLAIM).
+AIM = 1.02
 TRIGGER = 1.25  # a mount starts compacting above this ratio (fsck --repair: above GOAL)
 MAX_LIVE_FRACTION = 0.9  # packs fuller than this are never rewritten (write amplification)
 MIN_RECLAIM = 4 << 20  # a mount does not bother for less
@@ -195,7 +199,7 @@ def compact_now(md: Metadata, store: ObjectStore, sealer: Sealer, packs: list[st
 
 class Compactor:
     """The background compaction of a read-write mount: every CHECK_INTERVAL seconds, when
-    `due` says so, rewrite the emptiest packs down to GOAL.
+    `due` says so, rewrite the emptiest packs down to AIM.
 
     Store calls run in worker threads; the metadata is touched only on the trio thread, and
     the chunk rows of a new pack switch in one step after it landed (see `switch`). Old packs
@@ -315,6 +319,6 @@ class Compactor:
             if self.stopped() or not self.due(elapsed):
                 continue
             try:
-                await self.compact()
+                await self.compact(AIM)
             except (EncfsCloudError, OSError) as exc:  # never the end of the mount: next time
                 log.warning("compaction stopped: %s", exc)
