@@ -29,7 +29,7 @@ AIM = 1.02
 # While files are still being written a pass stops here: its last packs would be the fullest
 # (up to MAX_LIVE_FRACTION live), and every byte copied keeps its old pack in the bucket for
 # the deletion grace too. Measured with 5 rewrites/s of 1 GiB: a pass down to AIM copied
-# 690 MB to free 250 MB, and the ratio peaked at 2.1 while the old packs waited.
+# 690 MB to free 250 MB, and the ratio stood at 2.1 (median; 2.5 at most) as old packs waited.
 BUSY_AIM = 1.15
 TRIGGER = 1.25  # a mount starts compacting above this ratio (fsck --repair: above GOAL)
 MAX_LIVE_FRACTION = 0.9  # packs fuller than this are never rewritten (write amplification)
