@@ -225,3 +225,30 @@ def test_a_quiet_mount_compacts_down_to_the_goal(
     found: dict[bytes, bytes] = {}
     with_volume(store, devices, reader(found), disk_cache_size=0)
     assert len(found[b"db"]) == 64 * MiB
+
+
+def test_a_pass_stopped_by_the_unmount_leaves_no_pack_unnamed(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """`stop` (the unmount calls it before its final commit) ends a pass under way and waits
+    for it: every pack in the bucket is then in the pack table that commit carries. (A pass
+    that went on after the final commit left its new packs in the bucket, named nowhere.)"""
+    seen: list[object] = []
+    content: dict[bytes, bytes] = {}
+
+    async def body(vol: Volume) -> None:
+        await _db_with_rewrites(vol, [p * 8 + k for p in range(8) for k in range(3)])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.compactor.compact, compactor.AIM)
+            await trio.sleep(0)  # the pass starts: it reads its first pack in a thread
+            await vol.compactor.stop()
+            seen.append(vol.compactor.closing)
+        seen.append(await vol.compactor.compact(compactor.AIM))  # stopped: no pass
+        await vol.flush()
+        names = {o.name for o in store.list(layout.DATA_PREFIX)}
+        seen.append(names <= {layout.pack_name(p) for p, _, _ in vol.md.all_packs()})
+
+    with_volume(store, devices, body)
+    assert seen == [True, 0, True]
+    with_volume(store, devices, reader(content), disk_cache_size=0)
+    assert len(content[b"db"]) == 64 * MiB

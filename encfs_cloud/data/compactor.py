@@ -235,6 +235,8 @@ class Compactor:
         self._last: tuple[int, int] | None = None  # (stored, live) at the previous check
         self._uploaded = uploader.bytes_uploaded  # the uploader's counter then
         self.churning = False  # the last check skipped: chunks die faster than a pass pays
+        self.closing = False  # the mount is unmounting: no more passes (see `stop`)
+        self._pass = trio.Lock()
 
     def _busy(self) -> frozenset[str]:
         ids = set(self.uploader.pending)
@@ -279,23 +281,42 @@ class Compactor:
         return BUSY_AIM if not churning and stored > TRIGGER * live else None
 
     async def compact(self, goal: float = GOAL) -> int:
-        """One pass; returns the number of packs emptied."""
+        """One pass; returns the number of packs emptied (0 if stopped midway)."""
+        async with self._pass:
+            return await self._compact(goal)
+
+    async def stop(self) -> None:
+        """No pass from now on; returns once a pass under way has ended, landing no more
+        packs. The unmount calls this before its final commit: a pack landed after that
+        commit would stay in the bucket with nothing naming it, until fsck --repair."""
+        self.closing = True
+        async with self._pass:
+            pass
+
+    def _halted(self) -> bool:
+        return self.closing or self.stopped()
+
+    async def _compact(self, goal: float) -> int:
         started, copied = trio.current_time(), self.bytes_copied
         targets = plan(self.md.all_packs(), goal, self._busy(), MIN_RECLAIM)
         repacker = Repacker(self.sealer)
         for pack in targets:
             rows = self.md.chunks_in_pack(pack, 0, 1 << 62)
+            if self._halted():
+                return 0
             if not rows:
                 continue
             full = await trio.to_thread.run_sync(
                 repacker.add_pack, self.store, pack, rows, limiter=self.limiter
             )
             for new in full:
+                if self._halted():  # packs landed so far are switched: the next commit has them
+                    return 0
                 await self._land(new)
         for new in repacker.finish():
-            await self._land(new)
-            if self.stopped():
+            if self._halted():
                 return 0
+            await self._land(new)
         self.packs_compacted += len(targets)
         if targets:
             log.info(
@@ -322,7 +343,7 @@ class Compactor:
             await trio.sleep(interval)
             now = trio.current_time()
             elapsed, last = max(now - last, 1e-3), now
-            goal = None if self.stopped() else self.due(elapsed)
+            goal = None if self._halted() else self.due(elapsed)
             if goal is None:
                 continue
             try:
