@@ -6,7 +6,15 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from bench_targets import REFS, Target, applies, format_measured, unmatched_reason, verdict
+from bench_targets import (
+    REFS,
+    Target,
+    applies,
+    external_row,
+    format_measured,
+    unmatched_reason,
+    verdict,
+)
 
 
 @dataclass(frozen=True)
@@ -271,7 +279,8 @@ class Report:
                 rows.append({**tgt, "system": s["title"], "system_key": s["key"], "shown": shown})
             if not hits:
                 rows.append(
-                    {
+                    external_row(goal)
+                    or {
                         "target": goal.text,
                         "metric": goal.metric,
                         "status": "not measured",

@@ -133,7 +133,8 @@ def _rows(report: Any) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["target"], r["system"]): r for r in report.target_rows()}
 
 
-def test_bench_targets_verdicts() -> None:
+def test_bench_targets_verdicts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(bench_module("bench_targets"), "BENCH_DIR", tmp_path)  # no rewrite run
     rows = _rows(_report([0, 20]))
 
     def status(fragment: str, system: str) -> str:
@@ -162,6 +163,26 @@ def test_bench_targets_verdicts() -> None:
     assert shown[("untar until durable <= 1.5x the passthrough's time", "encfs-s3")] == (
         "1.20x passthrough's time"
     )
+
+
+def test_bench_targets_read_the_rewrite_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The random-rewrite target is judged from the newest scripts/bench_rewrite.py result."""
+    monkeypatch.setattr(bench_module("bench_targets"), "BENCH_DIR", tmp_path)
+    run = {"during": {"max": 1.4}, "after_idle_remount": 1.04, "after_fsck_repair": 1.03}
+    (tmp_path / "rewrite-2026-12-01.json").write_text(json.dumps(run))
+    run["during"] = {"max": 7.9}  # the newer run decides
+    (tmp_path / "rewrite-2026-12-03.json").write_text(json.dumps(run))
+    row = _rows(_report([0]))[
+        (
+            "random rewrite: stored/written <= 1.5 always, <= 1.05 after compaction",
+            "encfs-cloud file://",
+        )
+    ]
+    assert row["status"] == "NOT met"
+    assert row["shown"].startswith("max 7.90x during fio, 1.040x after the mount compacted")
+    assert "rewrite-2026-12-03.json" in row["shown"]
 
 
 def test_bench_targets_need_their_columns() -> None:

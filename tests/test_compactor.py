@@ -15,7 +15,7 @@ from encfs_cloud.data import compactor
 from encfs_cloud.data.presence import Reaper
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
-from encfs_cloud.tree.metadata import ROOT_INODE
+from encfs_cloud.tree.metadata import ROOT_INODE, Inode
 from encfs_cloud.tree.namespace import Namespace
 from tests.fixtures_unit import with_volume
 from tests.test_diskcache import CountingStore, MiB, reader
@@ -161,3 +161,94 @@ def test_background_compaction_of_a_mount(store: CountingStore, devices: DeviceS
     found: dict[bytes, bytes] = {}
     with_volume(store, devices, reader(found), disk_cache_size=0)
     assert found == {b"img": bytes(content)}
+
+
+async def _db_with_rewrites(vol: Volume, chunks: list[int]) -> Inode:
+    """A 64 MiB file (8 full packs), then one commit rewriting 4 KiB in each of `chunks`."""
+    ns = Namespace(vol.md)
+    node = ns.create(ROOT_INODE, b"db", stat.S_IFREG | 0o644, 0, 0)
+    node.size = await vol.data.write(node.id, 0, 0, os.urandom(64 * MiB))
+    vol.md.put_inode(node)
+    await vol.flush()
+    for idx in chunks:
+        await vol.data.write(node.id, node.size, idx * layout.CHUNK_SIZE, os.urandom(4096))
+    await vol.flush()
+    return node
+
+
+def test_compaction_waits_while_chunks_die_faster_than_the_grace(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Above the trigger, a check right after heavy rewriting (more written since the last
+    check than the live bytes x elapsed / grace) skips: the packs empty themselves before a
+    pass could free anything. A check after little writing compacts."""
+    seen: list[float | bool | None] = []
+
+    async def body(vol: Volume) -> None:
+        # 3 of the 8 chunks of each pack rewritten: 88 packs' worth of 64 live, above 1.25.
+        node = await _db_with_rewrites(vol, [p * 8 + k for p in range(8) for k in range(3)])
+        c = vol.compactor
+        assert c.worth_it()
+        seen.append(c.due(1.0))  # 88 MiB uploaded in "1 s" over 64 MiB live: churning
+        seen.append(c.churning)
+        await vol.data.write(node.id, node.size, 3 * layout.CHUNK_SIZE, os.urandom(4096))
+        await vol.flush()  # a change (not quiet), 1 MiB in an hour: no longer churning
+        seen.append(c.due(3600.0))
+        seen.append(c.churning)
+
+    with_volume(store, devices, body)
+    assert seen == [None, True, compactor.BUSY_AIM, False]
+
+
+def test_a_quiet_mount_compacts_down_to_the_goal(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Between the goal and the trigger a mount compacts once nothing changed since its
+    previous check (the writer stopped), so it settles below GOAL, not at up to TRIGGER."""
+    seen: list[object] = []
+
+    async def body(vol: Volume) -> None:
+        await _db_with_rewrites(vol, [p * 8 for p in range(8)])  # 72 packs' worth of 64 live
+        c = vol.compactor
+        stored, live = compactor.ratio(p for p in vol.md.all_packs() if p[2] > 0)
+        seen.append(compactor.GOAL * live < stored < compactor.TRIGGER * live)
+        seen.append(c.due(3600.0))  # the first look: below the trigger
+        seen.append(c.due(3600.0))  # nothing changed since: quiet
+        seen.append(await c.compact(compactor.AIM) > 0)  # as the mount's loop does
+        await vol.flush()
+        stored, live = compactor.ratio(p for p in vol.md.all_packs() if p[2] > 0)
+        seen.append(stored <= compactor.AIM * live)
+        seen.append(c.due(3600.0) or c.due(3600.0))  # at the goal: nothing more to do
+
+    with_volume(store, devices, body)
+    assert seen == [True, None, compactor.AIM, True, True, None]
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert len(found[b"db"]) == 64 * MiB
+
+
+def test_a_pass_stopped_by_the_unmount_leaves_no_pack_unnamed(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """`stop` (the unmount calls it before its final commit) ends a pass under way and waits
+    for it: every pack in the bucket is then in the pack table that commit carries. (A pass
+    that went on after the final commit left its new packs in the bucket, named nowhere.)"""
+    seen: list[object] = []
+    content: dict[bytes, bytes] = {}
+
+    async def body(vol: Volume) -> None:
+        await _db_with_rewrites(vol, [p * 8 + k for p in range(8) for k in range(3)])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.compactor.compact, compactor.AIM)
+            await trio.sleep(0)  # the pass starts: it reads its first pack in a thread
+            await vol.compactor.stop()
+            seen.append(vol.compactor.closing)
+        seen.append(await vol.compactor.compact(compactor.AIM))  # stopped: no pass
+        await vol.flush()
+        names = {o.name for o in store.list(layout.DATA_PREFIX)}
+        seen.append(names <= {layout.pack_name(p) for p, _, _ in vol.md.all_packs()})
+
+    with_volume(store, devices, body)
+    assert seen == [True, 0, True]
+    with_volume(store, devices, reader(content), disk_cache_size=0)
+    assert len(content[b"db"]) == 64 * MiB

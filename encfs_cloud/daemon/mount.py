@@ -219,6 +219,8 @@ async def _final_flush(volume: Volume) -> dict[str, object]:
     timeout = volume.options.sync_timeout
     # Whatever path the unmount takes, removing the advertisement keeps to the same budget.
     volume.stop_deadline = time.monotonic() + timeout
+    with trio.move_on_after(timeout):  # a compaction pass lands nothing after the final commit
+        await volume.compactor.stop()
     if volume.committer.stopped:
         if not (volume.committer.has_changes() or volume.committer.queue):
             return {"result": "ok"}  # it lost the right to write, but every change had landed

@@ -12,6 +12,7 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.data.diskcache import DiskCache
+from encfs_cloud.data.presence import STALE_AFTER
 from encfs_cloud.data.uploader import Uploader
 from encfs_cloud.errors import EncfsCloudError, IntegrityError, StoreError
 from encfs_cloud.keys.sealed import Sealer, sealed_chunk_len
@@ -21,10 +22,22 @@ from encfs_cloud.tree.metadata import ChunkRef, Metadata
 log = logging.getLogger(__name__)
 
 GOAL = 1.05  # compaction stops once stored bytes are at most this times the live bytes
+# A mount's pass aims this low: the planner's estimate lands just above its aim, and commits
+# and keys count too (1 GiB rewritten at random: aiming at GOAL left 1.052 in packs, 1.060 in
+# the bucket, and too little above GOAL for a second pass to be worth MIN_RECLAIM).
+AIM = 1.02
+# While files are still being written a pass stops here: its last packs would be the fullest
+# (up to MAX_LIVE_FRACTION live), and every byte copied keeps its old pack in the bucket for
+# the deletion grace too. Measured with 5 rewrites/s of 1 GiB: a pass down to AIM copied
+# 690 MB to free 250 MB, and the ratio stood at 2.1 (median; 2.5 at most) as old packs waited.
+BUSY_AIM = 1.15
 TRIGGER = 1.25  # a mount starts compacting above this ratio (fsck --repair: above GOAL)
 MAX_LIVE_FRACTION = 0.9  # packs fuller than this are never rewritten (write amplification)
 MIN_RECLAIM = 4 << 20  # a mount does not bother for less
-CHECK_INTERVAL = 60.0
+CHECK_INTERVAL = 15.0  # one sum over the pack table per check (see design.md "Compaction")
+# A freed pack waits this long before it may go (presence.Reaper's grace): compaction frees
+# nothing sooner, so live chunks rewritten faster than once per grace die before it would pay.
+GRACE = STALE_AFTER / 10
 
 Move = tuple[int, int, ChunkRef, ChunkRef]  # inode, index, old place, new place
 
@@ -191,7 +204,7 @@ def compact_now(md: Metadata, store: ObjectStore, sealer: Sealer, packs: list[st
 
 class Compactor:
     """The background compaction of a read-write mount: every CHECK_INTERVAL seconds, when
-    stored bytes exceed TRIGGER times the live bytes, rewrite the emptiest packs down to GOAL.
+    `due` says so, rewrite the emptiest packs down to AIM.
 
     Store calls run in worker threads; the metadata is touched only on the trio thread, and
     the chunk rows of a new pack switch in one step after it landed (see `switch`). Old packs
@@ -219,6 +232,11 @@ class Compactor:
         self.disk = disk
         self.bytes_copied = 0
         self.packs_compacted = 0
+        self._last: tuple[int, int] | None = None  # (stored, live) at the previous check
+        self._uploaded = uploader.bytes_uploaded  # the uploader's counter then
+        self.churning = False  # the last check skipped: chunks die faster than a pass pays
+        self.closing = False  # the mount is unmounting: no more passes (see `stop`)
+        self._pass = trio.Lock()
 
     def _busy(self) -> frozenset[str]:
         ids = set(self.uploader.pending)
@@ -231,27 +249,81 @@ class Compactor:
         stored, live = ratio(p for p in self.md.all_packs() if p[2] > 0)
         return stored > goal * live and stored - live >= MIN_RECLAIM
 
+    def due(self, elapsed: float) -> float | None:
+        """The goal of a pass to make now, `elapsed` seconds after the previous check, or None.
+
+        Above TRIGGER, unless the files are rewritten so fast that a live chunk lasts less
+        than GRACE (written since the last check > live bytes x elapsed / GRACE): the packs
+        then empty themselves before a pass could free anything, and copying their live
+        chunks only adds uploads that die too. Down to BUSY_AIM while writes go on; down to
+        AIM, from anywhere above GOAL, once nothing changed since the previous check (the
+        writer stopped), so a mount settles below GOAL by itself, not at wherever below
+        TRIGGER the writes left it.
+        """
+        stored, live = ratio(p for p in self.md.all_packs() if p[2] > 0)
+        written = self.uploader.bytes_uploaded - self._uploaded
+        self._uploaded = self.uploader.bytes_uploaded
+        quiet, self._last = self._last == (stored, live), (stored, live)
+        if stored - live < MIN_RECLAIM:
+            return None
+        churning = written * GRACE > live * elapsed
+        if churning != self.churning:
+            self.churning = churning
+            log.info(
+                "compaction %s: %d bytes written in %.0f s over %d live",
+                "paused (chunks rewritten faster than once a grace)" if churning else "resumed",
+                written,
+                elapsed,
+                live,
+            )
+        if quiet:
+            return AIM if stored > GOAL * live else None
+        return BUSY_AIM if not churning and stored > TRIGGER * live else None
+
     async def compact(self, goal: float = GOAL) -> int:
-        """One pass; returns the number of packs emptied."""
+        """One pass; returns the number of packs emptied (0 if stopped midway)."""
+        async with self._pass:
+            return await self._compact(goal)
+
+    async def stop(self) -> None:
+        """No pass from now on; returns once a pass under way has ended, landing no more
+        packs. The unmount calls this before its final commit: a pack landed after that
+        commit would stay in the bucket with nothing naming it, until fsck --repair."""
+        self.closing = True
+        async with self._pass:
+            pass
+
+    def _halted(self) -> bool:
+        return self.closing or self.stopped()
+
+    async def _compact(self, goal: float) -> int:
+        started, copied = trio.current_time(), self.bytes_copied
         targets = plan(self.md.all_packs(), goal, self._busy(), MIN_RECLAIM)
         repacker = Repacker(self.sealer)
         for pack in targets:
             rows = self.md.chunks_in_pack(pack, 0, 1 << 62)
+            if self._halted():
+                return 0
             if not rows:
                 continue
             full = await trio.to_thread.run_sync(
                 repacker.add_pack, self.store, pack, rows, limiter=self.limiter
             )
             for new in full:
+                if self._halted():  # packs landed so far are switched: the next commit has them
+                    return 0
                 await self._land(new)
         for new in repacker.finish():
-            await self._land(new)
-            if self.stopped():
+            if self._halted():
                 return 0
+            await self._land(new)
         self.packs_compacted += len(targets)
         if targets:
             log.info(
-                "compaction: %d packs rewritten, %d bytes copied", len(targets), self.bytes_copied
+                "compaction: %d packs rewritten, %d bytes copied in %.1f s",
+                len(targets),
+                self.bytes_copied - copied,
+                trio.current_time() - started,
             )
         return len(targets)
 
@@ -266,11 +338,15 @@ class Compactor:
         self.bytes_copied += new.size
 
     async def run(self, interval: float = CHECK_INTERVAL) -> None:
+        last = trio.current_time()
         while True:
             await trio.sleep(interval)
-            if self.stopped() or not self.worth_it():
+            now = trio.current_time()
+            elapsed, last = max(now - last, 1e-3), now
+            goal = None if self._halted() else self.due(elapsed)
+            if goal is None:
                 continue
             try:
-                await self.compact()
+                await self.compact(goal)
             except (EncfsCloudError, OSError) as exc:  # never the end of the mount: next time
                 log.warning("compaction stopped: %s", exc)

@@ -271,7 +271,7 @@ def _check_data(
         plan.recount = True
         report.add("accounting", "the pack table's live byte counts disagree with the chunks")
     sizes = {p: objects.get(layout.pack_name(p), 0) for p in live}
-    plan.compact = compactor.plan([(p, sizes[p], used) for p, used in live.items()])
+    plan.compact = compactor.plan([(p, sizes[p], used) for p, used in live.items()], compactor.AIM)
     if plan.compact:
         plan.reclaim = sum(sizes[p] - live[p] for p in plan.compact)
         report.notes.append(
