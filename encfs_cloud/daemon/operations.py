@@ -30,7 +30,7 @@ TOTAL_BLOCKS = 1 << 38  # 1 PiB of 4 KiB blocks always free: a bucket has no fix
 TOTAL_INODES = 1 << 32
 # The kernel asks for one page (4 KiB) of readdirplus entries per call, about 25 of them
 # (~150 bytes each with a short name): reading more rows than fit is work thrown away and
-# read again on the next call (128 per call made listing 100,000 entries ~2× slower).
+# read again on the next call (128 per call made listing 100,000 entries about twice as slow).
 READDIR_ROWS = 32
 
 
