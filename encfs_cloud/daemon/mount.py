@@ -15,7 +15,7 @@ import pyfuse3
 import trio
 
 from encfs_cloud import layout
-from encfs_cloud.daemon import alloc, control, exclusive, logs, runtime
+from encfs_cloud.daemon import control, exclusive, logs, runtime
 from encfs_cloud.daemon.health import WatchedStore
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
 from encfs_cloud.data import spool
@@ -303,7 +303,6 @@ async def _watch_signals(mountpoint: Path) -> None:
 
 def run_mounted(volume: Volume, request: MountRequest, notify_fd: int | None) -> int:
     """Mount, serve until unmounted, tear down. Returns the exit code."""
-    alloc.tune_malloc()  # before the transfers' buffers exist
     try:
         pyfuse3.init(volume.ops, str(request.mountpoint), fuse_options(request))
     except Exception as exc:
