@@ -16,10 +16,12 @@ import trio
 from encfs_cloud import layout
 from encfs_cloud.daemon.mount import READ_AHEAD_KB, bdi_of
 from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.data.filedata import PREFETCH_MAX, PREFETCH_STEP
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
+from encfs_cloud.keys.sealed import sealed_chunk_len
 from encfs_cloud.store.memory import MemoryStore
-from encfs_cloud.tree.metadata import ROOT_INODE
+from encfs_cloud.tree.metadata import ROOT_INODE, ChunkRef
 from encfs_cloud.tree.namespace import Namespace
 from tests.fixtures_mount import Device, needs_fuse
 from tests.fixtures_unit import with_volume
@@ -136,6 +138,104 @@ def test_random_reads_fetch_only_what_they_touch(
     assert read_back(store, devices, ranges) == expected
     assert len(store.gets) == len(picks)
     assert all(length is not None and length < 2 * layout.CHUNK_SIZE for _, _, length in store.gets)
+
+
+def one_chunk_gets(store: CountingStore) -> list[int]:
+    """Offsets of the GETs that fetched exactly one whole chunk (a reader's own miss)."""
+    whole = sealed_chunk_len(layout.CHUNK_SIZE)
+    return [start for _, start, length in store.gets if length == whole]
+
+
+def test_whole_chunk_read_from_the_start_prefetches_at_once(
+    written: tuple[CountingStore, DeviceStore, bytes],
+) -> None:
+    store, devices, data = written
+    ranges = [(off, layout.CHUNK_SIZE) for off in range(0, len(data), layout.CHUNK_SIZE)]
+    assert read_back(store, devices, ranges) == data
+    # Only chunk 0 is fetched on its own: the read-ahead starts with the first request
+    # instead of waiting for a second one (which cost a second lone GET, a round trip each).
+    assert one_chunk_gets(store) == [0], store.gets
+
+
+def test_small_read_from_the_start_prefetches_nothing(
+    written: tuple[CountingStore, DeviceStore, bytes],
+) -> None:
+    store, devices, data = written
+    assert read_back(store, devices, [(0, 4096)]) == data[:4096]  # a header, as `file` reads
+    assert len(store.gets) == 1, store.gets
+
+
+class RecordingNursery:
+    """Stands in for the nursery the read-ahead starts its fetches in: records each run's
+    chunk indices instead of fetching, so what is scheduled when can be checked exactly."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[int]] = []
+
+    def start_soon(self, fn: object, run: list[tuple[int, int, object]], event: object) -> None:
+        self.runs.append([idx for _, idx, _ in run])
+
+
+BIG_CHUNKS = 160  # wide enough for the window to reach PREFETCH_MAX well before the end
+
+
+def test_window_is_topped_up_a_pack_at_a_time(tmp_path: Path) -> None:
+    """A sequential reader keeps (almost) a whole window scheduled ahead of it, one pack per
+    top-up; the old rule waited for half the window to drain, then sent the GETs in a
+    burst that all finished together while the reader waited for the first of them."""
+    store = MemoryStore()
+    devices = DeviceStore(tmp_path / "xdg" / "encfs-cloud")
+    vault.init_filesystem(store, devices, None, "test")
+    vol = Volume(
+        store,
+        vault.unlock(store, devices, None),
+        devices,
+        VolumeOptions(disk_cache_size=0, cache_size=1 << 30),
+    )
+    sealed = sealed_chunk_len(layout.CHUNK_SIZE)
+    calls: list[list[list[int]]] = []  # per read: the runs it scheduled
+    leads: list[int] = []  # per read: chunks scheduled past the one read
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vol.run)
+            # Only the chunk map matters to the planning: packs of 8 chunks back to back.
+            node = Namespace(vol.md).create(ROOT_INODE, b"big", stat.S_IFREG | 0o644, 0, 0)
+            for idx in range(BIG_CHUNKS):
+                pack = f"{idx // 8:032x}"
+                if idx % 8 == 0:
+                    vol.md.add_pack(pack, 8 * sealed)
+                ref = ChunkRef(pack, idx % 8 * sealed, sealed, layout.CHUNK_SIZE, idx + 1, 1, b"")
+                vol.md.set_chunk(node.id, idx, ref)
+            size = BIG_CHUNKS * layout.CHUNK_SIZE
+            rec = RecordingNursery()
+            vol.data.nursery = rec  # type: ignore[assignment]
+            scheduled = 0
+            for idx in range(BIG_CHUNKS):
+                off = idx * layout.CHUNK_SIZE
+                vol.data._maybe_prefetch(node.id, range(idx, idx + 1), size, off, layout.CHUNK_SIZE)
+                for run in rec.runs:
+                    assert run[0] == max(scheduled, 1), (idx, rec.runs)  # no gap, no repeat
+                    assert run == list(range(run[0], run[-1] + 1))
+                    scheduled = run[-1] + 1
+                    assert scheduled % 8 == 0  # runs end where packs end: one GET each
+                calls.append(rec.runs[:])
+                rec.runs.clear()
+                leads.append(scheduled - idx)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        vol.wipe()
+    assert vol.data._max_window() == PREFETCH_MAX
+    assert leads[0] > 1  # the first whole-chunk read from offset 0 started the read-ahead
+    steady = range(41, BIG_CHUNKS - PREFETCH_MAX - 8)  # the window is at its widest
+    assert all(leads[i] >= PREFETCH_MAX - PREFETCH_STEP for i in steady), leads
+    # A pack or two at a time (the window's end falls just past a pack, whose slack brings
+    # the next one along), not half a window's worth at once.
+    assert all(len(calls[i]) <= 2 for i in steady), [(i, calls[i]) for i in steady if calls[i]]
+    assert all(len(run) == 8 for i in steady for run in calls[i]), calls
 
 
 def test_bdi_of_reads_escaped_and_stacked_mounts() -> None:

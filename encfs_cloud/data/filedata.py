@@ -19,11 +19,11 @@ from encfs_cloud.tree.metadata import ChunkRef, Metadata
 
 log = logging.getLogger(__name__)
 
-# Sequential read-ahead, in chunks: a file that turns sequential starts with a small window
-# (cheap for a reader that stops after the header), which doubles at every top-up while the
-# reads stay sequential, up to PREFETCH_MAX or a quarter of the clean cache, whichever is less.
-PREFETCH_MIN = 8
-PREFETCH_MAX = 64
+# Sequential read-ahead, in chunks: a window that starts small when reads turn sequential (or
+# at a large first read from offset 0), doubles at every top-up up to PREFETCH_MAX or a quarter
+# of the clean cache, and is topped up per PREFETCH_STEP chunks read (a pack): the GETs stay
+# back to back, not in bursts that end together while the reader waits (design.md, Data path).
+PREFETCH_MIN, PREFETCH_MAX, PREFETCH_STEP = 8, 64, 8
 # A run may reach this many chunks past the window to end where its pack ends: GETs then
 # cover whole packs instead of being cut in two at every top-up.
 PACK_SLACK = 8
@@ -283,7 +283,7 @@ class FileData:
             return b""
         length = min(length, size - offset)
         indices = layout.chunk_range(offset, length)
-        self._maybe_prefetch(ino, indices, size)
+        self._maybe_prefetch(ino, indices, size, offset, length)
         pieces = []
         for idx in indices:
             base = idx * layout.CHUNK_SIZE
@@ -296,14 +296,15 @@ class FileData:
             pieces.append(piece)
         return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
-    def _maybe_prefetch(self, ino: int, indices: range, size: int) -> None:
+    def _maybe_prefetch(self, ino: int, indices: range, size: int, off: int, n: int) -> None:
         """On sequential reads keep a growing window of chunks ahead being fetched.
 
         Chunks written in sequence usually sit back to back in one pack; such runs are
         fetched with one ranged GET each, several in flight, which matters most when each
         request costs a round trip.
         """
-        last = self._last_read.get(ino)
+        start = off == 0 and n >= min(layout.CHUNK_SIZE // 2, size)  # kernel read-ahead's size
+        last = self._last_read.get(ino, -1 if start else None)
         self._last_read[ino] = indices[-1]
         if last is None or indices[0] not in (last, last + 1) or self.nursery is None:
             self._prefetched.pop(ino, None)  # a jump: start over when reads turn sequential
@@ -312,9 +313,9 @@ class FileData:
         if indices[-1] == last:
             return  # still inside the chunk we already prefetched past
         window = self._window.get(ino, PREFETCH_MIN)
-        if self._prefetched.get(ino, 0) - indices[-1] > window // 2:
-            return  # enough in flight; top up in batches so runs stay long (one GET each)
-        if ino in self._prefetched:  # the reader used half a window: widen it
+        if self._prefetched.get(ino, 0) - indices[-1] > window - min(window // 2, PREFETCH_STEP):
+            return  # enough ahead; top up by a pack or more so runs stay long (one GET each)
+        if ino in self._prefetched:  # the reader used a step of the window: widen it
             window = max(PREFETCH_MIN, min(2 * window, self._max_window()))
         self._window[ino] = window
         count = layout.chunk_count(size)
