@@ -33,6 +33,22 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY_DELTAS = 256
 SNAPSHOT_MIN_DELTA_BYTES = 8 << 20
+# Deltas may add up to this fraction of the tree's in-memory size before a snapshot replaces
+# them: a fixed 8 MiB made a 10,000,000-file mount upload its 480 MiB snapshot after every
+# 8 MiB of changes (design.md, "10,000,000 files").
+SNAPSHOT_DELTA_FRACTION = 1 / 16
+
+
+def snapshot_due(tail: Head, tree_bytes: int) -> bool:
+    """Is the next commit a snapshot? (Replay at mount stays bounded either way.)"""
+    return (
+        tail.seq == 0
+        or tail.deltas_since_snapshot >= SNAPSHOT_EVERY_DELTAS
+        or tail.delta_bytes_since_snapshot
+        > max(SNAPSHOT_MIN_DELTA_BYTES, int(tree_bytes * SNAPSHOT_DELTA_FRACTION))
+    )
+
+
 LIST_EVERY = 60.0  # seconds: a commit LISTs meta/ at most this often (see _catch_up)
 # A sync gives up (the changes stay queued for the next try) only after losing this many commit
 # races in a row AND sync_timeout: a fixed count alone starved the slowest of three writers
@@ -149,11 +165,7 @@ class Committer:
             # The chain's history travels inside the tree, so a device can check the commit
             # it saw last even after snapshots deleted that commit object.
             self.md.record_commit(tail.seq, tail.hash)
-        snapshot = (
-            tail.seq == 0
-            or tail.deltas_since_snapshot >= SNAPSHOT_EVERY_DELTAS
-            or tail.delta_bytes_since_snapshot > SNAPSHOT_MIN_DELTA_BYTES
-        )
+        snapshot = snapshot_due(tail, self.md.size_bytes())
         seq = tail.seq + 1
         if self.rebaser is not None:  # the export clears md.dirty; the merger keeps the keys
             self.rebaser.merger.note_local()

@@ -195,6 +195,12 @@ class Metadata:
         rows = self.db.execute("SELECT id FROM inodes WHERE nlink<=0 AND id<>?", (ROOT_INODE,))
         return [r[0] for r in rows]
 
+    def size_bytes(self) -> int:
+        """The live tree's database size (pages in use), about 2.5 times its sealed snapshot."""
+        pages = self.db.execute("PRAGMA main.page_count").fetchone()[0]
+        free = self.db.execute("PRAGMA main.freelist_count").fetchone()[0]
+        return int(pages - free) * int(self.db.execute("PRAGMA main.page_size").fetchone()[0])
+
     def inode_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM inodes").fetchone()[0])
 
