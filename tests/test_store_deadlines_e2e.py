@@ -126,6 +126,7 @@ def test_trickling_store_fails_a_command_within_its_budget(
 
 @needs_fuse
 @pytest.mark.fuse
+@pytest.mark.slow  # 40 s: make stress (make test kept within its 15 minutes)
 @pytest.mark.timeout(600)
 def test_unmount_in_an_outage_keeps_to_sync_timeout(
     device: Device, s3_bucket: str, proxy: FaultProxy, tmp_path: Path

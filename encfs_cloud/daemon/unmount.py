@@ -33,7 +33,13 @@ def unmount(
     pid = daemon_pid(mountpoint)
     if not os.path.ismount(mountpoint):
         raise MountpointError(f"{mountpoint} is not mounted")
-    done = fusermount(mountpoint)
+    try:
+        done = fusermount(mountpoint)
+    except KeyboardInterrupt:
+        # fusermount may already have detached the mount when the signal came.
+        if os.path.ismount(mountpoint) or pid is None:
+            raise
+        raise _goes_on(mountpoint, pid) from None
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
         if "busy" in reason.lower():
@@ -52,11 +58,15 @@ def unmount(
                 on_wait()
             time.sleep(0.05)
     except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted: {mountpoint} is unmounted, but the daemon (pid {pid}) goes on "
-            "uploading the last changes in the background; its log says when it is done"
-        ) from None
+        raise _goes_on(mountpoint, pid) from None
     _check_outcome(mountpoint, pid)
+
+
+def _goes_on(mountpoint: Path, pid: int) -> Interrupted:
+    return Interrupted(
+        f"interrupted: {mountpoint} is unmounted, but the daemon (pid {pid}) goes on "
+        "uploading the last changes in the background; its log says when it is done"
+    )
 
 
 def _check_outcome(mountpoint: Path, pid: int) -> None:
