@@ -35,6 +35,14 @@ from encfs_cloud.tree.metadata import ID_BITS, ROOT_INODE, SCHEMA, Metadata  # n
 from encfs_cloud.tree.namespace import Namespace  # noqa: E402
 
 
+def _random_id() -> int:
+    """Drawn as Metadata.new_id draws (62 random bits, never 0 or the root); unlike it, not
+    checked against the table: a collision in 62 bits would fail the INSERT loudly."""
+    while (candidate := secrets.randbits(ID_BITS)) <= ROOT_INODE:
+        pass
+    return candidate
+
+
 def build_tree(files: int, big_dir: int, packed: bool = False) -> Metadata:
     """One directory of `big_dir` entries, the rest spread over directories of 1,000.
 
@@ -63,10 +71,10 @@ def build_tree(files: int, big_dir: int, packed: bool = False) -> Metadata:
     if packed:
         md.db.execute("DROP INDEX dentries_by_name")
         md.db.execute("DROP INDEX dentries_by_parent")
-        fresh = iter(sorted({secrets.randbits(ID_BITS) for _ in range(2 * files + 2)} - {0, 1}))
+        fresh = iter(sorted({_random_id() for _ in range(2 * files + 16)}))  # set: 16 spare
     for parent, count in folders:
         if fresh is None:
-            ids = [secrets.randbits(ID_BITS) or 2 for _ in range(2 * count)]
+            ids = [_random_id() for _ in range(2 * count)]
             inodes, entries = ids[:count], ids[count:]
         else:  # interleaved from one sorted run: both tables are appended to in key order
             ids = [next(fresh) for _ in range(2 * count)]
@@ -205,10 +213,10 @@ def main() -> None:
                 runs[str(b)].append(measure_mount(b, work, env))
         for b, measured in runs.items():
             medians = {k: statistics.median(m[k] for m in measured) for k in measured[0]}
-            out[b] = medians if len(bins) > 1 else None
             if len(bins) == 1:
-                out.update(medians)
-        out = {k: v for k, v in out.items() if v is not None}
+                out.update(medians)  # one install: its figures at the top level
+            else:
+                out[b] = medians
     finally:
         if args.work is None:
             subprocess.run(["rm", "-rf", str(work)], check=False)

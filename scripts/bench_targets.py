@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,17 +132,27 @@ def external_row(goal: Target) -> dict[str, Any] | None:
     }
 
 
+def _newest(pattern: str, keep: Callable[[dict[str, Any]], bool]) -> tuple[str, Any] | None:
+    """The last by name of the results in docs/bench/ matching `pattern` that `keep` accepts."""
+    for path in sorted(BENCH_DIR.glob(pattern), reverse=True):
+        run = json.loads(path.read_text())
+        if keep(run):
+            return path.name, run
+    return None
+
+
 def _rewrite() -> tuple[bool, float, str] | None:
-    """scripts/bench_rewrite.py: the most during fio, and after the remounted filesystem's
-    own compaction."""
-    runs = sorted(BENCH_DIR.glob("rewrite-2*.json"))
-    if not runs:
+    """scripts/bench_rewrite.py at full speed (runs slowed with --rate-iops are not the
+    target's workload): the most during fio, and after the remounted filesystem's own
+    compaction."""
+    found = _newest("rewrite-2*.json", lambda run: "--rate_iops" not in str(run.get("command")))
+    if found is None:
         return None
-    run = json.loads(runs[-1].read_text())
+    name, run = found
     during, after = run["during"]["max"], run["after_idle_remount"]
     shown = (
         f"max {during:.2f}x during fio, {after:.3f}x after the mount compacted,"
-        f" {run['after_fsck_repair']:.3f}x after fsck --repair ({runs[-1].name})"
+        f" {run['after_fsck_repair']:.3f}x after fsck --repair ({name})"
     )
     return during <= 1.5 and after <= 1.05, during, shown
 
@@ -149,16 +160,13 @@ def _rewrite() -> tuple[bool, float, str] | None:
 def _scale() -> tuple[bool, float, str] | None:
     """scripts/bench_scale.py at 1,000,000 files: mount, RSS after it, listing + lstat of
     the 100,000-entry directory."""
-    runs = [
-        (path, json.loads(path.read_text())) for path in sorted(BENCH_DIR.glob("scale-2*.json"))
-    ]
-    runs = [(path, run) for path, run in runs if run.get("files") == 1_000_000]
-    if not runs:
+    found = _newest("scale-2*.json", lambda run: run.get("files") == 1_000_000)
+    if found is None:
         return None
-    path, run = runs[-1]
+    name, run = found
     ls = run["listdir_big_s"] + run["ls_l_big_s"]
     mount, rss = run["mount_s"], run["rss_after_mount_MiB"]
-    shown = f"mount {mount:.2f} s, RSS {rss:.0f} MiB, ls -l {ls:.2f} s ({path.name})"
+    shown = f"mount {mount:.2f} s, RSS {rss:.0f} MiB, ls -l {ls:.2f} s ({name})"
     return mount <= 1.4 and rss <= 150 and ls <= 0.5, rss, shown
 
 

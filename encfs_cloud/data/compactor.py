@@ -12,7 +12,7 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.data.diskcache import DiskCache
-from encfs_cloud.data.presence import STALE_AFTER
+from encfs_cloud.data.presence import DELETE_GRACE
 from encfs_cloud.data.uploader import Uploader
 from encfs_cloud.errors import EncfsCloudError, IntegrityError, StoreError
 from encfs_cloud.keys.sealed import Sealer, sealed_chunk_len
@@ -35,9 +35,8 @@ TRIGGER = 1.25  # a mount starts compacting above this ratio (fsck --repair: abo
 MAX_LIVE_FRACTION = 0.9  # packs fuller than this are never rewritten (write amplification)
 MIN_RECLAIM = 4 << 20  # a mount does not bother for less
 CHECK_INTERVAL = 15.0  # one sum over the pack table per check (see design.md "Compaction")
-# A freed pack waits this long before it may go (presence.Reaper's grace): compaction frees
-# nothing sooner, so live chunks rewritten faster than once per grace die before it would pay.
-GRACE = STALE_AFTER / 10
+# A freed pack waits DELETE_GRACE before it may go: compaction frees nothing sooner, so live
+# chunks rewritten faster than once per grace die before it would pay.
 
 Move = tuple[int, int, ChunkRef, ChunkRef]  # inode, index, old place, new place
 
@@ -253,8 +252,8 @@ class Compactor:
         """The goal of a pass to make now, `elapsed` seconds after the previous check, or None.
 
         Above TRIGGER, unless the files are rewritten so fast that a live chunk lasts less
-        than GRACE (written since the last check > live bytes x elapsed / GRACE): the packs
-        then empty themselves before a pass could free anything, and copying their live
+        than DELETE_GRACE (written since the last check > live bytes x elapsed / DELETE_GRACE):
+        the packs then empty themselves before a pass could free anything, and copying their live
         chunks only adds uploads that die too. Down to BUSY_AIM while writes go on; down to
         AIM, from anywhere above GOAL, once nothing changed since the previous check (the
         writer stopped), so a mount settles below GOAL by itself, not at wherever below
@@ -266,7 +265,7 @@ class Compactor:
         quiet, self._last = self._last == (stored, live), (stored, live)
         if stored - live < MIN_RECLAIM:
             return None
-        churning = written * GRACE > live * elapsed
+        churning = written * DELETE_GRACE > live * elapsed
         if churning != self.churning:
             self.churning = churning
             log.info(

@@ -21,6 +21,7 @@ KIND = "mount"
 # still have needed may be deleted. It renews every HEARTBEAT while it runs.
 STALE_AFTER = 600.0
 HEARTBEAT = 60.0
+DELETE_GRACE = STALE_AFTER / 10  # a freed pack waits this long after every mount passed it
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Reaper:
     and the next commit of any mount schedules them again.
     """
 
-    def __init__(self, presence: Presence, grace: float = STALE_AFTER / 10) -> None:
+    def __init__(self, presence: Presence, grace: float = DELETE_GRACE) -> None:
         self.presence = presence
         self.grace = grace
         # object name → (the commit that freed it, when we learnt so)

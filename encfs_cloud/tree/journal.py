@@ -7,7 +7,8 @@ import logging
 import sqlite3
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from encfs_cloud import layout
@@ -77,23 +78,32 @@ def export_delta(md: Metadata) -> bytes:
     return blob
 
 
-def apply_delta(md: Metadata, blob: bytes, schema: str = "main") -> None:
-    """Apply a delta to `md` (or to another database attached to it, e.g. a merge base)."""
+@contextmanager
+def attached(md: Metadata, body: bytes, name: str) -> Iterator[None]:
+    """A commit body readable as schema `name` of md's connection while the block runs."""
     db = md.db
-    db.execute("ATTACH DATABASE ':memory:' AS delta")
+    db.execute(f"ATTACH DATABASE ':memory:' AS {name}")
     try:
-        db.deserialize(blob, name="delta")
-        for table, keys in TABLE_KEYS.items():
-            cols = ",".join(keys)
-            db.execute(
-                f"DELETE FROM {schema}.{table} "
-                f"WHERE ({cols}) IN (SELECT {cols} FROM delta.del_{table})"
-            )
-            db.execute(f"INSERT OR REPLACE INTO {schema}.{table} SELECT * FROM delta.{table}")
+        db.deserialize(body, name=name)
+        yield
+    finally:
+        db.execute(f"DETACH DATABASE {name}")
+
+
+def apply_delta(md: Metadata, blob: bytes, schema: str = "main") -> None:
+    """Apply a delta to `md` (or to another database attached to it, e.g. a merge's remote)."""
+    db = md.db
+    try:
+        with attached(md, blob, "delta"):
+            for table, keys in TABLE_KEYS.items():
+                cols = ",".join(keys)
+                db.execute(
+                    f"DELETE FROM {schema}.{table} "
+                    f"WHERE ({cols}) IN (SELECT {cols} FROM delta.del_{table})"
+                )
+                db.execute(f"INSERT OR REPLACE INTO {schema}.{table} SELECT * FROM delta.{table}")
     except sqlite3.DatabaseError as exc:
         raise IntegrityError(f"metadata delta is malformed: {exc}") from None
-    finally:
-        db.execute("DETACH DATABASE delta")
 
 
 def export_snapshot(md: Metadata) -> bytes:

@@ -60,9 +60,7 @@ class Merger(TreeFixer):
         """The keys a delta writes or deletes, per table."""
         db = self.md.db
         found: dict[str, set[Key]] = {}
-        db.execute("ATTACH DATABASE ':memory:' AS incoming")
-        try:
-            db.deserialize(body, name="incoming")
+        with journal.attached(self.md, body, "incoming"):
             for table, keys in TABLE_KEYS.items():
                 cols = ",".join(keys)
                 rows = db.execute(
@@ -72,26 +70,19 @@ class Merger(TreeFixer):
                 found[table] = {
                     tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows
                 }
-        finally:
-            db.execute("DETACH DATABASE incoming")
         return found
 
     # --- keeping base at the durable head -------------------------------------------------
 
     def own_commit_durable(self, kind: str, body: bytes) -> None:
         """Our commit is in the bucket: base moves to it."""
-        db = self.md.db
-        db.execute("ATTACH DATABASE ':memory:' AS incoming")
-        try:
-            db.deserialize(body, name="incoming")
+        with journal.attached(self.md, body, "incoming"):
             if kind == journal.KIND_SNAPSHOT:
                 # The snapshot is main as it was exported: they differ only where main
                 # changed since, which the dirty and local keys name.
                 self.base.advance_to("incoming", self._local_candidates())
             else:
                 self.base.advance_by_delta("incoming")
-        finally:
-            db.execute("DETACH DATABASE incoming")
 
     def _local_candidates(self) -> dict[str, set[Key]]:
         return {t: self.local_keys[t] | self.md.dirty[t] for t in TABLE_KEYS}
