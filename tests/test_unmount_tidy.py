@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -51,6 +52,16 @@ def test_packs_freed_by_the_last_commit_are_deleted_at_unmount(
     assert "could not delete" not in log.read_text()
     fsck = device.run("fsck", "--endpoint-url", s3_env.endpoint_url, s3_bucket)
     assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
+    # The tree forgot them too: the next mount counts as stored only what the bucket holds.
+    with device.mounted(s3_bucket, tmp_path / "mnt", f"endpoint_url={proxy.endpoint_url}") as again:
+        status = json.loads(device.run("status", str(again), "--json", check=True).stdout)
+    assert status["storage"]["stored_bytes"] == _pack_bytes(s3_env, s3_bucket)
+
+
+def _pack_bytes(server: MotoServer, s3_bucket: str) -> int:
+    bucket = s3_bucket.removeprefix("s3://").split("/")[0]
+    listed = server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+    return sum(o["Size"] for o in listed if layout.DATA_PREFIX in o["Key"])
 
 
 def _fsync(path: Path) -> None:

@@ -262,6 +262,7 @@ async def _tidy(volume: Volume, deadline: float) -> None:
     with trio.move_on_after(max(0.0, left)):
         if await volume.committer.cleanups_done(max(0.0, left)):
             waiting = await volume.committer.reap_leaving()
+            await _forget_deleted(volume)
     if waiting < 0:
         log.warning(
             "unmount: some freed objects are not deleted yet (no time left); the next commit "
@@ -273,6 +274,21 @@ async def _tidy(volume: Volume, deadline: float) -> None:
             "delete them once all are past it",
             waiting,
         )
+
+
+async def _forget_deleted(volume: Volume) -> None:
+    """Commit the removal of the packs just deleted from the pack table.
+
+    Without it the tree went on naming them until the next mount's first commit, and that
+    mount's `status` counted gigabytes no longer in the bucket as stored. One small delta,
+    only when something was deleted; if it cannot land, the next commit carries it.
+    """
+    if not volume.committer.has_changes():
+        return
+    try:
+        await volume.flush()
+    except EncfsCloudError as exc:
+        log.warning("unmount: the deleted packs stay named until the next commit (%s)", exc)
 
 
 def _spool(volume: Volume, error: str) -> dict[str, object]:
