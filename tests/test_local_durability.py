@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from encfs_cloud import layout
+from encfs_cloud.daemon.volume import Volume
 from encfs_cloud.errors import StoreError
+from encfs_cloud.keys import vault
+from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.local import LocalStore
+from encfs_cloud.tree.metadata import ROOT_INODE
+from encfs_cloud.tree.namespace import Namespace
+from tests.fixtures_unit import with_volume
 
 Event = tuple[str, str]  # ("fsync", path of the file or folder) or ("publish", object path)
 
@@ -26,9 +33,9 @@ def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Event]]:
         real_fsync(fd)
         seen.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
 
-    def replace(src: str, dst: str) -> None:
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         real_replace(src, dst)
-        seen.append(("publish", dst))
+        seen.append(("publish", os.fspath(dst)))
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
@@ -132,3 +139,46 @@ def test_a_pack_deleted_before_the_barrier_is_skipped(tmp_path: Path, events: li
     store.put(layout.commit_name(1), b"c", if_none_match=True)
     assert store.head(name) is None
     assert ("fsync", str(tmp_path / "data" / ("d" * 32))) not in events
+
+
+@pytest.mark.usefixtures("fast_kdf")
+def test_a_volume_publishes_each_commit_after_the_packs_before_it(
+    tmp_path: Path, devices: DeviceStore, events: list[Event]
+) -> None:
+    """Through the real uploader and committer: every pack renamed into place before a commit
+    was fsync'ed (file and folder) before that commit was renamed into place, so a crash at
+    any point leaves no commit naming a pack that is not durable."""
+    root = tmp_path / "bucket"
+    store = LocalStore(str(root))
+    vault.init_filesystem(store, devices, None, "laptop")
+    files = {f"f{n}".encode(): os.urandom(3 << 20) for n in range(4)}  # > one 8 MiB pack
+
+    async def body(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        for name, data in files.items():
+            node = ns.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
+            node.size = await vol.data.write(node.id, 0, 0, data)
+            vol.md.put_inode(node)
+            await vol.flush()  # a commit per file, each naming the packs so far
+
+    with_volume(store, devices, body)
+    data_dir = str(root / "data")
+    packs = [p for kind, p in events if kind == "publish" and os.path.dirname(p) == data_dir]
+    commits = [i for i, (kind, p) in enumerate(events) if kind == "publish" and "/meta/" in p]
+    assert len(packs) >= 2 and len(commits) >= 4
+    for cut in commits:
+        before = [p for kind, p in events[:cut] if kind == "publish" and p in packs]
+        for pack in before:
+            assert _durable_before(events, pack, events[cut][1]), (pack, events[cut][1])
+    found: dict[bytes, bytes] = {}
+
+    async def read(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        for name in files:
+            ino = vol.md.lookup(ROOT_INODE, name)
+            assert ino is not None
+            node = ns.inode(ino)
+            found[name] = await vol.data.read(ino, node.size, 0, node.size)
+
+    with_volume(store, devices, read)
+    assert found == files
