@@ -2,6 +2,8 @@
 
     scripts/bench_profile.py --workload read --size-mib 256 --rtt 20
     scripts/bench_profile.py --workload untar --gil      # only samples that hold the GIL
+    scripts/bench_profile.py --workload write --store file   # over file://, no S3 server
+    scripts/bench_profile.py --workload copy             # no fsync, store capped at 20 MB/s
 
 Prints the wall time, the S3 requests by type and the server's CPU for the workload alone,
 then where the daemon's samples went (per thread, inclusive and self, by function); the raw
@@ -21,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_encfs import EncfsCloud
+from bench_cache import THROTTLE_MBPS
+from bench_encfs import EncfsCloud, EncfsCloudFile
 from bench_install import ensure_tools
 from bench_s3 import BUCKET, choose_server
 from bench_system import Env
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workload", choices=["read", "write", "untar"], default="read")
+    p.add_argument("--workload", choices=["read", "write", "copy", "untar"], default="read")
+    p.add_argument("--store", choices=["s3", "file"], default="s3", help="the daemon's store")
     p.add_argument("--size-mib", type=int, default=256, help="file size for read/write")
     p.add_argument("--tree-files", type=int, default=0, help="cap on untar files (0 = all)")
     p.add_argument("--rtt", type=float, default=0.0, help="added round trip in ms")
@@ -86,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gil", action="store_true", help="only sample threads holding the GIL")
     p.add_argument("--out", default="daemon-profile.txt", help="raw folded stacks")
     a = p.parse_args(argv)
-    need = {"py-spy", "tar"} | ({"weed"} if a.s3_server == "seaweedfs" else set())
+    s3 = a.store == "s3"
+    if not s3 and (a.workload == "copy" or a.rtt):
+        p.error("--store file has no network: no --rtt, no copy workload")
+    need = {"py-spy", "tar"} | ({"weed"} if s3 and a.s3_server == "seaweedfs" else set())
     missing = ensure_tools(need, True)
     if missing:
         sys.exit(f"bench_profile: {'; '.join(missing.values())}")
@@ -96,11 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     system = None
     try:
-        server, _, _ = choose_server(work, a.s3_server)
-        server.create_bucket(BUCKET)
-        env = Env(workdir=work, cache_size_mib=a.cache_size_mib, encfs_opts=a.encfs_opts, s3=server)
-        env.s3_urls[a.rtt] = start_proxy(work, server.port, a.rtt) if a.rtt else server.url
-        system = EncfsCloud(env, a.rtt)
+        env = Env(workdir=work, cache_size_mib=a.cache_size_mib, encfs_opts=a.encfs_opts)
+        if s3:
+            server, _, _ = choose_server(work, a.s3_server)
+            server.create_bucket(BUCKET)
+            env.s3 = server
+            env.s3_urls[a.rtt] = start_proxy(work, server.port, a.rtt) if a.rtt else server.url
+        system = EncfsCloud(env, a.rtt) if s3 else EncfsCloudFile(env)
+        if a.workload == "copy":  # the disk-cache case: a store slower than the disk
+            assert server is not None
+            system.endpoint_override = start_proxy(work, server.port, 0, THROTTLE_MBPS)
         why_not = system.unavailable()
         if why_not:
             raise BenchError(why_not)
@@ -120,25 +132,28 @@ def main(argv: list[str] | None = None) -> int:
         spy_cmd += ["--gil"] if a.gil else ["--idle"]
         spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attached before the workload starts
-        reqs0, cpu0, t0 = server.requests(), server.cpu(), time.perf_counter()
+        reqs0 = server.requests() if server else {}
+        cpu0, t0 = server.cpu() if server else 0.0, time.perf_counter()
         if a.workload == "read":
             result = io("read", str(system.mnt / "big"))
         elif a.workload == "write":
             result = io("write", str(system.mnt / "big"), str(size))
+        elif a.workload == "copy":
+            result = io("write", str(system.mnt / "big"), str(size), "--no-fsync")
         else:
             assert tree is not None
             cmd = ["tar", "--no-same-owner", "-xf", str(tree.tarball), "-C", str(system.mnt)]
             subprocess.run(cmd, check=True)
             result = f"{tree.files} files"
         wall = time.perf_counter() - t0
-        reqs = server.requests()
+        reqs = server.requests() if server else {}
         spy.send_signal(signal.SIGINT)
         spy.wait(60)
         by_type = {k: v - reqs0.get(k, 0) for k, v in reqs.items() if v - reqs0.get(k, 0)}
-        print(f"{a.workload} at {a.rtt:g} ms RTT: {wall:.2f}s ({result})")
-        print(
-            f"S3 requests: {sum(by_type.values())} {by_type}; server CPU {server.cpu() - cpu0:.2f}s"
-        )
+        print(f"{a.workload} over {a.store} at {a.rtt:g} ms RTT: {wall:.2f}s ({result})")
+        if server is not None:
+            cpu = server.cpu() - cpu0
+            print(f"S3 requests: {sum(by_type.values())} {by_type}; server CPU {cpu:.2f}s")
         print("\n".join(summarize(Path(a.out))))
         print(f"raw folded stacks: {a.out}")
         return 0

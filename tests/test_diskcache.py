@@ -236,6 +236,38 @@ def test_dirty_data_spills_to_disk_instead_of_stalling(
     assert found == {b"burst": data}
 
 
+def test_a_pack_that_would_wait_for_an_upload_slot_spills_at_once(
+    store: CountingStore, devices: DeviceStore
+) -> None:
+    """Below the dirty limit too: with every upload slot taken (the bucket holds them), the
+    next full pack is sealed to disk and its plaintext released while the writer goes on,
+    instead of waiting in memory until the writer hits the limit and must wait for a spill."""
+    data = os.urandom(40 * MiB)  # five packs of eight 1 MiB chunks; the dirty limit is 48 MiB
+    seen: list[tuple[int, int]] = []
+
+    async def body(vol: Volume) -> None:
+        store.gate.clear()
+        ns = Namespace(vol.md)
+        node = ns.create(ROOT_INODE, b"five-packs", stat.S_IFREG | 0o644, 0, 0)
+        for off in range(0, len(data), MiB):
+            node.size = await vol.data.write(node.id, node.size, off, data[off : off + MiB])
+        vol.md.put_inode(node)
+        assert not vol.cache.pressure, "the writer never reached the dirty limit"
+        with trio.move_on_after(60):  # a deadlock guard, not a timing assertion
+            while not vol.uploader.bytes_spilled:
+                await trio.sleep(0.01)
+        seen.append((vol.uploader.bytes_spilled, vol.cache.dirty_bytes + vol.cache.inflight_bytes))
+        store.gate.set()
+
+    with_volume(store, devices, body, cache_size=256 * MiB)
+    spilled, in_memory = seen[0]
+    assert spilled >= 8 * MiB, "the fifth pack waited in memory for a slot"
+    assert in_memory <= 32 * MiB + 4096, "only the four packs being uploaded stay in memory"
+    found: dict[bytes, bytes] = {}
+    with_volume(store, devices, reader(found), disk_cache_size=0)
+    assert found == {b"five-packs": data}
+
+
 def test_read_around_get_shows_only_offset_and_pack_size(
     store: CountingStore, devices: DeviceStore
 ) -> None:

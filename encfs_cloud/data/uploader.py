@@ -117,7 +117,11 @@ class Uploader:
         self.nursery.start_soon(self._upload, pack)
 
     async def _upload(self, pack: Pack) -> None:
-        if self.cache.pressure:  # the bucket is slower than the writers
+        # The bucket is slower than the writers: every upload slot is taken, so this pack
+        # would wait holding its plaintext. Spilled now, while the writer goes on; spilling
+        # only once the dirty limit was reached made the writer wait for each spill in turn
+        # (write 8 MiB, stop, seal and write them to disk, go on: design.md).
+        if self.cache.pressure or self.upload_slots.value == 0:
             await self._spill(pack)
         delay = 0.5
         while True:

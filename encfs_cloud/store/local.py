@@ -7,10 +7,12 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from urllib.parse import quote
 
+from encfs_cloud import layout
 from encfs_cloud.errors import (
     BadSourceError,
     ObjectMissingError,
@@ -47,8 +49,15 @@ class LocalStore:
     Every rename into place and every delete happens under an exclusive `flock` on
     `<root>/.encfs-cloud-lock`, so a conditional write's check and its rename are one step for
     all threads and all processes sharing the folder. Data is written to a hidden temp file in
-    the target's folder and fsync'ed before the rename, and the folder after it: a crash
-    leaves either the old object or the new one, never a torn one.
+    the target's folder and renamed into place: a crash leaves either the old object or the
+    new one, never a torn one under a name something durable refers to.
+
+    Packs (`data/...`, always new names) are renamed into place without an fsync; every other
+    put or delete (a commit, a snapshot, the head, the lease, keys), and `close()`, first
+    fsyncs every pack put so far and its folder (`barrier()`). A commit names only packs whose
+    put returned before it, so whatever a durable commit names is durable, while the packs of
+    one commit are flushed together: an fsync per pack stalled the other uploads' writes on
+    the filesystem's journal (design.md, "file:// writes").
     """
 
     def __init__(self, root: str) -> None:
@@ -56,6 +65,9 @@ class LocalStore:
             raise BadSourceError(f"file:// needs an absolute path, not {root!r}")
         self.root = root
         self.url = "file://" + quote(root)
+        self._unsynced: dict[str, str] = {}  # path of a pack renamed into place -> its name
+        self._unsynced_lock = threading.Lock()
+        self._barrier_lock = threading.Lock()  # one barrier at a time: the next waits for it
 
     def _path(self, name: str) -> str:
         check_name(name)
@@ -96,6 +108,9 @@ class LocalStore:
         path = self._path(name)
         if if_none_match and if_match is not None:
             raise ValueError("if_none_match and if_match are mutually exclusive")
+        deferred = name.startswith(layout.DATA_PREFIX) and not if_none_match and if_match is None
+        if not deferred:
+            self.barrier()
         folder = os.path.dirname(path)
         self._make_folders(name, folder)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
@@ -103,7 +118,13 @@ class LocalStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if deferred:
+                    # Start writing it back now, without waiting: the barrier's fsync then
+                    # waits for less. (On Linux, DONTNEED starts writeback of dirty pages
+                    # and drops only clean ones.)
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                else:
+                    os.fsync(f.fileno())
             with self._locked():
                 if if_none_match or if_match is not None:
                     self._check_condition(name, path, if_none_match, if_match)
@@ -118,9 +139,45 @@ class LocalStore:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(folder)
+        if deferred:
+            with self._unsynced_lock:
+                self._unsynced[path] = name
+        else:
+            _fsync_dir(folder)
         log.debug("put %s (%d bytes)", name, len(data))
         return etag
+
+    def barrier(self) -> None:
+        """Make every pack put so far durable: its data, then its folder's entry.
+
+        A pack whose fsync fails is removed and the error raised (as `StoreError`): after a
+        failed fsync the kernel may have dropped the pages, and a later fsync would not say
+        so, so the commit about to name it must fail rather than name bytes that may be gone.
+        """
+        with self._barrier_lock:
+            with self._unsynced_lock:
+                batch, self._unsynced = self._unsynced, {}
+            if not batch:
+                return
+            failed: list[str] = []
+            for path, name in batch.items():
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # deleted since its put: nothing refers to it
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    log.warning("fsync of %s failed (%s); removing it", name, exc)
+                    failed.append(name)
+                    with suppress(OSError):
+                        os.unlink(path)
+                finally:
+                    os.close(fd)
+            for folder in sorted({os.path.dirname(p) for p in batch}):
+                _fsync_dir(folder)
+            if failed:
+                raise StoreError(f"{self.url}: could not make {', '.join(failed)} durable")
 
     def _check_condition(
         self, name: str, path: str, if_none_match: bool, if_match: str | None
@@ -176,6 +233,8 @@ class LocalStore:
         path = self._path(name)
         if not os.path.isdir(self.root):
             return
+        if not name.startswith(layout.DATA_PREFIX):
+            self.barrier()
         with self._locked():
             try:
                 os.unlink(path)
@@ -227,4 +286,4 @@ class LocalStore:
                 yield info
 
     def close(self) -> None:
-        pass
+        self.barrier()
