@@ -128,7 +128,15 @@ def test_a_pack_that_cannot_be_made_durable_fails_the_commit(
     assert store.head(commit) is None
     assert store.head(bad) is None
     assert store.get(good) == b"kept"
-    store.put(commit, b"a later commit", if_none_match=True)  # the store goes on working
+    # The committer retries that commit, which names the lost pack: it must not land, or
+    # the fsync(2) waiting for it would return success for data that is gone.
+    monkeypatch.setattr(os, "fsync", synced)
+    with pytest.raises(StoreError, match="fsync failed"):
+        store.put(commit, b"names both, again", if_none_match=True)
+    with pytest.raises(StoreError, match="fsync failed"):
+        store.delete(layout.commit_name(0))
+    assert store.head(commit) is None
+    assert store.get(good) == b"kept"  # reads go on
 
 
 def test_a_pack_deleted_before_the_barrier_is_skipped(tmp_path: Path, events: list[Event]) -> None:

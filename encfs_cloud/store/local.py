@@ -68,6 +68,7 @@ class LocalStore:
         self._unsynced: dict[str, str] = {}  # path of a pack renamed into place -> its name
         self._unsynced_lock = threading.Lock()
         self._barrier_lock = threading.Lock()  # one barrier at a time: the next waits for it
+        self._lost: list[str] = []  # packs whose fsync failed: nothing is committed after
 
     def _path(self, name: str) -> str:
         check_name(name)
@@ -153,8 +154,15 @@ class LocalStore:
         A pack whose fsync fails is removed and the error raised (as `StoreError`): after a
         failed fsync the kernel may have dropped the pages, and a later fsync would not say
         so, so the commit about to name it must fail rather than name bytes that may be gone.
+        The failure stays: the committer retries the same commit, which names the lost pack,
+        and its landing would have made a user's fsync(2) return success for lost data.
         """
         with self._barrier_lock:
+            if self._lost:
+                raise StoreError(
+                    f"{self.url}: the disk lost {', '.join(self._lost)} (fsync failed); this "
+                    "mount commits nothing more: unmount, check the disk, then run fsck"
+                )
             with self._unsynced_lock:
                 batch, self._unsynced = self._unsynced, {}
             if not batch:
@@ -177,6 +185,7 @@ class LocalStore:
             for folder in sorted({os.path.dirname(p) for p in batch}):
                 _fsync_dir(folder)
             if failed:
+                self._lost = failed
                 raise StoreError(f"{self.url}: could not make {', '.join(failed)} durable")
 
     def _check_condition(
