@@ -183,6 +183,14 @@ def errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
+# Exit codes of the maintenance commands' outcomes (not errors): kept here, with the table
+# below, so the command line can print them without importing the tools.
+EXIT_CLEAN = 0  # fsck: nothing wrong
+EXIT_REPAIRED = 30  # fsck: problems found and all repaired
+EXIT_DAMAGED = 31  # fsck: problems found and not (all) repaired
+EXIT_ALL_SAVED = 0  # salvage: everything saved
+EXIT_SOME_LOST = 32  # salvage: something was not saved
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import trio
 
-from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.daemon.options import VolumeOptions
+from encfs_cloud.daemon.volume import Volume
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.memory import MemoryStore

@@ -25,9 +25,7 @@ import pytest
 
 from encfs_cloud.cli import main as cli_main
 from encfs_cloud.daemon import options
-from encfs_cloud.errors import EXIT_CODES
-from encfs_cloud.tools.fsck import EXIT_DAMAGED, EXIT_REPAIRED
-from encfs_cloud.tools.salvage import EXIT_SOME_LOST
+from encfs_cloud.errors import EXIT_CODES, EXIT_DAMAGED, EXIT_REPAIRED, EXIT_SOME_LOST
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures_mount import (
     BIN,

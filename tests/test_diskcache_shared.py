@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.daemon.options import VolumeOptions
+from encfs_cloud.daemon.volume import Volume
 from encfs_cloud.data.cachefolders import default_folder
 from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.keys import vault

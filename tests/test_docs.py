@@ -11,7 +11,6 @@ import pytest
 
 from encfs_cloud import errors
 from encfs_cloud.cli import main as cli_main
-from encfs_cloud.tools import fsck, salvage
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -47,8 +46,8 @@ def _text(path: Path) -> str:
 
 def _exit_codes() -> list[int]:
     """Every code a command can exit with that has a meaning of its own."""
-    assert (fsck.EXIT_REPAIRED, fsck.EXIT_DAMAGED, salvage.EXIT_SOME_LOST) == (30, 31, 32)
-    extra = [fsck.EXIT_REPAIRED, fsck.EXIT_DAMAGED, salvage.EXIT_SOME_LOST, 130]
+    assert (errors.EXIT_REPAIRED, errors.EXIT_DAMAGED, errors.EXIT_SOME_LOST) == (30, 31, 32)
+    extra = [errors.EXIT_REPAIRED, errors.EXIT_DAMAGED, errors.EXIT_SOME_LOST, 130]
     return sorted({*errors.EXIT_CODES.values(), *extra})
 
 

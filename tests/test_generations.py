@@ -195,7 +195,8 @@ def test_interrupted_revocation_blocks_keyring_changes_until_finished(tmp_path: 
 def test_spooled_commits_from_before_a_revocation_settle_at_the_next_mount(
     tmp_path: Path,
 ) -> None:
-    from encfs_cloud.daemon.volume import Volume, VolumeOptions
+    from encfs_cloud.daemon.options import VolumeOptions
+    from encfs_cloud.daemon.volume import Volume
     from encfs_cloud.data import spool
 
     store = MemoryStore()

@@ -12,7 +12,8 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.daemon.lease import Lease
-from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.daemon.options import VolumeOptions
+from encfs_cloud.daemon.volume import Volume
 from encfs_cloud.errors import StoreError, UnreachableError
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore

@@ -15,7 +15,8 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.daemon.mount import READ_AHEAD_KB, bdi_of
-from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.daemon.options import VolumeOptions
+from encfs_cloud.daemon.volume import Volume
 from encfs_cloud.data.filedata import PREFETCH_MAX, PREFETCH_STEP
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from encfs_cloud.daemon import control
+from encfs_cloud.daemon import controlclient
 from tests.fixtures_mount import Device, is_mounted, needs_fuse, unmount
 from tests.fixtures_s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, empty_bucket
 
@@ -137,7 +137,7 @@ class SharedMount:
 
     def status(self) -> dict[str, Any]:
         """The daemon's status over its control socket (what `encfs-cloud status` asks)."""
-        return control.query(self.mnt, timeout=60)
+        return controlclient.query(self.mnt, timeout=60)
 
     def folder(self, name: str) -> Path:
         path = self.mnt / name

@@ -13,7 +13,8 @@ import trio
 
 from encfs_cloud import layout
 from encfs_cloud.daemon.lease import Lease
-from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.daemon.options import VolumeOptions
+from encfs_cloud.daemon.volume import Volume
 from encfs_cloud.errors import IntegrityError, LeaseHeldError, RollbackError
 from encfs_cloud.keys import enrollment, vault
 from encfs_cloud.keys import master as K

@@ -8,7 +8,7 @@ from collections import deque
 from pathlib import Path
 from typing import TextIO
 
-from encfs_cloud.daemon import control
+from encfs_cloud.daemon import controlclient
 from encfs_cloud.errors import MountpointError
 
 RATE_WINDOW = 5.0  # seconds of samples behind the rate
@@ -126,7 +126,7 @@ class FlushView:
             return
         self.next_ask = now + self.ASK_EVERY
         try:
-            report = control.query(self.mountpoint, timeout=1.0)
+            report = controlclient.query(self.mountpoint, timeout=1.0)
         except MountpointError:
             return  # the daemon is closing its socket: it is about to exit
         uploaded = int(report["transfers"]["bytes_uploaded"])

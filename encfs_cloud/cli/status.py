@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from encfs_cloud.cli.progress import size as human_bytes
-from encfs_cloud.daemon import control, runtime
+from encfs_cloud.daemon import controlclient, runtime
 from encfs_cloud.errors import EncfsCloudError, MountpointError
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.profile import StoreProfile
@@ -213,12 +213,12 @@ def _show(args: argparse.Namespace, report: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
     if args.watch is None:
-        print(_show(args, control.query(mountpoint)))
+        print(_show(args, controlclient.query(mountpoint)))
         return 0
     clear = sys.stdout.isatty() and not (args.json or args.prometheus)
     while True:
         try:
-            text = _show(args, control.query(mountpoint))
+            text = _show(args, controlclient.query(mountpoint))
         except MountpointError:
             print(f"{args.mountpoint}: no longer mounted")
             return 0

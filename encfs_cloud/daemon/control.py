@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from encfs_cloud import __version__
-from encfs_cloud.daemon import runtime
+from encfs_cloud.daemon.controlclient import socket_path
 from encfs_cloud.daemon.health import find_watch, iso
 from encfs_cloud.data.compactor import ratio
-from encfs_cloud.errors import MountpointError
 
 if TYPE_CHECKING:
     from encfs_cloud.daemon.volume import Volume
@@ -29,11 +28,6 @@ MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0  # a client that connects and says nothing must not pin a task forever
 RATE_WINDOW = 5  # seconds of samples behind each transfer rate
 PROTOCOL = 1
-
-
-def socket_path(mountpoint: Path) -> Path:
-    """The socket sits next to the mount's registry entry, under the same key."""
-    return runtime.registry_entry(mountpoint).with_suffix(".sock")
 
 
 class Rates:
@@ -204,38 +198,3 @@ async def serve(volume: Volume, mountpoint: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-
-# --- the client side ------------------------------------------------------------------------
-
-
-def query(mountpoint: Path, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask the daemon serving `mountpoint` for its status (blocking; no bucket involved)."""
-    path = socket_path(Path(os.path.abspath(mountpoint)))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            # No socket, or one left behind by a daemon that was killed.
-            raise MountpointError(f"{mountpoint} is not mounted by encfs-cloud here") from None
-        except OSError as exc:
-            raise MountpointError(f"cannot reach the daemon of {mountpoint}: {exc}") from None
-        try:
-            sock.sendall(json.dumps({"op": "status"}).encode() + b"\n")
-            raw = b""
-            while not raw.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                raw += chunk
-        except OSError:  # timed out, or the daemon closed the socket while exiting
-            raise MountpointError(f"the daemon of {mountpoint} did not answer") from None
-    try:
-        reply = json.loads(raw)
-    except ValueError:
-        raise MountpointError(f"the daemon of {mountpoint} sent a garbled answer") from None
-    if not reply.get("ok"):
-        raise MountpointError(f"the daemon of {mountpoint} refused: {reply.get('error')}")
-    result: dict[str, Any] = reply["status"]
-    return result

@@ -8,7 +8,6 @@ import os
 import signal
 import stat
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
@@ -17,7 +16,8 @@ import trio
 from encfs_cloud import layout
 from encfs_cloud.daemon import control, exclusive, logs, runtime
 from encfs_cloud.daemon.health import WatchedStore
-from encfs_cloud.daemon.volume import Volume, VolumeOptions
+from encfs_cloud.daemon.options import MountRequest
+from encfs_cloud.daemon.volume import Volume
 from encfs_cloud.data import spool
 from encfs_cloud.errors import (
     ChangesSpooledError,
@@ -30,7 +30,7 @@ from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.keys.sealed import Sealer
 from encfs_cloud.keys.storefit import OPT_OUT_MOUNT, check_writable
 from encfs_cloud.keys.vault import unlock
-from encfs_cloud.store import StoreOptions, open_store
+from encfs_cloud.store import open_store
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.store.budget import abort_in_flight, operation_budget, set_wait_reporter
 
@@ -40,22 +40,6 @@ log = logging.getLogger(__name__)
 # request per 128 KiB, and pyfuse3's dispatch costs more than our handler. One chunk per
 # request cuts the requests eightfold (measured: 997 -> 97 reads for 128 MiB).
 READ_AHEAD_KB = layout.CHUNK_SIZE >> 10
-
-
-@dataclass
-class MountRequest:
-    source: str
-    mountpoint: Path
-    store_options: StoreOptions
-    volume_options: VolumeOptions
-    passphrase: bytes | None
-    foreground: bool = False
-    allow_other: bool = False
-    log_file: str | None = None
-    debug: bool = False
-    takeover: bool = False
-    unsafe_no_conditional_writes: bool = False
-    fuse_options: list[str] = field(default_factory=list)
 
 
 def check_mountpoint(path: Path) -> None:

@@ -5,13 +5,44 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from encfs_cloud.daemon.mount import MountRequest
-from encfs_cloud.daemon.volume import VolumeOptions
 from encfs_cloud.errors import UsageError
 from encfs_cloud.store import StoreOptions
+
+DEFAULT_CACHE_SIZE = 256 << 20
+
+
+@dataclass
+class VolumeOptions:
+    cache_size: int = DEFAULT_CACHE_SIZE
+    read_only: bool = False
+    commit_interval: float = 5.0
+    allow_rollback: bool = False
+    sync_timeout: float = 120.0
+    cache_dir: Path | None = None  # the sealed disk cache; None: under $XDG_CACHE_HOME
+    disk_cache_size: int | None = None  # None: the default (see diskcache); 0: no disk cache
+    poll_interval: float = 5.0  # how often other devices' commits are looked for
+    takeover: bool = False  # ignore a lease object that does not open (see exclusive.holder)
+
+
+@dataclass
+class MountRequest:
+    source: str
+    mountpoint: Path
+    store_options: StoreOptions
+    volume_options: VolumeOptions
+    passphrase: bytes | None
+    foreground: bool = False
+    allow_other: bool = False
+    log_file: str | None = None
+    debug: bool = False
+    takeover: bool = False
+    unsafe_no_conditional_writes: bool = False
+    fuse_options: list[str] = field(default_factory=list)
+
 
 # Options mount(8), fstab and systemd pass that only matter to them.
 GENERIC = {

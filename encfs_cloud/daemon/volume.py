@@ -6,14 +6,13 @@ import logging
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
 from encfs_cloud import layout
 from encfs_cloud.daemon import exclusive
 from encfs_cloud.daemon.operations import Operations
+from encfs_cloud.daemon.options import VolumeOptions
 from encfs_cloud.data import spool
 from encfs_cloud.data.cache import ChunkCache
 from encfs_cloud.data.cachefolders import default_folder, default_size, remember
@@ -54,7 +53,6 @@ from encfs_cloud.tree.rowsets import Outcome
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_SIZE = 256 << 20
 IO_THREADS = 8
 KEY_REFRESH_INTERVAL = 30.0
 EXCLUSIVE_CHECK = 30.0
@@ -65,19 +63,6 @@ WITHDRAW_FLOOR = 5.0
 # (a failure is only logged), and the uploads after it must still get time.
 KEY_CHECK_SHARE = 0.25
 THOROUGH_EVERY = 12  # polls: one in this many also LISTs the commits (a head deleted meanwhile)
-
-
-@dataclass
-class VolumeOptions:
-    cache_size: int = DEFAULT_CACHE_SIZE
-    read_only: bool = False
-    commit_interval: float = 5.0
-    allow_rollback: bool = False
-    sync_timeout: float = 120.0
-    cache_dir: Path | None = None  # the sealed disk cache; None: under $XDG_CACHE_HOME
-    disk_cache_size: int | None = None  # None: the default (see diskcache); 0: no disk cache
-    poll_interval: float = 5.0  # how often other devices' commits are looked for
-    takeover: bool = False  # ignore a lease object that does not open (see exclusive.holder)
 
 
 class Volume:

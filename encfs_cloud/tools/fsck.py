@@ -34,9 +34,6 @@ from encfs_cloud.tree.journal import (
 )
 from encfs_cloud.tree.metadata import ROOT_INODE, Metadata
 
-EXIT_CLEAN = 0
-EXIT_REPAIRED = 30
-EXIT_DAMAGED = 31
 CHECK_THREADS = 8
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total); total 0: unknown

@@ -12,7 +12,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from encfs_cloud import layout
-from encfs_cloud.errors import IntegrityError, ObjectMissingError, StoreError, UsageError
+from encfs_cloud.errors import (
+    EXIT_ALL_SAVED,
+    EXIT_SOME_LOST,
+    IntegrityError,
+    ObjectMissingError,
+    StoreError,
+    UsageError,
+)
 from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree import acl
@@ -30,8 +37,6 @@ from encfs_cloud.tree.journal import (
 )
 from encfs_cloud.tree.metadata import ROOT_INODE, ChunkRef, Inode, Metadata
 
-EXIT_ALL_SAVED = 0
-EXIT_SOME_LOST = 32
 READ_THREADS = 8
 READ_WINDOW = 16  # chunks of one file fetched ahead of the writer
 PARTIAL_SUFFIX = b".salvage-partial"
