@@ -70,7 +70,6 @@ def build_tree(files: int, big_dir: int, packed: bool = False) -> Metadata:
     fresh: Iterator[int] | None = None
     if packed:
         md.db.execute("DROP INDEX dentries_by_name")
-        md.db.execute("DROP INDEX dentries_by_parent")
         fresh = iter(sorted({_random_id() for _ in range(2 * files + 16)}))  # set: 16 spare
     for parent, count in folders:
         if fresh is None:

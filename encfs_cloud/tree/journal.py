@@ -116,6 +116,7 @@ def apply_delta(md: Metadata, blob: bytes, schema: str = "main") -> None:
 def export_snapshot(md: Metadata) -> bytes:
     for touched in md.dirty.values():
         touched.clear()
+    md.upgraded = False  # the bucket gets today's schema
     return md.db.serialize()
 
 

@@ -16,9 +16,9 @@ CREATE TABLE IF NOT EXISTS {s}inodes(
     nlink INT NOT NULL, size INT NOT NULL, atime_ns INT NOT NULL, mtime_ns INT NOT NULL,
     ctime_ns INT NOT NULL, rdev INT NOT NULL, target BLOB);
 CREATE TABLE IF NOT EXISTS {s}dentries(
-    id INTEGER PRIMARY KEY, parent INT NOT NULL, name BLOB NOT NULL, inode INT NOT NULL);
+    id INT NOT NULL, parent INT NOT NULL, name BLOB NOT NULL, inode INT NOT NULL,
+    PRIMARY KEY(parent, id)) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS {s}dentries_by_name ON dentries(parent, name);
-CREATE INDEX IF NOT EXISTS {s}dentries_by_parent ON dentries(parent, id);
 CREATE TABLE IF NOT EXISTS {s}xattrs(
     inode INT NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY(inode, name)) WITHOUT ROWID;
@@ -43,6 +43,36 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "counters": ("name",),
     "history": ("seq",),
 }
+
+
+# Until 2026-12-03 entries were a rowid table (id INTEGER PRIMARY KEY) with a second index on
+# (parent, id) for readdir; keyed on (parent, id) the table is that index, which saved about
+# 36 bytes per file in memory and in the snapshot (design.md, "What several writers cost at
+# scale"). An entry id is unique within its directory (it is a readdir offset there).
+def upgrade_schema(db: sqlite3.Connection) -> bool:
+    """Rebuild a tree of an earlier version in today's schema; True if it had to."""
+    found = db.execute("SELECT sql FROM main.sqlite_master WHERE name='dentries'").fetchone()
+    if found is None or "WITHOUT ROWID" in str(found[0]).upper():
+        return False
+    new = SCHEMA.format(s="main.").split(";")[1].replace("dentries(", "dentries_new(", 1)
+    db.execute(new)
+    # In key order through the old (parent, id) index: the new table is appended to, not
+    # split at random places, so its pages end full.
+    db.execute(
+        "INSERT INTO main.dentries_new SELECT id, parent, name, inode FROM main.dentries "
+        "ORDER BY parent, id"
+    )
+    db.execute("DROP TABLE main.dentries")  # with both of its indexes
+    # Legacy mode renames the table only: the merge base's temp views name main.dentries
+    # already, and the modern rename would refuse them while that table is missing.
+    db.execute("PRAGMA legacy_alter_table=ON")
+    try:
+        db.execute("ALTER TABLE main.dentries_new RENAME TO dentries")
+    finally:
+        db.execute("PRAGMA legacy_alter_table=OFF")
+    db.executescript(SCHEMA.format(s="main."))
+    return True
+
 
 # Identifiers are drawn at random from this many bits instead of counted: several devices
 # allocate them at once without talking to each other, and 62 bits keep a readdir offset
@@ -104,6 +134,9 @@ class Metadata:
         # SQLite spills big sorts, indexes and attached temp databases to /var/tmp by default:
         # that would put plaintext names on disk. Everything stays in memory.
         self.db.execute("PRAGMA temp_store=MEMORY")
+        # A snapshot of an earlier version is rebuilt once here; the next commit is then a
+        # snapshot (see `upgraded`), so later mounts load the new schema as it is.
+        self.upgraded = upgrade_schema(self.db)
         self.db.executescript(SCHEMA.format(s=""))
         self.dirty: dict[str, set[tuple[object, ...]]] = {t: set() for t in TABLE_KEYS}
 
@@ -133,6 +166,21 @@ class Metadata:
             ).fetchone()
             if taken is None:
                 return candidate
+
+    def new_entry_id(self, parent: int) -> int:
+        """A random entry id unused in directory `parent` (a key lookup, not a table scan)."""
+        while True:
+            candidate = secrets.randbits(ID_BITS)
+            if candidate <= ROOT_INODE:
+                continue
+            if not self.entry_id_taken(parent, candidate):
+                return candidate
+
+    def entry_id_taken(self, parent: int, entry_id: int) -> bool:
+        found = self.db.execute(
+            "SELECT 1 FROM main.dentries WHERE parent=? AND id=?", (parent, entry_id)
+        )
+        return found.fetchone() is not None
 
     # --- commit history ---------------------------------------------------------------
 
@@ -215,7 +263,7 @@ class Metadata:
     def add_entry(self, parent: int, name: bytes, ino: int) -> None:
         self.db.execute(
             "INSERT INTO dentries(id, parent, name, inode) VALUES(?,?,?,?)",
-            (self.new_id("dentries", "id"), parent, name, ino),
+            (self.new_entry_id(parent), parent, name, ino),
         )
         self.dirty["dentries"].add((parent, name))
 
@@ -252,7 +300,7 @@ class Metadata:
     ) -> list[tuple[int, bytes, Inode]]:
         """(entry id, name, inode) in a stable order; `after` is the last entry id seen.
 
-        An index on (parent, id) makes each page a range scan: listing a directory of
+        The table's key (parent, id) makes each page a range scan: listing a directory of
         100,000 entries a page at a time stays linear.
         """
         rows = self.db.execute(
