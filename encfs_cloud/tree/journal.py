@@ -173,8 +173,32 @@ def _decompress(method: object, packed: bytes) -> bytes:
     return zstandard.ZstdDecompressor().decompress(packed)
 
 
+def compact_snapshot(body: bytes) -> bytes:
+    """The same database rebuilt with full pages (VACUUM) on a connection of its own.
+
+    A tree grown by inserts at random places (random ids) keeps its pages about two thirds
+    full, and a mount holds exactly the pages of the snapshot it loads: rebuilt, the
+    snapshot, a mount's memory and its load time shrink by a tenth or more. Run where the
+    snapshot is sealed (a worker thread), not on the live tree, which the FUSE thread owns.
+    """
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    try:
+        # VACUUM copies through a temporary database: in memory, never a file in /var/tmp
+        # (the tree's names are plaintext).
+        conn.execute("PRAGMA temp_store=MEMORY")
+        conn.deserialize(body)
+        conn.execute("VACUUM")
+        return conn.serialize()
+    except sqlite3.DatabaseError as exc:
+        raise IntegrityError(f"metadata snapshot is malformed: {exc}") from None
+    finally:
+        conn.close()
+
+
 def seal_commit(sealer: Sealer, info: CommitInfo, body: bytes) -> bytes:
     name = layout.commit_name(info.seq)
+    if info.kind == KIND_SNAPSHOT:
+        body = compact_snapshot(body)
     return sealer.seal_object(name, "commit", encode_commit(info, body))
 
 
