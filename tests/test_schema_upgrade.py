@@ -154,3 +154,21 @@ def test_entry_ids_are_unique_per_directory_only() -> None:
     assert _listing(md, second.id) == [b"same id"]
     assert len(_listing(md, folder)) == 3
     assert md.new_entry_id(second.id) not in (taken, 0, ROOT_INODE)
+
+
+def test_orphans_come_from_the_partial_index_also_in_an_old_tree() -> None:
+    md, ns, folder = _tree(5)
+    kept = ns.unlink(folder, b"file-0001")  # as if still open: the inode stays, no name
+    assert kept.nlink == 0 and md.get_inode(kept.id) is not None
+    assert md.orphans() == [kept.id]
+    plan = md.db.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM inodes WHERE nlink<=0 AND id<>?", (ROOT_INODE,)
+    ).fetchall()
+    assert "inodes_unlinked" in str(plan)
+    old = _as_old_version(journal.export_snapshot(md))
+    old_conn = _raw(old)
+    old_conn.execute("DROP INDEX inodes_unlinked")
+    loaded = journal.load_snapshot(old_conn.serialize())
+    assert loaded.orphans() == [kept.id]
+    loaded.delete_inode(kept.id)
+    assert loaded.orphans() == []

@@ -15,6 +15,7 @@ CREATE TABLE IF NOT EXISTS {s}inodes(
     id INTEGER PRIMARY KEY, mode INT NOT NULL, uid INT NOT NULL, gid INT NOT NULL,
     nlink INT NOT NULL, size INT NOT NULL, atime_ns INT NOT NULL, mtime_ns INT NOT NULL,
     ctime_ns INT NOT NULL, rdev INT NOT NULL, target BLOB);
+CREATE INDEX IF NOT EXISTS {s}inodes_unlinked ON inodes(id) WHERE nlink<=0;
 CREATE TABLE IF NOT EXISTS {s}dentries(
     id INT NOT NULL, parent INT NOT NULL, name BLOB NOT NULL, inode INT NOT NULL,
     PRIMARY KEY(parent, id)) WITHOUT ROWID;
@@ -54,8 +55,10 @@ def upgrade_schema(db: sqlite3.Connection) -> bool:
     found = db.execute("SELECT sql FROM main.sqlite_master WHERE name='dentries'").fetchone()
     if found is None or "WITHOUT ROWID" in str(found[0]).upper():
         return False
-    new = SCHEMA.format(s="main.").split(";")[1].replace("dentries(", "dentries_new(", 1)
-    db.execute(new)
+    (table,) = (
+        s for s in SCHEMA.format(s="main.").split(";") if "TABLE IF NOT EXISTS main.dentries(" in s
+    )
+    db.execute(table.replace("dentries(", "dentries_new(", 1))
     # In key order through the old (parent, id) index: the new table is appended to, not
     # split at random places, so its pages end full.
     db.execute(
@@ -239,7 +242,10 @@ class Metadata:
         return dropped
 
     def orphans(self) -> list[int]:
-        """Inodes no entry points to (left by a crash while a deleted file was open)."""
+        """Inodes no entry points to (left by a crash while a deleted file was open).
+
+        From a partial index that holds only those (almost always none): a scan of every
+        inode took 0.14 s of each mount of a 1,000,000-file tree."""
         rows = self.db.execute("SELECT id FROM inodes WHERE nlink<=0 AND id<>?", (ROOT_INODE,))
         return [r[0] for r in rows]
 
