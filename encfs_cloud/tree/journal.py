@@ -19,6 +19,7 @@ from encfs_cloud.errors import IntegrityError, ObjectMissingError
 from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.metadata import SCHEMA, TABLE_KEYS, Metadata
+from encfs_cloud.tree.upgrade import upgrade_schema
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ def load_snapshot(blob: bytes) -> Metadata:
     conn = sqlite3.connect(":memory:", check_same_thread=False)
     try:
         conn.deserialize(blob)
+        upgraded = upgrade_schema(conn)
         md = Metadata(conn)
+        md.upgraded = upgraded
     except sqlite3.DatabaseError as exc:
         raise IntegrityError(f"metadata snapshot is malformed: {exc}") from None
     return md

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from encfs_cloud.tree.metadata import TABLE_KEYS, upgrade_schema
+from encfs_cloud.tree.metadata import TABLE_KEYS
+from encfs_cloud.tree.upgrade import upgrade_schema
 
 Key = tuple[object, ...]
 

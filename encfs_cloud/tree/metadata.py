@@ -46,36 +46,8 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-# Until 2026-12-03 entries were a rowid table (id INTEGER PRIMARY KEY) with a second index on
-# (parent, id) for readdir; keyed on (parent, id) the table is that index, which saved about
-# 36 bytes per file in memory and in the snapshot (design.md, "What several writers cost at
-# scale"). An entry id is unique within its directory (it is a readdir offset there).
-def upgrade_schema(db: sqlite3.Connection) -> bool:
-    """Rebuild a tree of an earlier version in today's schema; True if it had to."""
-    found = db.execute("SELECT sql FROM main.sqlite_master WHERE name='dentries'").fetchone()
-    if found is None or "WITHOUT ROWID" in str(found[0]).upper():
-        return False
-    (table,) = (
-        s for s in SCHEMA.format(s="main.").split(";") if "TABLE IF NOT EXISTS main.dentries(" in s
-    )
-    db.execute(table.replace("dentries(", "dentries_new(", 1))
-    # In key order through the old (parent, id) index: the new table is appended to, not
-    # split at random places, so its pages end full.
-    db.execute(
-        "INSERT INTO main.dentries_new SELECT id, parent, name, inode FROM main.dentries "
-        "ORDER BY parent, id"
-    )
-    db.execute("DROP TABLE main.dentries")  # with both of its indexes
-    # Legacy mode renames the table only: the merge base's temp views name main.dentries
-    # already, and the modern rename would refuse them while that table is missing.
-    db.execute("PRAGMA legacy_alter_table=ON")
-    try:
-        db.execute("ALTER TABLE main.dentries_new RENAME TO dentries")
-    finally:
-        db.execute("PRAGMA legacy_alter_table=OFF")
-    db.executescript(SCHEMA.format(s="main."))
-    return True
-
+# Entries are keyed on (parent, id), which is also readdir's order: an entry id is unique
+# within its directory (a readdir offset there). Trees of earlier versions: tree/upgrade.py.
 
 # Identifiers are drawn at random from this many bits instead of counted: several devices
 # allocate them at once without talking to each other, and 62 bits keep a readdir offset
@@ -85,6 +57,9 @@ ID_BITS = 62
 # How many past commits' hashes the tree remembers: a device that was away for fewer commits
 # than this can still tell a genuine newer bucket from a forked or rolled-back one.
 HISTORY_KEPT = 65536
+
+# Directories whose entry (parent, name) parent_of remembers.
+DIR_ENTRIES_KEPT = 65536
 
 
 @dataclass
@@ -137,11 +112,13 @@ class Metadata:
         # SQLite spills big sorts, indexes and attached temp databases to /var/tmp by default:
         # that would put plaintext names on disk. Everything stays in memory.
         self.db.execute("PRAGMA temp_store=MEMORY")
-        # A snapshot of an earlier version is rebuilt once here; the next commit is then a
-        # snapshot (see `upgraded`), so later mounts load the new schema as it is.
-        self.upgraded = upgrade_schema(self.db)
+        # Set when the tree was rebuilt from an earlier version's schema (tree/upgrade.py):
+        # the next commit is then a snapshot, so later mounts load the new schema as it is.
+        self.upgraded = False
         self.db.executescript(SCHEMA.format(s=""))
         self.dirty: dict[str, set[tuple[object, ...]]] = {t: set() for t in TABLE_KEYS}
+        # directory inode -> its entry as last seen; a hint, checked on every use (below)
+        self.dir_entries: dict[int, tuple[int, bytes]] = {}
 
     # --- counters ---------------------------------------------------------------------
 
@@ -296,10 +273,27 @@ class Metadata:
         return int(row[0])
 
     def parent_of(self, ino: int) -> int | None:
-        """A directory's parent (directories have exactly one entry)."""
-        row = self.db.execute("SELECT parent FROM dentries WHERE inode=? LIMIT 1", (ino,))
+        """A directory's parent (directories have exactly one entry).
+
+        Nothing indexes entries by inode (an index would cost ~30 bytes a file), and the scan
+        took 35 ms at 1,000,000 files, once per directory listed (its ".."). So the entry
+        seen when the directory was looked up or listed is remembered and checked by key:
+        a directory's only entry is where it is, whatever renames or merges did since.
+        """
+        known = self.dir_entries.get(ino)
+        if known is not None and self.lookup(*known) == ino:
+            return known[0]
+        row = self.db.execute("SELECT parent, name FROM dentries WHERE inode=? LIMIT 1", (ino,))
         found = row.fetchone()
-        return int(found[0]) if found else None
+        if found is None:
+            return None
+        self.note_dir_entry(ino, int(found[0]), bytes(found[1]))
+        return int(found[0])
+
+    def note_dir_entry(self, ino: int, parent: int, name: bytes) -> None:
+        if len(self.dir_entries) >= DIR_ENTRIES_KEPT:
+            del self.dir_entries[next(iter(self.dir_entries))]  # the oldest noted
+        self.dir_entries[ino] = (parent, name)
 
     def list_entries(
         self, parent: int, after: int, limit: int = 128
@@ -315,7 +309,11 @@ class Metadata:
             "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (parent, after, limit),
         )
-        return [(entry_id, bytes(name), Inode(*fields)) for entry_id, name, *fields in rows]
+        found = [(entry_id, bytes(name), Inode(*fields)) for entry_id, name, *fields in rows]
+        for _, name, node in found:
+            if node.is_dir:
+                self.note_dir_entry(node.id, parent, name)
+        return found
 
     # --- xattrs -------------------------------------------------------------------------
 
