@@ -82,6 +82,7 @@ def test_old_snapshot_is_rebuilt_once_and_keeps_every_row() -> None:
     sql, indexes = _schema(loaded)
     assert "WITHOUT ROWID" in sql and indexes == ["dentries_by_name"]
     assert loaded.db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert loaded.db.execute("PRAGMA freelist_count").fetchone() == (0,)  # loaded compacted
     assert _rows(loaded) == _rows(md)
     assert sorted(_listing(loaded, folder)) == [b"file-%04d" % i for i in range(300)]
     assert loaded.lookup(folder, b"file-0123") == md.lookup(folder, b"file-0123")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sqlite3
 import struct
 import zlib
@@ -126,6 +127,11 @@ def load_snapshot(blob: bytes) -> Metadata:
     try:
         conn.deserialize(blob)
         upgraded = upgrade_schema(conn)
+        if upgraded:  # the old table's pages are free now: load the tree without them
+            blob = compact_snapshot(conn.serialize())
+            conn.close()
+            conn = sqlite3.connect(":memory:", check_same_thread=False)
+            conn.deserialize(blob)
         md = Metadata(conn)
         md.upgraded = upgraded
     except sqlite3.DatabaseError as exc:
@@ -177,25 +183,29 @@ def _decompress(method: object, packed: bytes) -> bytes:
 
 
 def compact_snapshot(body: bytes) -> bytes:
-    """The same database rebuilt with full pages (VACUUM) on a connection of its own.
+    """The same database rebuilt with full pages (VACUUM INTO) on connections of its own.
 
     A tree grown by inserts at random places (random ids) keeps its pages about two thirds
     full, and a mount holds exactly the pages of the snapshot it loads: rebuilt, the
     snapshot, a mount's memory and its load time shrink by a tenth or more. Run where the
     snapshot is sealed (a worker thread), not on the live tree, which the FUSE thread owns.
     """
-    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    # Into a private in-memory database (memdb: one buffer, freed whole on close; never a
+    # file). A plain VACUUM copies through a temporary database made of page-sized blocks
+    # that stayed in the daemon's heap afterwards (+30 MiB for a 43 MiB tree here).
+    target = f"file:/snapshot-{secrets.token_hex(16)}?vfs=memdb"
+    source = sqlite3.connect(":memory:", check_same_thread=False)
+    into = sqlite3.connect(target, uri=True, check_same_thread=False)
     try:
-        # VACUUM copies through a temporary database: in memory, never a file in /var/tmp
-        # (the tree's names are plaintext).
-        conn.execute("PRAGMA temp_store=MEMORY")
-        conn.deserialize(body)
-        conn.execute("VACUUM")
-        return conn.serialize()
+        source.execute("PRAGMA temp_store=MEMORY")  # nothing of the tree in /var/tmp
+        source.deserialize(body)
+        source.execute("VACUUM INTO ?", (target,))
+        return into.serialize()
     except sqlite3.DatabaseError as exc:
         raise IntegrityError(f"metadata snapshot is malformed: {exc}") from None
     finally:
-        conn.close()
+        source.close()
+        into.close()
 
 
 def seal_commit(sealer: Sealer, info: CommitInfo, body: bytes) -> bytes:
