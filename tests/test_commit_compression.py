@@ -143,3 +143,14 @@ def test_snapshot_is_sealed_compacted_with_every_row(tmp_path: Path) -> None:
     assert replayed.db.execute("PRAGMA freelist_count").fetchone() == (0,)
     with pytest.raises(IntegrityError, match="malformed"):
         journal.compact_snapshot(b"not a database" * 300)
+
+
+def test_a_snapshot_past_the_compaction_limit_is_sealed_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, sealer = _bucket(tmp_path)
+    body = journal.export_snapshot(_tree())
+    monkeypatch.setattr(journal, "COMPACT_MAX_BYTES", len(body) - 1)
+    sealed = journal.seal_commit(sealer, _snapshot_info(), body)
+    name = layout.commit_name(1)
+    assert journal.decode_commit(name, sealer.open_object(name, "commit", sealed))[1] == body

@@ -32,6 +32,10 @@ _PREAMBLE = struct.Struct(">I")  # length of the JSON commit header that precede
 # header names it ("z"); commits written before it have no "z" and a zlib body.
 _ZSTD = "zstd"
 _ZSTD_LEVEL = 1
+# Snapshots up to this size are compacted before sealing (compact_snapshot). Compaction holds
+# three more copies of the tree for a moment (the source, the rebuilt one, its bytes): past
+# about 2,000,000 files that transient would outweigh what full pages save.
+COMPACT_MAX_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ def load_snapshot(blob: bytes) -> Metadata:
     try:
         conn.deserialize(blob)
         upgraded = upgrade_schema(conn)
-        if upgraded:  # the old table's pages are free now: load the tree without them
+        if upgraded and len(blob) <= COMPACT_MAX_BYTES:  # load without the old table's pages
             blob = compact_snapshot(conn.serialize())
             conn.close()
             conn = sqlite3.connect(":memory:", check_same_thread=False)
@@ -210,7 +214,7 @@ def compact_snapshot(body: bytes) -> bytes:
 
 def seal_commit(sealer: Sealer, info: CommitInfo, body: bytes) -> bytes:
     name = layout.commit_name(info.seq)
-    if info.kind == KIND_SNAPSHOT:
+    if info.kind == KIND_SNAPSHOT and len(body) <= COMPACT_MAX_BYTES:
         body = compact_snapshot(body)
     return sealer.seal_object(name, "commit", encode_commit(info, body))
 
