@@ -154,3 +154,12 @@ def test_a_snapshot_past_the_compaction_limit_is_sealed_as_it_is(
     sealed = journal.seal_commit(sealer, _snapshot_info(), body)
     name = layout.commit_name(1)
     assert journal.decode_commit(name, sealer.open_object(name, "commit", sealed))[1] == body
+
+
+def test_new_filesystems_name_the_feature_and_older_headers_still_open(tmp_path: Path) -> None:
+    store, _ = _bucket(tmp_path)
+    assert vault.read_header(store)["features"] == ["zstd-commits"]
+    header = json.loads(store.get(layout.HEADER_NAME))
+    header["features"] = []  # as filesystems made before zstd commits have it
+    store.put(layout.HEADER_NAME, json.dumps(header).encode())
+    assert vault.read_header(store)["features"] == []
