@@ -12,6 +12,8 @@ from encfs_cloud.tree.merge import Merger
 from encfs_cloud.tree.metadata import ROOT_INODE, TABLE_KEYS, Metadata
 from encfs_cloud.tree.namespace import Namespace
 from tests.test_commit_compression import _bucket, _snapshot_info, _zlib_payload
+from tests.test_merge import Pair, _paths
+from tests.tree_invariants import tree_problems
 
 REG = stat.S_IFREG | 0o644
 
@@ -173,3 +175,20 @@ def test_orphans_come_from_the_partial_index_also_in_an_old_tree() -> None:
     assert loaded.orphans() == [kept.id]
     loaded.delete_inode(kept.id)
     assert loaded.orphans() == []
+
+
+def test_local_changes_merge_over_another_devices_old_snapshot() -> None:
+    """The remote side of a merge may be a snapshot of the earlier schema, read as it is."""
+    p = Pair()
+    p.l.create(ROOT_INODE, b"mine", REG, 0, 0)
+    p.r.create(ROOT_INODE, b"theirs", REG, 0, 0)
+    p.r.rename(ROOT_INODE, b"a", ROOT_INODE, b"a-renamed", 0)
+    p.merger.stage_remote(journal.KIND_SNAPSHOT, _as_old_version(journal.export_snapshot(p.remote)))
+    result = p.merger.merge(p.merger.plan())
+    assert result is not None
+    p.merger.finish_remote()
+    assert tree_problems(p.local) == []
+    paths = _paths(p.local)
+    assert {"/mine", "/theirs", "/a-renamed", "/docs/report.odt"} <= set(paths)
+    assert "/a" not in paths
+    assert "WITHOUT ROWID" in _schema(p.local)[0]
