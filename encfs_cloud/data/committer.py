@@ -165,7 +165,9 @@ class Committer:
             # The chain's history travels inside the tree, so a device can check the commit
             # it saw last even after snapshots deleted that commit object.
             self.md.record_commit(tail.seq, tail.hash)
-        snapshot = snapshot_due(tail, self.md.size_bytes())
+        # A tree rebuilt from an earlier version's schema is written whole at once, so
+        # later mounts need not rebuild it again (tree/upgrade.py).
+        snapshot = snapshot_due(tail, self.md.size_bytes()) or self.md.upgraded
         seq = tail.seq + 1
         if self.rebaser is not None:  # the export clears md.dirty; the merger keeps the keys
             self.rebaser.merger.note_local()

@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 
 MAGIC = "encfs-cloud"
 CIPHER = "AES-256-GCM"
-SUPPORTED_FEATURES: frozenset[str] = frozenset()
+# Listed in the header of every filesystem made since: a release without the feature refuses
+# the filesystem ("made by a newer encfs-cloud; upgrade") instead of meeting commits it cannot
+# read. "zstd-commits": commit bodies in zstd (tree/journal.py, 2026-12-03).
+SUPPORTED_FEATURES: frozenset[str] = frozenset({"zstd-commits"})
 KEYRING_NAME = layout.KEYS_PREFIX + "keyring"
 RECOVERY_NAME = layout.KEYS_PREFIX + "recovery"
 RECOVERY_NEXT_NAME = layout.KEYS_PREFIX + "recovery.next"  # during a recovery-key rotation

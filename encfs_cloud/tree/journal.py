@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sqlite3
 import struct
 import zlib
@@ -11,18 +12,30 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import zstandard
+
 from encfs_cloud import layout
 from encfs_cloud.crypto import aead
 from encfs_cloud.errors import IntegrityError, ObjectMissingError
 from encfs_cloud.keys.sealed import Sealer, object_generation
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.tree.metadata import SCHEMA, TABLE_KEYS, Metadata
+from encfs_cloud.tree.upgrade import upgrade_schema
 
 log = logging.getLogger(__name__)
 
 KIND_SNAPSHOT = "snapshot"
 KIND_DELTA = "delta"
 _PREAMBLE = struct.Struct(">I")  # length of the JSON commit header that precedes the body
+# Bodies are zstd level 1: it decompresses about 3 times faster than zlib level 1 (a third of a
+# 1,000,000-file mount went to zlib) and compresses 5 times faster and a little smaller. The
+# header names it ("z"); commits written before it have no "z" and a zlib body.
+_ZSTD = "zstd"
+_ZSTD_LEVEL = 1
+# Snapshots up to this size are compacted before sealing (compact_snapshot). Compaction holds
+# three more copies of the tree for a moment (the source, the rebuilt one, its bytes): past
+# about 2,000,000 files that transient would outweigh what full pages save.
+COMPACT_MAX_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,7 @@ def apply_delta(md: Metadata, blob: bytes, schema: str = "main") -> None:
 def export_snapshot(md: Metadata) -> bytes:
     for touched in md.dirty.values():
         touched.clear()
+    md.upgraded = False  # the bucket gets today's schema
     return md.db.serialize()
 
 
@@ -116,7 +130,14 @@ def load_snapshot(blob: bytes) -> Metadata:
     conn = sqlite3.connect(":memory:", check_same_thread=False)
     try:
         conn.deserialize(blob)
+        upgraded = upgrade_schema(conn)
+        if upgraded and len(blob) <= COMPACT_MAX_BYTES:  # load without the old table's pages
+            blob = compact_snapshot(conn.serialize())
+            conn.close()
+            conn = sqlite3.connect(":memory:", check_same_thread=False)
+            conn.deserialize(blob)
         md = Metadata(conn)
+        md.upgraded = upgraded
     except sqlite3.DatabaseError as exc:
         raise IntegrityError(f"metadata snapshot is malformed: {exc}") from None
     return md
@@ -130,9 +151,11 @@ def encode_commit(info: CommitInfo, body: bytes) -> bytes:
             "prev": info.prev_hash.hex(),
             "snapshot": info.snapshot_seq,
             "time_ns": info.time_ns,
+            "z": _ZSTD,
         }
     ).encode()
-    return _PREAMBLE.pack(len(header)) + header + zlib.compress(body, 1)
+    packed = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(body)
+    return _PREAMBLE.pack(len(header)) + header + packed
 
 
 def decode_commit(name: str, payload: bytes) -> tuple[CommitInfo, bytes]:
@@ -146,16 +169,53 @@ def decode_commit(name: str, payload: bytes) -> tuple[CommitInfo, bytes]:
             snapshot_seq=int(header["snapshot"]),
             time_ns=int(header["time_ns"]),
         )
-        body = zlib.decompress(payload[4 + hlen :])
-    except (ValueError, KeyError, struct.error, zlib.error) as exc:
+        body = _decompress(header.get("z"), payload[4 + hlen :])
+    except (ValueError, KeyError, struct.error, zlib.error, zstandard.ZstdError) as exc:
         raise IntegrityError(f"commit {name} is malformed: {exc}") from None
     if layout.commit_seq(name) != info.seq or info.kind not in (KIND_SNAPSHOT, KIND_DELTA):
         raise IntegrityError(f"commit {name} does not match its name")
     return info, body
 
 
+def _decompress(method: object, packed: bytes) -> bytes:
+    if method is None:  # written before commits named their compression
+        return zlib.decompress(packed)
+    if method != _ZSTD:
+        raise ValueError(f"unknown compression {method!r}")
+    # compress() records the body's size in the frame, so one call sizes the output exactly.
+    return zstandard.ZstdDecompressor().decompress(packed)
+
+
+def compact_snapshot(body: bytes) -> bytes:
+    """The same database rebuilt with full pages (VACUUM INTO) on connections of its own.
+
+    A tree grown by inserts at random places (random ids) keeps its pages about two thirds
+    full, and a mount holds exactly the pages of the snapshot it loads: rebuilt, the
+    snapshot, a mount's memory and its load time shrink by a tenth or more. Run where the
+    snapshot is sealed (a worker thread), not on the live tree, which the FUSE thread owns.
+    """
+    # Into a private in-memory database (memdb: one buffer, freed whole on close; never a
+    # file). A plain VACUUM copies through a temporary database made of page-sized blocks
+    # that stayed in the daemon's heap afterwards (+30 MiB for a 43 MiB tree here).
+    target = f"file:/snapshot-{secrets.token_hex(16)}?vfs=memdb"
+    source = sqlite3.connect(":memory:", check_same_thread=False)
+    into = sqlite3.connect(target, uri=True, check_same_thread=False)
+    try:
+        source.execute("PRAGMA temp_store=MEMORY")  # nothing of the tree in /var/tmp
+        source.deserialize(body)
+        source.execute("VACUUM INTO ?", (target,))
+        return into.serialize()
+    except sqlite3.DatabaseError as exc:
+        raise IntegrityError(f"metadata snapshot is malformed: {exc}") from None
+    finally:
+        source.close()
+        into.close()
+
+
 def seal_commit(sealer: Sealer, info: CommitInfo, body: bytes) -> bytes:
     name = layout.commit_name(info.seq)
+    if info.kind == KIND_SNAPSHOT and len(body) <= COMPACT_MAX_BYTES:
+        body = compact_snapshot(body)
     return sealer.seal_object(name, "commit", encode_commit(info, body))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from encfs_cloud.tree.metadata import TABLE_KEYS
+from encfs_cloud.tree.upgrade import upgrade_schema
 
 Key = tuple[object, ...]
 
@@ -55,6 +56,7 @@ class MergeBase:
         # touched, so they go first and come back after.
         self._disarm()
         self.db.deserialize(body)
+        upgrade_schema(self.db)  # another device's snapshot may be of an earlier version
         self.arm()
         self.reset()
 

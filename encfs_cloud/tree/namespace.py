@@ -67,7 +67,10 @@ class Namespace:
         ino = self.md.lookup(parent, name)
         if ino is None:
             raise FsError(errno.ENOENT)
-        return self.inode(ino)
+        found = self.inode(ino)
+        if found.is_dir:  # its ".." is then a lookup by key (Metadata.parent_of)
+            self.md.note_dir_entry(ino, parent, name)
+        return found
 
     def _touch_dir(self, directory: Inode, when: int) -> None:
         directory.mtime_ns = directory.ctime_ns = when

@@ -87,11 +87,9 @@ class RowSets:
         self.md.db.execute(f"DELETE FROM main.{table} WHERE {where}", key)
         if row is None:
             return
-        if (
-            table == "dentries"
-            and self.md.db.execute("SELECT 1 FROM main.dentries WHERE id=?", (row[0],)).fetchone()
-        ):
-            row = (self.md.new_id("dentries", "id"), *row[1:])
+        if table == "dentries" and self.md.entry_id_taken(_int(row[1]), _int(row[0])):
+            parent = _int(row[1])
+            row = (self.md.new_entry_id(parent), *row[1:])
         self.md.db.execute(f"INSERT INTO main.{table} VALUES({','.join('?' * len(row))})", row)
 
     def _inodes_touched(self, changed: dict[str, set[Key]]) -> set[int]:
@@ -129,7 +127,7 @@ class RowSets:
             n += 1
         self.md.db.execute(
             "INSERT INTO main.dentries VALUES(?,?,?,?)",
-            (self.md.new_id("dentries", "id"), parent, candidate, ino),
+            (self.md.new_entry_id(parent), parent, candidate, ino),
         )
         out.entries.add((parent, candidate))
         out.inodes.add(ino)

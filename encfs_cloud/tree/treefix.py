@@ -85,7 +85,7 @@ class TreeFixer(RowSets):
                 if target is not None and target.is_dir and self.md.lookup(parent, name) is None:
                     db.execute(
                         "INSERT INTO main.dentries VALUES(?,?,?,?)",
-                        (self.md.new_id("dentries", "id"), parent, name, ino),
+                        (self.md.new_entry_id(parent), parent, name, ino),
                     )
                     out.entries.add((parent, name))
                 else:
@@ -119,7 +119,7 @@ class TreeFixer(RowSets):
             if self.md.lookup(ROOT_INODE, name) is None:
                 db.execute(
                     "INSERT INTO main.dentries VALUES(?,?,?,?)",
-                    (self.md.new_id("dentries", "id"), ROOT_INODE, name, ino),
+                    (self.md.new_entry_id(ROOT_INODE), ROOT_INODE, name, ino),
                 )
                 out.entries.add((ROOT_INODE, name))
             else:
