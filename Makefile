@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
 # Real programs the end-to-end tests run on mounts (test_programs, test_gio, test_admin, test_acl).
 TEST_APT_PACKAGES := restic borgbackup rsync git sqlite3 libglib2.0-bin gvfs dbus-daemon \
-	util-linux man-db acl
+	util-linux man-db acl strace
 DEMO_DIR ?= $(CURDIR)/demo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # `make install-system`: a self-contained install (its own venv, the package copied in, not

@@ -493,3 +493,28 @@ def test_zz_every_tree_above_survives_remount(fs: MountedFs) -> None:
     after = [(twin.same_tree(), identities(twin.mine)) for twin in fs.twins]
     for twin, old, new in zip(fs.twins, before, after, strict=True):
         assert new == old, f"{twin.mine.name} changed across a remount"
+
+
+def test_a_missing_selinux_label_is_unsupported_not_absent(fs: MountedFs, tmp_path: Path) -> None:
+    """ENOTSUP makes ls -l (and cp, tar) stop asking for the rest of the filesystem, where
+    ENODATA cost a FUSE request per file listed; a label that was set is kept and returned."""
+    folder = fs.mnt / tmp_path.name
+    folder.mkdir()
+    plain, labelled = folder / "plain", folder / "labelled"
+    plain.write_bytes(b"")
+    labelled.write_bytes(b"")
+    with pytest.raises(OSError) as refused:
+        os.getxattr(plain, "security.selinux", follow_symlinks=False)
+    assert refused.value.errno == errno.EOPNOTSUPP
+    label = b"system_u:object_r:user_home_t:s0\0"
+    os.setxattr(labelled, "security.selinux", label)
+    assert os.getxattr(labelled, "security.selinux") == label
+    assert "security.selinux" in os.listxattr(labelled)
+    listed = subprocess.run(
+        ["strace", "-f", "-e", "trace=lgetxattr", "ls", "-l", str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    asked = listed.stderr.count('"security.selinux"')
+    assert asked == 1, listed.stderr  # the first file answers for the whole filesystem
