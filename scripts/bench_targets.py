@@ -158,16 +158,21 @@ def _rewrite() -> tuple[bool, float, str] | None:
 
 
 def _scale() -> tuple[bool, float, str] | None:
-    """scripts/bench_scale.py at 1,000,000 files: mount, RSS after it, listing + lstat of
-    the 100,000-entry directory."""
+    """scripts/bench_scale.py at 1,000,000 files: mount, RSS after it, `ls -l` of the
+    100,000-entry directory (listing + lstats where `ls -l` itself was not timed)."""
     found = _newest("scale-2*.json", lambda run: run.get("files") == 1_000_000)
     if found is None:
         return None
     name, run = found
-    ls = run["listdir_big_s"] + run["ls_l_big_s"]
+    listed = run["listdir_big_s"] + run["ls_l_big_s"]
     mount, rss = run["mount_s"], run["rss_after_mount_MiB"]
-    shown = f"mount {mount:.2f} s, RSS {rss:.0f} MiB, ls -l {ls:.2f} s ({name})"
-    return mount <= 1.4 and rss <= 150 and ls <= 0.5, rss, shown
+    # `ls -l` itself when the run timed it: it also asks xattrs of every file, which the
+    # listing and lstats (served from readdirplus) do not.
+    tool = run.get("ls_l_tool_s")
+    ls = listed if tool is None else tool
+    shown = f"mount {mount:.2f} s, RSS {rss:.0f} MiB, listing + lstats {listed:.2f} s"
+    shown += "" if tool is None else f", ls -l {tool:.1f} s"
+    return mount <= 1.4 and rss <= 150 and ls <= 0.5, rss, shown + f" ({name})"
 
 
 def applies(goal: Target, system: dict[str, Any]) -> bool:
