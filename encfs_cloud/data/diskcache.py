@@ -57,7 +57,7 @@ class DiskCache:
         check_private_dir(folder)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the writer thread's: work, or closing
-        self._pending: OrderedDict[str, bytes] = OrderedDict()
+        self._pending: OrderedDict[str, bytes | memoryview] = OrderedDict()
         self._idle = True  # the writer thread is between batches
         self._drained = threading.Condition(self._lock)  # `flush` waits on it
         self._pending_bytes = 0
@@ -249,9 +249,16 @@ class DiskCache:
 
     # --- filling -----------------------------------------------------------------------------
 
-    def put_chunk(self, pack: str, off: int, data: bytes | memoryview) -> None:
-        """Keep a sealed chunk (bytes the caller never changes): queued for the writer
-        thread, served from memory until written. A reader waits for no disk write."""
+    def put_chunk(
+        self, pack: str, off: int, data: bytes | memoryview, *, share: bool = False
+    ) -> None:
+        """Keep a sealed chunk: queued for the writer thread, served from memory until
+        written. A reader waits for no disk write.
+
+        `share`: the caller queues most of the answer `data` is a slice of (a run of a pack),
+        so a view of it is queued rather than a copy, if that answer is immutable `bytes`; a
+        view of a buffer that can change (a reused one) is always copied.
+        """
         name = f"{pack}-{off:x}"
         if not valid_pack(pack) or len(data) > self.capacity // 4:
             return  # one entry may not push out most of the cache
@@ -259,8 +266,10 @@ class DiskCache:
             if self._closed or self._pending_bytes + len(data) > PENDING_MAX:
                 return
             self._drop_pending(name)
-            # A copy: a slice would keep the whole read-around GET's answer alive.
-            self._pending[name] = bytes(data)
+            # A copy unless shared: a slice would keep a whole read-around answer alive for
+            # one small chunk. A copy of each chunk of a run was a third of a cold read's
+            # page faults (design.md, "Where a cold read's CPU goes").
+            self._pending[name] = data if share and _immutable(data) else bytes(data)
             self._pending_bytes += len(data)
             if self._writer is None or self._writer_pid != os.getpid():
                 self._writer = threading.Thread(
@@ -316,7 +325,7 @@ class DiskCache:
             except OSError as exc:  # e.g. the folder became unreadable: entries are misses
                 log.warning("disk cache: %s", exc)
 
-    def _write_batch(self, batch: list[tuple[str, bytes]]) -> None:
+    def _write_batch(self, batch: list[tuple[str, bytes | memoryview]]) -> None:
         for name, data in batch:
             ok = self._write(name, data)
             with self._lock:
@@ -410,3 +419,8 @@ class DiskCache:
         with self._lock:
             self._add(pack, size)
         self._evict()
+
+
+def _immutable(data: bytes | memoryview) -> bool:
+    """Whether no one can change these bytes: `bytes`, or a view of `bytes`."""
+    return type(data) is bytes or (isinstance(data, memoryview) and type(data.obj) is bytes)

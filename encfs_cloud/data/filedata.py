@@ -247,10 +247,10 @@ class FileData:
             fetched.append(len(blob))
         except StoreError as exc:
             self.store_errors += 1
-            log.error(
-                "inode %d chunk %d: reading object %s failed: %s", run[0][0], run[0][1], name, exc
-            )
+            log.error("inode %d chunk %d: reading object %s failed: %s", *run[0][:2], name, exc)
             raise
+        # A run fills its answer: its chunks go to disk as views, not copies (see put_chunk).
+        share = 2 * sum(ref.len for _, _, ref in run + (spare or [])) >= len(blob)
         results: list[bytes | memoryview | IntegrityError] = []
         for ino, idx, ref in run:
             start = ref.off - window[0]
@@ -260,7 +260,7 @@ class FileData:
                 sealed = blob[start : start + ref.len]
                 results.append(self._open(ino, idx, ref, sealed))
                 if self.disk is not None:
-                    self.disk.put_chunk(ref.pack, ref.off, sealed)
+                    self.disk.put_chunk(ref.pack, ref.off, sealed, share=share)
             except IntegrityError as exc:
                 self.integrity_errors += 1
                 log.error("inode %d chunk %d in object %s: %s", ino, idx, name, exc)
@@ -268,7 +268,7 @@ class FileData:
         for _, _, ref in spare or ():
             start = ref.off - window[0]
             if self.disk is not None and start + ref.len <= len(blob):  # else its read says
-                self.disk.put_chunk(ref.pack, ref.off, blob[start : start + ref.len])
+                self.disk.put_chunk(ref.pack, ref.off, blob[start : start + ref.len], share=share)
         return results
 
     def _open(
