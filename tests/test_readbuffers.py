@@ -11,6 +11,7 @@ import pytest
 
 from encfs_cloud import layout
 from encfs_cloud.daemon.volume import Volume
+from encfs_cloud.data import diskcache
 from encfs_cloud.data.diskcache import DiskCache
 from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
@@ -20,7 +21,7 @@ from encfs_cloud.tree.namespace import Namespace
 from tests.fixtures_unit import with_volume
 
 MiB = 1 << 20
-PACK = "ef" * 16
+PACK, OTHER = "ef" * 16, "a1" * 16
 
 # The fast KDF and `devices` come from tests/fixtures_unit.py.
 pytestmark = pytest.mark.usefixtures("fast_kdf")
@@ -43,37 +44,43 @@ def held_writer(cache: DiskCache, monkeypatch: pytest.MonkeyPatch) -> threading.
 def test_a_run_is_queued_as_views_of_an_immutable_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Chunks of a run go to the disk queue as views of the GET's answer (`bytes`): no copy,
-    no fresh pages. Without `share`, or for a buffer that can change, the entry is a copy."""
+    """Chunks filling most of a GET's answer (`bytes`) go to the disk queue as views of it: no
+    copy, no fresh pages. A lone chunk of a bigger answer is copied (a view would keep all of
+    it alive), and so are chunks that do not all fit in the queue: all views or none, so the
+    queue never keeps more than twice what it counts alive."""
+    monkeypatch.setattr(diskcache, "PENDING_MAX", 40 << 10)
     cache = DiskCache(tmp_path / "c", 64 * MiB)
     gate = held_writer(cache, monkeypatch)
-    answer = os.urandom(3 * 8192)
+    answer = os.urandom(24 << 10)
     view = memoryview(answer)
-    cache.put_chunk(PACK, 0, view[:8192], share=True)
-    cache.put_chunk(PACK, 8192, view[8192:16384], share=True)
-    cache.put_chunk(PACK, 16384, view[16384:], share=False)
+    cache.put_chunks(PACK, [(0, view[:8192]), (8192, view[8192:16384])])
+    cache.put_chunks(PACK, [(16384, view[16384:])])
+    later = os.urandom(24 << 10)
+    cache.put_chunks(OTHER, [(n, memoryview(later)[n : n + 8192]) for n in (0, 8192, 16384)])
     queued = dict(cache._pending)
     shared = [queued[f"{PACK}-0"], queued[f"{PACK}-2000"]]
     assert all(isinstance(e, memoryview) and e.obj is answer for e in shared)
-    assert type(queued[f"{PACK}-4000"]) is bytes, "not shared: a copy"
+    assert type(queued[f"{PACK}-4000"]) is bytes, "a lone chunk of the answer: a copy"
+    assert type(queued[f"{OTHER}-0"]) is bytes, "the run does not fit whole: copies"
+    assert f"{OTHER}-4000" not in queued, "beyond the queue's budget: not kept"
     gate.set()
     cache.flush()
     for off in (0, 8192, 16384):
         assert (cache.folder / f"{PACK}-{off:x}").read_bytes() == answer[off : off + 8192]
+    assert (cache.folder / f"{OTHER}-2000").read_bytes() == later[8192:16384]
 
 
 def test_a_changeable_buffer_is_never_queued_by_reference(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A view of a buffer that is reused (a bytearray) is copied even when the caller asks to
-    share: once the buffer holds the next answer, the queued entry and the file written from
-    it still hold the first (an alias would put another chunk's bytes under this name)."""
+    """Views of a buffer that can be reused (a bytearray) are copied, though they fill it:
+    once the buffer holds the next answer, the queued entry and the file written from it
+    still hold the first (an alias would put another chunk's bytes under this name)."""
     cache = DiskCache(tmp_path / "c", 64 * MiB)
     gate = held_writer(cache, monkeypatch)
     buf = bytearray(os.urandom(16384))
     first = bytes(buf)
-    cache.put_chunk(PACK, 0, memoryview(buf)[:8192], share=True)
-    cache.put_chunk(PACK, 8192, memoryview(buf)[8192:], share=True)
+    cache.put_chunks(PACK, [(0, memoryview(buf)[:8192]), (8192, memoryview(buf)[8192:])])
     buf[:] = os.urandom(len(buf))  # the buffer is reused for the next GET
     assert cache.get(PACK, 0, 8192) == first[:8192], "served from the queue"
     gate.set()

@@ -249,28 +249,38 @@ class DiskCache:
 
     # --- filling -----------------------------------------------------------------------------
 
-    def put_chunk(
-        self, pack: str, off: int, data: bytes | memoryview, *, share: bool = False
-    ) -> None:
-        """Keep a sealed chunk: queued for the writer thread, served from memory until
-        written. A reader waits for no disk write.
+    def put_chunk(self, pack: str, off: int, data: bytes | memoryview) -> None:
+        """Keep one sealed chunk (see put_chunks)."""
+        self.put_chunks(pack, [(off, data)])
 
-        `share`: the caller queues most of the answer `data` is a slice of (a run of a pack),
-        so a view of it is queued rather than a copy, if that answer is immutable `bytes`; a
-        view of a buffer that can change (a reused one) is always copied.
+    def put_chunks(self, pack: str, entries: list[tuple[int, bytes | memoryview]]) -> None:
+        """Keep sealed chunks of one pack, (offset, bytes): queued for the writer thread,
+        served from memory until written. A reader waits for no disk write.
+
+        Views of one immutable answer that fill at least half of it (a run of a pack: one
+        GET) are queued as they are, all of them or none, so what the queue keeps alive is at
+        most twice what it counts; anything else is copied: a slice of a read-around's answer
+        would keep all of it alive for one small chunk, and a view of a buffer that can
+        change would alias what is written next into it.
         """
-        name = f"{pack}-{off:x}"
-        if not valid_pack(pack) or len(data) > self.capacity // 4:
-            return  # one entry may not push out most of the cache
+        if not valid_pack(pack):
+            return
+        # One entry may not push out most of the cache.
+        entries = [(off, data) for off, data in entries if len(data) <= self.capacity // 4]
+        total = sum(len(data) for _, data in entries)
         with self._lock:
-            if self._closed or self._pending_bytes + len(data) > PENDING_MAX:
+            if self._closed or not entries:
                 return
-            self._drop_pending(name)
-            # A copy unless shared: a slice would keep a whole read-around answer alive for
-            # one small chunk. A copy of each chunk of a run was a third of a cold read's
-            # page faults (design.md, "Where a cold read's CPU goes").
-            self._pending[name] = data if share and _immutable(data) else bytes(data)
-            self._pending_bytes += len(data)
+            # A copy of each chunk of a run was a third of a cold read's page faults
+            # (design.md, "Where a cold read's CPU goes").
+            share = self._pending_bytes + total <= PENDING_MAX and _one_answer(entries, total)
+            for off, data in entries:
+                if self._pending_bytes + len(data) > PENDING_MAX:
+                    continue
+                name = f"{pack}-{off:x}"
+                self._drop_pending(name)
+                self._pending[name] = data if share else bytes(data)
+                self._pending_bytes += len(data)
             if self._writer is None or self._writer_pid != os.getpid():
                 self._writer = threading.Thread(
                     target=self._write_pending, name="disk-cache-writer", daemon=True
@@ -421,6 +431,14 @@ class DiskCache:
         self._evict()
 
 
-def _immutable(data: bytes | memoryview) -> bool:
-    """Whether no one can change these bytes: `bytes`, or a view of `bytes`."""
-    return type(data) is bytes or (isinstance(data, memoryview) and type(data.obj) is bytes)
+def _one_answer(entries: list[tuple[int, bytes | memoryview]], total: int) -> bool:
+    """Whether the entries are views of one `bytes` object (no one can change it), together
+    at least half of it; or are `bytes` themselves (each is then its own answer)."""
+    if all(type(data) is bytes for _, data in entries):
+        return True
+    first = entries[0][1]
+    answer = first.obj if isinstance(first, memoryview) else None
+    if type(answer) is not bytes:
+        return False
+    same = all(isinstance(data, memoryview) and data.obj is answer for _, data in entries)
+    return same and 2 * total >= len(answer)

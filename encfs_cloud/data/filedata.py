@@ -249,8 +249,7 @@ class FileData:
             self.store_errors += 1
             log.error("inode %d chunk %d: reading object %s failed: %s", *run[0][:2], name, exc)
             raise
-        # A run fills its answer: its chunks go to disk as views, not copies (see put_chunk).
-        share = 2 * sum(ref.len for _, _, ref in run + (spare or [])) >= len(blob)
+        keep: list[tuple[int, bytes | memoryview]] = []  # for the disk cache, in one call
         results: list[bytes | memoryview | IntegrityError] = []
         for ino, idx, ref in run:
             start = ref.off - window[0]
@@ -259,16 +258,17 @@ class FileData:
                     raise IntegrityError(f"object {name} is shorter than its chunks")
                 sealed = blob[start : start + ref.len]
                 results.append(self._open(ino, idx, ref, sealed))
-                if self.disk is not None:
-                    self.disk.put_chunk(ref.pack, ref.off, sealed, share=share)
+                keep.append((ref.off, sealed))
             except IntegrityError as exc:
                 self.integrity_errors += 1
                 log.error("inode %d chunk %d in object %s: %s", ino, idx, name, exc)
                 results.append(exc)
         for _, _, ref in spare or ():
             start = ref.off - window[0]
-            if self.disk is not None and start + ref.len <= len(blob):  # else its read says
-                self.disk.put_chunk(ref.pack, ref.off, blob[start : start + ref.len], share=share)
+            if start + ref.len <= len(blob):  # else its read says
+                keep.append((ref.off, blob[start : start + ref.len]))
+        if self.disk is not None:
+            self.disk.put_chunks(first.pack, keep)
         return results
 
     def _open(
