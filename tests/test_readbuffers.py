@@ -63,6 +63,7 @@ def test_a_run_is_queued_as_views_of_an_immutable_answer(
     assert type(queued[f"{PACK}-4000"]) is bytes, "a lone chunk of the answer: a copy"
     assert type(queued[f"{OTHER}-0"]) is bytes, "the run does not fit whole: copies"
     assert f"{OTHER}-4000" not in queued, "beyond the queue's budget: not kept"
+    assert cache.get(PACK, 8192, 8192) == answer[8192:16384], "served from the queue"
     gate.set()
     cache.flush()
     for off in (0, 8192, 16384):

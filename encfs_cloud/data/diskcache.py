@@ -153,8 +153,9 @@ class DiskCache:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def get(self, pack: str, off: int, length: int) -> bytes | None:
-        """The sealed bytes [off, off+length) of a pack, from a chunk file or a pack file."""
+    def get(self, pack: str, off: int, length: int) -> bytes | memoryview | None:
+        """The sealed bytes [off, off+length) of a pack, from a chunk file or a pack file
+        (or the queue: then possibly a view of an immutable GET answer, not a copy)."""
         if not valid_pack(pack):
             return None
         for name, start in ((f"{pack}-{off:x}", 0), (pack, off)):
@@ -162,7 +163,7 @@ class DiskCache:
                 waiting = self._pending.get(name)
                 if waiting is not None and len(waiting) == length:
                     self.hits += 1
-                    return bytes(waiting)
+                    return waiting  # bytes, or a view of bytes: no one can change it
                 known = name in self._files
                 spilled = name == pack and pack in self._spilled
             if not known and not spilled:
