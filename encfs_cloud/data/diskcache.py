@@ -57,7 +57,7 @@ class DiskCache:
         check_private_dir(folder)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the writer thread's: work, or closing
-        self._pending: OrderedDict[str, bytes] = OrderedDict()
+        self._pending: OrderedDict[str, bytes | memoryview] = OrderedDict()
         self._idle = True  # the writer thread is between batches
         self._drained = threading.Condition(self._lock)  # `flush` waits on it
         self._pending_bytes = 0
@@ -153,8 +153,9 @@ class DiskCache:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def get(self, pack: str, off: int, length: int) -> bytes | None:
-        """The sealed bytes [off, off+length) of a pack, from a chunk file or a pack file."""
+    def get(self, pack: str, off: int, length: int) -> bytes | memoryview | None:
+        """The sealed bytes [off, off+length) of a pack, from a chunk file or a pack file
+        (or the queue: then possibly a view of an immutable GET answer, not a copy)."""
         if not valid_pack(pack):
             return None
         for name, start in ((f"{pack}-{off:x}", 0), (pack, off)):
@@ -162,7 +163,7 @@ class DiskCache:
                 waiting = self._pending.get(name)
                 if waiting is not None and len(waiting) == length:
                     self.hits += 1
-                    return bytes(waiting)
+                    return waiting  # bytes, or a view of bytes: no one can change it
                 known = name in self._files
                 spilled = name == pack and pack in self._spilled
             if not known and not spilled:
@@ -250,18 +251,37 @@ class DiskCache:
     # --- filling -----------------------------------------------------------------------------
 
     def put_chunk(self, pack: str, off: int, data: bytes | memoryview) -> None:
-        """Keep a sealed chunk (bytes the caller never changes): queued for the writer
-        thread, served from memory until written. A reader waits for no disk write."""
-        name = f"{pack}-{off:x}"
-        if not valid_pack(pack) or len(data) > self.capacity // 4:
-            return  # one entry may not push out most of the cache
+        """Keep one sealed chunk (see put_chunks)."""
+        self.put_chunks(pack, [(off, data)])
+
+    def put_chunks(self, pack: str, entries: list[tuple[int, bytes | memoryview]]) -> None:
+        """Keep sealed chunks of one pack, (offset, bytes): queued for the writer thread,
+        served from memory until written. A reader waits for no disk write.
+
+        Views of one immutable answer that fill at least half of it (a run of a pack: one
+        GET) are queued as they are, all of them or none, so what the queue keeps alive is at
+        most twice what it counts; anything else is copied: a slice of a read-around's answer
+        would keep all of it alive for one small chunk, and a view of a buffer that can
+        change would alias what is written next into it.
+        """
+        if not valid_pack(pack):
+            return
+        # One entry may not push out most of the cache.
+        entries = [(off, data) for off, data in entries if len(data) <= self.capacity // 4]
+        total = sum(len(data) for _, data in entries)
         with self._lock:
-            if self._closed or self._pending_bytes + len(data) > PENDING_MAX:
+            if self._closed or not entries:
                 return
-            self._drop_pending(name)
-            # A copy: a slice would keep the whole read-around GET's answer alive.
-            self._pending[name] = bytes(data)
-            self._pending_bytes += len(data)
+            # A copy of each chunk of a run was a third of a cold read's page faults
+            # (design.md, "Where a cold read's CPU goes").
+            share = self._pending_bytes + total <= PENDING_MAX and _one_answer(entries, total)
+            for off, data in entries:
+                if self._pending_bytes + len(data) > PENDING_MAX:
+                    continue
+                name = f"{pack}-{off:x}"
+                self._drop_pending(name)
+                self._pending[name] = data if share else bytes(data)
+                self._pending_bytes += len(data)
             if self._writer is None or self._writer_pid != os.getpid():
                 self._writer = threading.Thread(
                     target=self._write_pending, name="disk-cache-writer", daemon=True
@@ -316,7 +336,7 @@ class DiskCache:
             except OSError as exc:  # e.g. the folder became unreadable: entries are misses
                 log.warning("disk cache: %s", exc)
 
-    def _write_batch(self, batch: list[tuple[str, bytes]]) -> None:
+    def _write_batch(self, batch: list[tuple[str, bytes | memoryview]]) -> None:
         for name, data in batch:
             ok = self._write(name, data)
             with self._lock:
@@ -410,3 +430,16 @@ class DiskCache:
         with self._lock:
             self._add(pack, size)
         self._evict()
+
+
+def _one_answer(entries: list[tuple[int, bytes | memoryview]], total: int) -> bool:
+    """Whether the entries are views of one `bytes` object (no one can change it), together
+    at least half of it; or are `bytes` themselves (each is then its own answer)."""
+    if all(type(data) is bytes for _, data in entries):
+        return True
+    first = entries[0][1]
+    answer = first.obj if isinstance(first, memoryview) else None
+    if type(answer) is not bytes:
+        return False
+    same = all(isinstance(data, memoryview) and data.obj is answer for _, data in entries)
+    return same and 2 * total >= len(answer)

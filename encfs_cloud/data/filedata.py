@@ -247,10 +247,9 @@ class FileData:
             fetched.append(len(blob))
         except StoreError as exc:
             self.store_errors += 1
-            log.error(
-                "inode %d chunk %d: reading object %s failed: %s", run[0][0], run[0][1], name, exc
-            )
+            log.error("inode %d chunk %d: reading object %s failed: %s", *run[0][:2], name, exc)
             raise
+        keep: list[tuple[int, bytes | memoryview]] = []  # for the disk cache, in one call
         results: list[bytes | memoryview | IntegrityError] = []
         for ino, idx, ref in run:
             start = ref.off - window[0]
@@ -259,16 +258,17 @@ class FileData:
                     raise IntegrityError(f"object {name} is shorter than its chunks")
                 sealed = blob[start : start + ref.len]
                 results.append(self._open(ino, idx, ref, sealed))
-                if self.disk is not None:
-                    self.disk.put_chunk(ref.pack, ref.off, sealed)
+                keep.append((ref.off, sealed))
             except IntegrityError as exc:
                 self.integrity_errors += 1
                 log.error("inode %d chunk %d in object %s: %s", ino, idx, name, exc)
                 results.append(exc)
         for _, _, ref in spare or ():
             start = ref.off - window[0]
-            if self.disk is not None and start + ref.len <= len(blob):  # else its read says
-                self.disk.put_chunk(ref.pack, ref.off, blob[start : start + ref.len])
+            if start + ref.len <= len(blob):  # else its read says
+                keep.append((ref.off, blob[start : start + ref.len]))
+        if self.disk is not None:
+            self.disk.put_chunks(first.pack, keep)
         return results
 
     def _open(
