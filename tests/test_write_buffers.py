@@ -179,3 +179,35 @@ def test_a_short_pack_gets_a_buffer_of_its_own_size() -> None:
     blob = rig.up._build_pack(pack)
     assert len(blob) == layout.pack_class(pack.size) < FULL_PACK
     assert len(rig.up._free_blobs) == 1, "the full-size spare stays for a full pack"
+
+
+def test_streamed_whole_chunks_are_not_kept_clean_once_landed() -> None:
+    cache = ChunkCache(32 << 20, 8 << 20)
+    whole = os.urandom(CHUNK)
+    cache.put_inflight((INO, 0), whole)  # one 1 MiB write
+    cache.landed((INO, 0), 1, whole)
+    assert cache.get((INO, 0), 1) is None and cache.clean_bytes == 0
+    # A chunk that started empty and was filled to its end in pieces: streamed too.
+    buf = cache.dirty_buffer((INO, 1), b"")
+    buf += os.urandom(CHUNK)
+    cache.resized((INO, 1), 0)
+    cache.landed((INO, 1), 1, cache.take_dirty((INO, 1)))
+    assert cache.get((INO, 1), 1) is None
+    # Rewritten from its old content (a working set), or short (a small file): kept.
+    old = os.urandom(CHUNK)
+    rmw = cache.dirty_buffer((INO, 2), old)
+    rmw[10:20] = bytes(10)
+    cache.landed((INO, 2), 1, cache.take_dirty((INO, 2)))
+    assert cache.get((INO, 2), 1) == rmw
+    small = cache.dirty_buffer((INO, 3), b"")
+    small += b"tail"
+    cache.resized((INO, 3), 0)
+    cache.landed((INO, 3), 1, cache.take_dirty((INO, 3)))
+    assert cache.get((INO, 3), 1) == b"tail"
+    # A whole chunk replaced while in flight: the newer one lands, the old id is forgotten.
+    first, second = os.urandom(CHUNK), bytearray(os.urandom(CHUNK))
+    cache.put_inflight((INO, 4), first)
+    cache.put_inflight((INO, 4), bytes(second))
+    assert cache._streamed == {id(cache.inflight[(INO, 4)])}
+    cache.forget(INO)
+    assert cache._streamed == set() and cache._fresh == set()
