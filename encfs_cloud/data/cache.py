@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from cachetools import LRUCache
 
+from encfs_cloud.layout import CHUNK_SIZE
+
 ChunkKey = tuple[int, int]  # (inode, chunk index)
 CleanKey = tuple[int, int, int]  # (inode, chunk index, chunk version)
 
@@ -29,6 +31,12 @@ class ChunkCache:
         self.dirty: dict[ChunkKey, bytearray] = {}
         # In-flight buffers are never modified again (a new write makes a new dirty copy).
         self.inflight: dict[ChunkKey, bytes | bytearray] = {}
+        # Whole chunks streamed in (one 1 MiB write, or a chunk that started empty and was
+        # filled to the end) are not kept as clean once they land: the kernel's page cache
+        # holds them (open keeps it), and keeping them made every written byte need fresh,
+        # page-faulted memory; dropped, the next writes reuse it (design.md, k4's notes).
+        self._fresh: set[ChunkKey] = set()  # dirty chunks that started empty
+        self._streamed: set[int] = set()  # id() of such in-flight buffers
         self.dirty_bytes = 0
         self.inflight_bytes = 0
         self.hits = 0
@@ -63,6 +71,8 @@ class ChunkCache:
         if buf is not None:
             return buf
         buf = bytearray(base)
+        if not buf:
+            self._fresh.add(key)
         self.dirty[key] = buf
         self.dirty_bytes += len(buf)
         return buf
@@ -76,6 +86,10 @@ class ChunkCache:
         buf = self.dirty.pop(key)
         self.dirty_bytes -= len(buf)
         self._set_inflight(key, buf)
+        if key in self._fresh:
+            self._fresh.discard(key)
+            if len(buf) == CHUNK_SIZE:
+                self._streamed.add(id(buf))
         return buf
 
     def put_inflight(self, key: ChunkKey, data: bytes) -> None:
@@ -83,12 +97,16 @@ class ChunkCache:
         old = self.dirty.pop(key, None)
         if old is not None:
             self.dirty_bytes -= len(old)
+        self._fresh.discard(key)
         self._set_inflight(key, data)
+        if len(data) == CHUNK_SIZE:
+            self._streamed.add(id(data))
 
     def _set_inflight(self, key: ChunkKey, data: bytes | bytearray) -> None:
         old = self.inflight.pop(key, None)
         if old is not None:
             self.inflight_bytes -= len(old)
+            self._streamed.discard(id(old))
         self.inflight[key] = data
         self.inflight_bytes += len(data)
 
@@ -97,6 +115,9 @@ class ChunkCache:
         if self.inflight.get(key) is data:
             del self.inflight[key]
             self.inflight_bytes -= len(data)
+            if id(data) in self._streamed:
+                self._streamed.discard(id(data))
+                return
         self.put_clean(key, version, data)
 
     def unpin(self, key: ChunkKey, data: bytes | bytearray) -> None:
@@ -106,13 +127,17 @@ class ChunkCache:
         if self.inflight.get(key) is data:
             del self.inflight[key]
             self.inflight_bytes -= len(data)
+            self._streamed.discard(id(data))
 
     def forget(self, ino: int, first_idx: int = 0) -> None:
         """Drop every state of chunks >= first_idx of `ino` (truncate, delete)."""
         for key in [k for k in self.dirty if k[0] == ino and k[1] >= first_idx]:
             self.dirty_bytes -= len(self.dirty.pop(key))
+            self._fresh.discard(key)
         for key in [k for k in self.inflight if k[0] == ino and k[1] >= first_idx]:
-            self.inflight_bytes -= len(self.inflight.pop(key))
+            data = self.inflight.pop(key)
+            self.inflight_bytes -= len(data)
+            self._streamed.discard(id(data))
 
     def dirty_keys(self, ino: int | None = None) -> list[ChunkKey]:
         if ino is None:
@@ -133,5 +158,7 @@ class ChunkCache:
             buf[:] = bytes(len(buf))
         self.dirty.clear()
         self.inflight.clear()
+        self._fresh.clear()
+        self._streamed.clear()
         self._clean.clear()
         self.dirty_bytes = self.inflight_bytes = 0

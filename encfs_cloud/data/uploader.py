@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_SLOTS = 4  # packs sealed or sending at once; reads keep the other I/O threads
 CLOSE_ROOM = 64 << 10  # a pack with less room left than this is closed (under 1 % padding)
+FULL_PACK = layout.pack_class(layout.PACK_TARGET)  # the size of every pack a long write fills
 
 
 @dataclass
@@ -64,6 +66,11 @@ class Uploader:
         self.pending: dict[str, Pack] = {}
         self.nursery: trio.Nursery | None = None
         self.space_freed = trio.Event()
+        # Sealed full-size pack buffers whose upload finished, reused for the next packs: a
+        # fresh 8 MiB bytearray is zero-filled and page-faulted in before it is sealed into
+        # (design.md, "file:// writes"). At most UPLOAD_SLOTS; dropped once no pack is being
+        # filled or uploaded, so an idle mount holds none.
+        self._free_blobs: list[bytearray] = []
         self.bytes_uploaded = 0
         self.bytes_spilled = 0
         self.errors = 0
@@ -156,8 +163,24 @@ class Uploader:
             self.cache.landed(key, version, data)
         pack.entries.clear()
         del self.pending[pack.id]
+        # Only after a put that returned: a failed or abandoned one may still be reading it.
+        self._recycle(blob)
         pack.done.set()
         self._wake_writers()
+
+    def _recycle(self, blob: bytearray) -> None:
+        """Keep a full-size pack buffer nobody refers to any more for the next pack."""
+        if not self.pending and self.open_pack is None:
+            self._free_blobs.clear()  # nothing being written: give the memory back
+        elif len(blob) == FULL_PACK and len(self._free_blobs) < UPLOAD_SLOTS:
+            self._free_blobs.append(blob)
+
+    def _pack_buffer(self, size: int) -> bytearray:
+        """A buffer for a sealed pack of `size` bytes; every byte of it is overwritten."""
+        if size == FULL_PACK:
+            with contextlib.suppress(IndexError):  # list.pop is atomic: worker threads share it
+                return self._free_blobs.pop()
+        return bytearray(size)
 
     def _keep_on_disk(self, pack: Pack, blob: bytearray) -> None:
         """A landed pack stays on disk, sealed, so re-reading it (even after a remount) is local."""
@@ -181,6 +204,7 @@ class Uploader:
             assert disk is not None
             blob = self._build_pack(pack)
             disk.spill(pack.id, blob)
+            self._recycle(blob)  # on disk now; the upload reads the file back
             return len(blob)
 
         try:
@@ -202,7 +226,7 @@ class Uploader:
             assert self.disk is not None
             return self.disk.read_spilled(pack.id)
         total = pack.size
-        blob = bytearray(layout.pack_class(total))
+        blob = self._pack_buffer(layout.pack_class(total))
         view = memoryview(blob)
         off = 0
         for (ino, idx), version, data in pack.entries:
