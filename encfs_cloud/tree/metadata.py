@@ -97,6 +97,10 @@ class ChunkRef:
 
 
 INODE_FIELDS = tuple(Inode.__dataclass_fields__)
+_UPDATE_INODE = (
+    f"UPDATE inodes SET {','.join(f'{f}=?' for f in INODE_FIELDS[1:])} WHERE {INODE_FIELDS[0]}=?"
+)
+_INSERT_INODE = f"INSERT INTO inodes VALUES({','.join('?' * len(INODE_FIELDS))})"
 
 
 class Metadata:
@@ -203,9 +207,12 @@ class Metadata:
 
     def put_inode(self, inode: Inode) -> None:
         values = tuple(getattr(inode, f) for f in INODE_FIELDS)
-        self.db.execute(
-            f"INSERT OR REPLACE INTO inodes VALUES({','.join('?' * len(values))})", values
-        )
+        # An UPDATE where the row exists (nearly every call): INSERT OR REPLACE deletes and
+        # re-inserts it, firing the merge base's delete and insert triggers on each write,
+        # setattr and release of an untar.
+        changed = self.db.execute(_UPDATE_INODE, (*values[1:], values[0])).rowcount
+        if not changed:
+            self.db.execute(_INSERT_INODE, values)
         self.dirty["inodes"].add((inode.id,))
 
     def delete_inode(self, ino: int) -> list[ChunkRef]:
