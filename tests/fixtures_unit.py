@@ -3,7 +3,8 @@ a real Volume run for a test body."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import stat
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.base import ObjectStore
 from encfs_cloud.store.local import LocalStore
 from encfs_cloud.store.memory import MemoryStore
+from encfs_cloud.tree.metadata import ROOT_INODE
+from encfs_cloud.tree.namespace import Namespace
 
 
 @pytest.fixture
@@ -62,3 +65,21 @@ def with_volume(
     finally:
         vol.wipe()
     return vol
+
+
+def file_writer(
+    files: dict[bytes, bytes], *, commit_each: bool = False
+) -> Callable[[Volume], Coroutine[None, None, None]]:
+    """A `with_volume` body that creates each file in the root and writes it whole;
+    `commit_each`: flush after every file (a commit per file)."""
+
+    async def body(vol: Volume) -> None:
+        ns = Namespace(vol.md)
+        for name, data in files.items():
+            node = ns.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
+            node.size = await vol.data.write(node.id, 0, 0, data)
+            vol.md.put_inode(node)
+            if commit_each:
+                await vol.flush()
+
+    return body

@@ -23,7 +23,7 @@ from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.memory import MemoryStore
 from encfs_cloud.tree.metadata import ROOT_INODE
 from encfs_cloud.tree.namespace import Namespace
-from tests.fixtures_unit import with_volume
+from tests.fixtures_unit import file_writer, with_volume
 
 MiB = 1 << 20
 
@@ -63,17 +63,6 @@ def store(devices: DeviceStore) -> CountingStore:
     return s
 
 
-def writer(files: dict[bytes, bytes]) -> Callable[[Volume], object]:
-    async def body(vol: Volume) -> None:
-        ns = Namespace(vol.md)
-        for name, data in files.items():
-            node = ns.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
-            node.size = await vol.data.write(node.id, 0, 0, data)
-            vol.md.put_inode(node)
-
-    return body
-
-
 def reader(found: dict[bytes, bytes]) -> Callable[[Volume], object]:
     async def body(vol: Volume) -> None:
         for _, name, node in vol.md.list_entries(ROOT_INODE, 0):
@@ -92,7 +81,7 @@ FILES = {
 def test_reread_after_remount_is_served_from_disk(
     store: CountingStore, devices: DeviceStore
 ) -> None:
-    with_volume(store, devices, writer(FILES))
+    with_volume(store, devices, file_writer(FILES))
     found: dict[bytes, bytes] = {}
     again = with_volume(store, devices, reader(found))
     assert found == FILES
@@ -107,7 +96,7 @@ def test_reread_after_remount_is_served_from_disk(
 def test_cache_holds_only_private_ciphertext(
     store: CountingStore, devices: DeviceStore, tmp_path: Path
 ) -> None:
-    vol = with_volume(store, devices, writer(FILES))
+    vol = with_volume(store, devices, file_writer(FILES))
     assert vol.disk is not None
     folder = vol.disk.folder
     assert folder == default_folder(vol.unlocked.fs_id)
@@ -125,7 +114,7 @@ def test_cache_holds_only_private_ciphertext(
 def test_tampered_cache_file_is_dropped_and_refetched(
     store: CountingStore, devices: DeviceStore
 ) -> None:
-    vol = with_volume(store, devices, writer(FILES))
+    vol = with_volume(store, devices, file_writer(FILES))
     assert vol.disk is not None
     for path in vol.disk.folder.iterdir():
         if path.is_file():
@@ -146,7 +135,7 @@ def test_tampered_cache_file_is_dropped_and_refetched(
 
 
 def test_truncated_cache_file_is_a_miss(store: CountingStore, devices: DeviceStore) -> None:
-    vol = with_volume(store, devices, writer(FILES))
+    vol = with_volume(store, devices, file_writer(FILES))
     assert vol.disk is not None
     for path in vol.disk.folder.iterdir():
         if path.is_file():
@@ -196,7 +185,7 @@ def test_wipe_removes_default_and_named_cache_folders(
     store: CountingStore, devices: DeviceStore, tmp_path: Path
 ) -> None:
     named = tmp_path / "elsewhere" / "cache"
-    vol = with_volume(store, devices, writer(FILES), cache_dir=named)
+    vol = with_volume(store, devices, file_writer(FILES), cache_dir=named)
     with_volume(store, devices, reader({}))
     fs_id = vol.unlocked.fs_id
     assert named.is_dir() and default_folder(fs_id).is_dir()
@@ -276,7 +265,7 @@ def test_read_around_get_shows_only_offset_and_pack_size(
     chunk (the store cuts it at the pack's end), whatever lies inside, and one GET still serves
     the neighbours, read in directory order (random ids: not the order they were written)."""
     files = {f"s{n:02d}".encode(): os.urandom(1000 + 37 * n) for n in range(40)}
-    with_volume(store, devices, writer(files))
+    with_volume(store, devices, file_writer(files))
 
     async def delete_some(vol: Volume) -> None:  # dead chunks between the live ones
         for n in range(1, 40, 3):
@@ -302,7 +291,7 @@ def test_read_around_serves_chunks_stored_before_the_one_read(
     """Read newest first (the reverse of the pack's order), the small files still come with
     one GET: the window is the pack's aligned slot, not a range from the chunk onwards."""
     files = {f"r{n:02d}".encode(): os.urandom(3000 + 11 * n) for n in range(30)}
-    with_volume(store, devices, writer(files), disk_cache_size=0)
+    with_volume(store, devices, file_writer(files), disk_cache_size=0)
     store.ranges.clear()
     found: dict[bytes, bytes] = {}
 
@@ -336,7 +325,7 @@ def test_eviction_under_pressure_through_a_volume(
     """Reading 24 MiB of files through a 16 MiB disk cache: it stays within its budget, the
     files read back whole, and a remount finds the most recently read ones on disk."""
     files = {f"f{n:03d}".encode(): os.urandom(200_000) for n in range(120)}
-    with_volume(store, devices, writer(files), disk_cache_size=0)
+    with_volume(store, devices, file_writer(files), disk_cache_size=0)
     found: dict[bytes, bytes] = {}
     vol = with_volume(store, devices, reader(found), disk_cache_size=16 * MiB)
     assert found == files

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.local import LocalStore
 from encfs_cloud.tree.metadata import ROOT_INODE
 from encfs_cloud.tree.namespace import Namespace
-from tests.fixtures_unit import with_volume
+from tests.fixtures_unit import file_writer, with_volume
 
 Event = tuple[str, str]  # ("fsync", path of the file or folder) or ("publish", object path)
 
@@ -161,15 +160,7 @@ def test_a_volume_publishes_each_commit_after_the_packs_before_it(
     vault.init_filesystem(store, devices, None, "laptop")
     files = {f"f{n}".encode(): os.urandom(3 << 20) for n in range(4)}  # > one 8 MiB pack
 
-    async def body(vol: Volume) -> None:
-        ns = Namespace(vol.md)
-        for name, data in files.items():
-            node = ns.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
-            node.size = await vol.data.write(node.id, 0, 0, data)
-            vol.md.put_inode(node)
-            await vol.flush()  # a commit per file, each naming the packs so far
-
-    with_volume(store, devices, body)
+    with_volume(store, devices, file_writer(files, commit_each=True))
     data_dir = str(root / "data")
     packs = [p for kind, p in events if kind == "publish" and os.path.dirname(p) == data_dir]
     commits = [i for i, (kind, p) in enumerate(events) if kind == "publish" and "/meta/" in p]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from pathlib import Path
 
@@ -17,8 +16,7 @@ from encfs_cloud.keys import vault
 from encfs_cloud.keys.device import DeviceStore
 from encfs_cloud.store.memory import MemoryStore
 from encfs_cloud.tree.metadata import ROOT_INODE
-from encfs_cloud.tree.namespace import Namespace
-from tests.fixtures_unit import with_volume
+from tests.fixtures_unit import file_writer, with_volume
 
 MiB = 1 << 20
 PACK, OTHER = "ef" * 16, "a1" * 16
@@ -90,17 +88,6 @@ def test_a_changeable_buffer_is_never_queued_by_reference(
     assert (cache.folder / f"{PACK}-0").read_bytes() == first[:8192]
 
 
-def write_files(files: dict[bytes, bytes]) -> object:
-    async def body(vol: Volume) -> None:
-        ns = Namespace(vol.md)
-        for name, data in files.items():
-            node = ns.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
-            node.size = await vol.data.write(node.id, 0, 0, data)
-            vol.md.put_inode(node)
-
-    return body
-
-
 def test_reads_through_the_same_threads_leave_earlier_results_intact(
     devices: DeviceStore,
 ) -> None:
@@ -110,7 +97,7 @@ def test_reads_through_the_same_threads_leave_earlier_results_intact(
     store = MemoryStore()
     vault.init_filesystem(store, devices, None, "laptop")
     files = {b"a": os.urandom(9 * MiB + 333), b"b": os.urandom(9 * MiB + 4444)}
-    with_volume(store, devices, write_files(files), disk_cache_size=0)
+    with_volume(store, devices, file_writer(files), disk_cache_size=0)
     checked: list[str] = []
 
     async def read_twice(vol: Volume) -> None:
